@@ -1,0 +1,915 @@
+//! `rules.toml` → a validated [`Config`].
+//!
+//! Parsing happens in two steps: serde reads the file into `Raw*` types that keep
+//! `toml::Spanned` positions, then [`validate`] turns them into the types the rest of the
+//! program uses (compiled regexes, resolved phone numbers, parsed templates, durations).
+//! Validation collects *every* problem with its position, so `mailcall check` can print
+//! them all as `PATH:LINE:COLUMN: message` in one go. Nothing after this module needs to
+//! handle an invalid configuration.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use regex::Regex;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::template::Template;
+
+/// The placeholders every template may use, whatever its rule captures.
+pub const BUILTIN_PLACEHOLDERS: [&str; 5] = ["subject", "from", "to", "body", "rule"];
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration was read from; relative paths inside it are relative to it.
+    pub path: PathBuf,
+    pub smtp: Smtp,
+    pub twilio: Twilio,
+    pub defaults: Defaults,
+    /// Contact name → E.164 number.
+    pub contacts: BTreeMap<String, String>,
+    /// Group name → E.164 numbers, already resolved.
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Evaluated in order; the first match wins.
+    pub rules: Vec<Rule>,
+    pub state: State,
+    pub limits: Limits,
+}
+
+/// The embedded SMTP listener.
+#[derive(Debug, Clone)]
+pub struct Smtp {
+    pub listen: SocketAddr,
+    pub hostname: String,
+    /// Envelope recipients that are accepted; `None` accepts any.
+    pub recipients: Option<AddressPatterns>,
+    pub max_message_bytes: usize,
+    pub max_connections: usize,
+    /// How long a client may stay silent before it is disconnected.
+    pub timeout: Duration,
+}
+
+/// Outbound calls through Twilio.
+#[derive(Debug, Clone)]
+pub struct Twilio {
+    pub from: String,
+    pub api_base: String,
+    pub ring_seconds: u32,
+    /// How long a retryable failure is retried before the call is given up.
+    pub retry_for: Duration,
+    /// The timeout of one HTTP request to Twilio.
+    pub request_timeout: Duration,
+    /// The first retry delay; later ones double up to `retry_max_delay`.
+    pub retry_initial_delay: Duration,
+    pub retry_max_delay: Duration,
+}
+
+/// Values a rule inherits when it does not set its own.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub language: String,
+    pub voice: String,
+    pub message: Template,
+    pub cooldown: Duration,
+}
+
+/// One `[[rule]]`.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub from: Option<Regex>,
+    pub to: Option<Regex>,
+    pub subject: Option<Regex>,
+    pub body: Option<Regex>,
+    pub action: RuleAction,
+    pub message: Template,
+    pub language: String,
+    pub voice: String,
+    /// `None`: the rule name plus the normalised subject.
+    pub dedup_key: Option<Template>,
+    /// Zero turns deduplication off for this rule.
+    pub cooldown: Duration,
+}
+
+/// What a matching rule does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleAction {
+    /// Call these E.164 numbers (resolved from contacts and groups, de-duplicated).
+    Call(Vec<String>),
+    /// Call nobody.
+    Drop,
+}
+
+/// The durable store.
+#[derive(Debug, Clone)]
+pub struct State {
+    /// The SQLite file, already resolved against the config file's directory.
+    pub path: PathBuf,
+    /// An upper bound on the store's size, so a runaway storm cannot fill the disk.
+    pub max_bytes: Option<u64>,
+}
+
+/// Global safety limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_calls_per_hour: u32,
+}
+
+/// Case-insensitive address globs such as `*@pager.example.com`.
+#[derive(Debug, Clone)]
+pub struct AddressPatterns {
+    set: GlobSet,
+}
+
+impl AddressPatterns {
+    /// Does `address` match any of the patterns?
+    pub fn matches(&self, address: &str) -> bool {
+        self.set.is_match(address)
+    }
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read config file {path}: {source}; pass another with --config or $MAILCALL_CONFIG"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", .0)]
+    Invalid(Problems),
+}
+
+/// Every problem found in one configuration file.
+#[derive(Debug)]
+pub struct Problems {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+/// One problem, positioned in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.path.display(),
+                p.line,
+                p.column,
+                p.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates configuration text that was read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let invalid = |problems: Vec<(Range<usize>, String)>| {
+            let mut problems: Vec<Problem> = problems
+                .into_iter()
+                .map(|(span, message)| {
+                    let (line, column) = line_column(text, span.start);
+                    Problem {
+                        line,
+                        column,
+                        message,
+                    }
+                })
+                .collect();
+            problems.sort_by_key(|p| (p.line, p.column));
+            ConfigError::Invalid(Problems {
+                path: path.to_path_buf(),
+                problems,
+            })
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_string();
+            invalid(vec![(e.span().unwrap_or(0..0), message)])
+        })?;
+        validate(path, raw).map_err(invalid)
+    }
+
+    /// Looks up the E.164 numbers a `call` entry names: a contact, a group or a number.
+    pub fn resolve_callee(&self, entry: &str) -> Option<Vec<String>> {
+        if let Some(number) = self.contacts.get(entry) {
+            Some(vec![number.clone()])
+        } else if let Some(numbers) = self.groups.get(entry) {
+            Some(numbers.clone())
+        } else if is_e164(entry) {
+            Some(vec![entry.to_string()])
+        } else {
+            None
+        }
+    }
+}
+
+/// Is `s` an E.164 phone number (`+` and 2 to 15 digits, no leading zero)?
+pub fn is_e164(s: &str) -> bool {
+    let Some(digits) = s.strip_prefix('+') else {
+        return false;
+    };
+    (2..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+// ---- The file as written -------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    smtp: RawSmtp,
+    twilio: Spanned<RawTwilio>,
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    contacts: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    groups: BTreeMap<String, Vec<Spanned<String>>>,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSmtp {
+    listen: Option<Spanned<String>>,
+    hostname: Option<String>,
+    recipients: Option<Vec<Spanned<String>>>,
+    max_message_bytes: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTwilio {
+    from: Spanned<String>,
+    api_base: Option<Spanned<String>>,
+    ring_seconds: Option<Spanned<u32>>,
+    retry_for: Option<Spanned<String>>,
+    request_timeout: Option<Spanned<String>>,
+    retry_initial_delay: Option<Spanned<String>>,
+    retry_max_delay: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    language: Option<String>,
+    voice: Option<String>,
+    message: Option<Spanned<String>>,
+    cooldown: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    from: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
+    subject: Option<Spanned<String>>,
+    body: Option<Spanned<String>>,
+    call: Option<Spanned<Vec<Spanned<String>>>>,
+    drop: Option<Spanned<bool>>,
+    message: Option<Spanned<String>>,
+    language: Option<String>,
+    voice: Option<String>,
+    dedup_key: Option<Spanned<String>>,
+    cooldown: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    path: Option<String>,
+    max_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_calls_per_hour: Option<Spanned<u32>>,
+}
+
+// ---- Validation ----------------------------------------------------------------------
+
+/// Collects problems while validation goes on, so all of them are reported at once.
+#[derive(Default)]
+struct Problemset(Vec<(Range<usize>, String)>);
+
+impl Problemset {
+    fn push(&mut self, span: Range<usize>, message: impl Into<String>) {
+        self.0.push((span, message.into()));
+    }
+
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                self.push(
+                    value.span(),
+                    format!(
+                        "invalid duration `{}` for `{key}`: {e}; write e.g. \"30s\", \"15m\" or \"1h\"",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn regex(&mut self, value: Option<&Spanned<String>>, key: &str) -> Option<Regex> {
+        let value = value?;
+        match Regex::new(value.get_ref()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                // The regex crate's message is multi-line with a caret; keep it on one line.
+                let detail = e
+                    .to_string()
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                self.push(value.span(), format!("invalid regex for `{key}`: {detail}"));
+                None
+            }
+        }
+    }
+
+    fn template(
+        &mut self,
+        value: &Spanned<String>,
+        key: &str,
+        names: &BTreeSet<&str>,
+    ) -> Option<Template> {
+        match Template::parse(value.get_ref()) {
+            Ok(t) => {
+                for p in t.placeholders().filter(|p| !names.contains(p)) {
+                    let known: Vec<String> = names.iter().map(|n| format!("{{{n}}}")).collect();
+                    self.push(
+                        value.span(),
+                        format!(
+                            "placeholder `{{{p}}}` in `{key}` names nothing; use one of {} (named regex captures become placeholders)",
+                            known.join(", ")
+                        ),
+                    );
+                }
+                Some(t)
+            }
+            Err(e) => {
+                self.push(value.span(), format!("invalid template for `{key}`: {e}"));
+                None
+            }
+        }
+    }
+}
+
+fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, String)>> {
+    let mut p = Problemset::default();
+
+    // [smtp]
+    let listen = match &raw.smtp.listen {
+        None => SocketAddr::from(([127, 0, 0, 1], 2525)),
+        Some(l) => l.get_ref().parse().unwrap_or_else(|_| {
+            p.push(
+                l.span(),
+                format!(
+                    "invalid listen address `{}`; write an IP and port such as \"127.0.0.1:2525\" or \"0.0.0.0:25\"",
+                    l.get_ref()
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 2525))
+        }),
+    };
+    let recipients = raw.smtp.recipients.as_ref().map(|list| {
+        let mut builder = GlobSetBuilder::new();
+        for pattern in list {
+            match GlobBuilder::new(pattern.get_ref())
+                .case_insensitive(true)
+                .literal_separator(false)
+                .build()
+            {
+                Ok(glob) => {
+                    builder.add(glob);
+                }
+                Err(e) => p.push(
+                    pattern.span(),
+                    format!(
+                        "invalid recipient pattern `{}`: {}",
+                        pattern.get_ref(),
+                        e.kind()
+                    ),
+                ),
+            }
+        }
+        AddressPatterns {
+            set: builder.build().unwrap_or_else(|_| GlobSet::empty()),
+        }
+    });
+    let max_message_bytes = positive(
+        &mut p,
+        raw.smtp.max_message_bytes.as_ref(),
+        "max_message_bytes",
+        10 * 1024 * 1024,
+    );
+    let max_connections = positive(
+        &mut p,
+        raw.smtp.max_connections.as_ref(),
+        "max_connections",
+        200,
+    );
+    let smtp = Smtp {
+        listen,
+        hostname: raw
+            .smtp
+            .hostname
+            .clone()
+            .unwrap_or_else(|| "mailcall".to_string()),
+        recipients,
+        max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
+        max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        timeout: p.duration(
+            raw.smtp.timeout.as_ref(),
+            "timeout",
+            Duration::from_secs(300),
+        ),
+    };
+
+    // [twilio]
+    let rt = raw.twilio.get_ref();
+    if !is_e164(rt.from.get_ref()) {
+        p.push(
+            rt.from.span(),
+            format!(
+                "caller ID `{}` is not an E.164 number; write it as + and country code, e.g. \"+15005550006\"",
+                rt.from.get_ref()
+            ),
+        );
+    }
+    let api_base = match &rt.api_base {
+        None => "https://api.twilio.com".to_string(),
+        Some(b) => {
+            let s = b.get_ref().trim_end_matches('/');
+            if !(s.starts_with("https://") || s.starts_with("http://")) {
+                p.push(
+                    b.span(),
+                    format!("`api_base` must be an http(s) URL, not `{}`", b.get_ref()),
+                );
+            }
+            s.to_string()
+        }
+    };
+    let ring_seconds = rt.ring_seconds.as_ref().map_or(30, |r| {
+        let v = *r.get_ref();
+        if !(5..=600).contains(&v) {
+            p.push(
+                r.span(),
+                format!("`ring_seconds` = {v} is outside Twilio's range; use 5 to 600"),
+            );
+        }
+        v
+    });
+    let twilio = Twilio {
+        from: rt.from.get_ref().clone(),
+        api_base,
+        ring_seconds,
+        retry_for: p.duration(rt.retry_for.as_ref(), "retry_for", Duration::from_secs(600)),
+        request_timeout: p.duration(
+            rt.request_timeout.as_ref(),
+            "request_timeout",
+            Duration::from_secs(15),
+        ),
+        retry_initial_delay: p.duration(
+            rt.retry_initial_delay.as_ref(),
+            "retry_initial_delay",
+            Duration::from_secs(1),
+        ),
+        retry_max_delay: p.duration(
+            rt.retry_max_delay.as_ref(),
+            "retry_max_delay",
+            Duration::from_secs(60),
+        ),
+    };
+
+    // [defaults]
+    let builtins: BTreeSet<&str> = BUILTIN_PLACEHOLDERS.into_iter().collect();
+    let default_message = Spanned::new(0..0, "Alert. {subject}".to_string());
+    let defaults = Defaults {
+        language: raw
+            .defaults
+            .language
+            .clone()
+            .unwrap_or_else(|| "en-US".to_string()),
+        voice: raw
+            .defaults
+            .voice
+            .clone()
+            .unwrap_or_else(|| "Polly.Joanna".to_string()),
+        message: p
+            .template(
+                raw.defaults.message.as_ref().unwrap_or(&default_message),
+                "defaults.message",
+                &builtins,
+            )
+            .unwrap_or_else(|| Template::parse("Alert. {subject}").unwrap()),
+        cooldown: p.duration(
+            raw.defaults.cooldown.as_ref(),
+            "cooldown",
+            Duration::from_secs(15 * 60),
+        ),
+    };
+
+    // [contacts] and [groups]
+    let mut contacts = BTreeMap::new();
+    for (name, number) in &raw.contacts {
+        if !is_e164(number.get_ref()) {
+            p.push(
+                number.span(),
+                format!(
+                    "contact `{name}` has number `{}`, which is not E.164; write it as + and country code, e.g. \"+81312345678\"",
+                    number.get_ref()
+                ),
+            );
+        }
+        contacts.insert(name.clone(), number.get_ref().clone());
+    }
+    let mut groups = BTreeMap::new();
+    for (name, members) in &raw.groups {
+        let mut numbers = Vec::new();
+        for member in members {
+            let m = member.get_ref();
+            if let Some(number) = contacts.get(m) {
+                numbers.push(number.clone());
+            } else if is_e164(m) {
+                numbers.push(m.clone());
+            } else {
+                p.push(
+                    member.span(),
+                    format!(
+                        "group `{name}` lists `{m}`, which is neither a contact nor an E.164 number"
+                    ),
+                );
+            }
+        }
+        if contacts.contains_key(name) {
+            p.push(
+                members.first().map_or(0..0, |m| m.span()),
+                format!("`{name}` is both a contact and a group; rename one of them"),
+            );
+        }
+        dedup_in_order(&mut numbers);
+        groups.insert(name.clone(), numbers);
+    }
+
+    // [[rule]]
+    let mut rules = Vec::new();
+    let mut names = BTreeSet::new();
+    for r in &raw.rules {
+        let name = r.name.get_ref().clone();
+        if !names.insert(name.clone()) {
+            p.push(
+                r.name.span(),
+                format!("duplicate rule name `{name}`; rule names must be unique"),
+            );
+        }
+        let from = p.regex(r.from.as_ref(), "from");
+        let to = p.regex(r.to.as_ref(), "to");
+        let subject = p.regex(r.subject.as_ref(), "subject");
+        let body = p.regex(r.body.as_ref(), "body");
+        let mut placeholders = builtins.clone();
+        for re in [&from, &to, &subject, &body].into_iter().flatten() {
+            placeholders.extend(re.capture_names().flatten());
+        }
+        let action = match (&r.call, r.drop.as_ref().map(|d| (*d.get_ref(), d.span()))) {
+            (Some(call), Some((true, span))) => {
+                let _ = call;
+                p.push(span, format!("rule `{name}` has both `call` and `drop = true`; a rule either calls or drops"));
+                RuleAction::Drop
+            }
+            (None, Some((true, _))) => RuleAction::Drop,
+            (None, _) => {
+                p.push(
+                    r.name.span(),
+                    format!("rule `{name}` has neither `call` nor `drop = true`; say whom to call, e.g. call = [\"oncall\"]"),
+                );
+                RuleAction::Drop
+            }
+            (Some(call), _) => {
+                let mut numbers = Vec::new();
+                if call.get_ref().is_empty() {
+                    p.push(call.span(), format!("rule `{name}` has an empty `call` list; name a contact, group or number, or use drop = true"));
+                }
+                for entry in call.get_ref() {
+                    let e = entry.get_ref();
+                    if let Some(n) = contacts.get(e) {
+                        numbers.push(n.clone());
+                    } else if let Some(ns) = groups.get(e) {
+                        numbers.extend(ns.iter().cloned());
+                    } else if is_e164(e) {
+                        numbers.push(e.clone());
+                    } else {
+                        p.push(
+                            entry.span(),
+                            format!(
+                                "`{e}` in rule `{name}` is neither a contact, a group nor an E.164 number; add it under [contacts] or write the number as \"+15005550001\""
+                            ),
+                        );
+                    }
+                }
+                dedup_in_order(&mut numbers);
+                RuleAction::Call(numbers)
+            }
+        };
+        let message = match &r.message {
+            Some(m) => p.template(m, "message", &placeholders),
+            None => Some(defaults.message.clone()),
+        };
+        let dedup_key = r
+            .dedup_key
+            .as_ref()
+            .and_then(|k| p.template(k, "dedup_key", &placeholders));
+        rules.push(Rule {
+            name,
+            from,
+            to,
+            subject,
+            body,
+            action,
+            message: message.unwrap_or_else(|| defaults.message.clone()),
+            language: r
+                .language
+                .clone()
+                .unwrap_or_else(|| defaults.language.clone()),
+            voice: r.voice.clone().unwrap_or_else(|| defaults.voice.clone()),
+            dedup_key,
+            cooldown: p.duration(r.cooldown.as_ref(), "cooldown", defaults.cooldown),
+        });
+    }
+
+    // [state] and [limits]
+    let base = path.parent().unwrap_or(Path::new("."));
+    let state_path = PathBuf::from(raw.state.path.as_deref().unwrap_or("mailcall.db"));
+    let state = State {
+        path: if state_path.is_absolute() {
+            state_path
+        } else {
+            base.join(state_path)
+        },
+        max_bytes: raw.state.max_bytes.as_ref().map(|m| *m.get_ref()),
+    };
+    let limits = Limits {
+        max_calls_per_hour: raw
+            .limits
+            .max_calls_per_hour
+            .as_ref()
+            .map_or(60, |m| *m.get_ref()),
+    };
+
+    if !p.0.is_empty() {
+        return Err(p.0);
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        smtp,
+        twilio,
+        defaults,
+        contacts,
+        groups,
+        rules,
+        state,
+        limits,
+    })
+}
+
+fn positive(p: &mut Problemset, value: Option<&Spanned<u64>>, key: &str, default: u64) -> u64 {
+    match value {
+        None => default,
+        Some(v) if *v.get_ref() == 0 => {
+            p.push(v.span(), format!("`{key}` must be greater than 0"));
+            default
+        }
+        Some(v) => *v.get_ref(),
+    }
+}
+
+/// Removes repeated entries, keeping the first occurrence and the order.
+pub fn dedup_in_order(items: &mut Vec<String>) {
+    let mut seen = BTreeSet::new();
+    items.retain(|i| seen.insert(i.clone()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[twilio]\nfrom = \"+15005550006\"\n";
+
+    fn problems(text: &str) -> Vec<String> {
+        match Config::parse(Path::new("rules.toml"), text) {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid(p)) => p.to_string().lines().map(String::from).collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn e164() {
+        for ok in ["+15005550006", "+81312345678", "+44"] {
+            assert!(is_e164(ok), "{ok}");
+        }
+        for bad in [
+            "15005550006",
+            "+0123",
+            "+1",
+            "+1 500 555",
+            "+1234567890123456",
+            "",
+            "+",
+        ] {
+            assert!(!is_e164(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn minimal_config_has_sane_defaults() {
+        let c = Config::parse(Path::new("/etc/mailcall/rules.toml"), MINIMAL).unwrap();
+        assert_eq!(c.smtp.listen.to_string(), "127.0.0.1:2525");
+        assert_eq!(c.smtp.max_message_bytes, 10 * 1024 * 1024);
+        assert_eq!(c.twilio.api_base, "https://api.twilio.com");
+        assert_eq!(c.twilio.ring_seconds, 30);
+        assert_eq!(c.defaults.cooldown, Duration::from_secs(900));
+        assert_eq!(c.limits.max_calls_per_hour, 60);
+        assert_eq!(c.state.path, Path::new("/etc/mailcall/mailcall.db"));
+    }
+
+    #[test]
+    fn groups_and_calls_resolve_to_unique_numbers() {
+        let c = Config::parse(
+            Path::new("r.toml"),
+            &format!(
+                "{MINIMAL}[contacts]\nalice = \"+15005550001\"\nbob = \"+15005550002\"\n\
+                 [groups]\noncall = [\"alice\", \"bob\", \"+15005550003\"]\n\
+                 [[rule]]\nname = \"all\"\ncall = [\"bob\", \"oncall\", \"+15005550009\", \"+15005550001\"]\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            c.rules[0].action,
+            RuleAction::Call(vec![
+                "+15005550002".into(),
+                "+15005550001".into(),
+                "+15005550003".into(),
+                "+15005550009".into()
+            ])
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_position() {
+        let text = format!(
+            "{MINIMAL}[contacts]\nalice = \"5550001\"\n\
+             [[rule]]\nname = \"a\"\nsubject = '(unclosed'\ncall = [\"bobb\"]\nmessage = \"{{host}} down\"\n\
+             [[rule]]\nname = \"b\"\n"
+        );
+        let got = problems(&text);
+        assert_eq!(got.len(), 5, "{got:#?}");
+        assert!(
+            got[0].starts_with("rules.toml:4:9: contact `alice` has number `5550001`"),
+            "{}",
+            got[0]
+        );
+        assert!(
+            got[1].starts_with("rules.toml:7:11: invalid regex for `subject`"),
+            "{}",
+            got[1]
+        );
+        assert!(
+            got[2].starts_with("rules.toml:8:9: `bobb` in rule `a` is neither"),
+            "{}",
+            got[2]
+        );
+        assert!(
+            got[3].starts_with("rules.toml:9:11: placeholder `{host}` in `message` names nothing"),
+            "{}",
+            got[3]
+        );
+        assert!(
+            got[4].starts_with("rules.toml:11:8: rule `b` has neither `call` nor `drop = true`"),
+            "{}",
+            got[4]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_syntax_errors_point_at_the_spot() {
+        let got = problems(&format!(
+            "{MINIMAL}[smtp]\nlisten = \"127.0.0.1:25\"\nlisen = 1\n"
+        ));
+        assert_eq!(got.len(), 1);
+        assert!(
+            got[0].starts_with("rules.toml:5:1: unknown field `lisen`"),
+            "{}",
+            got[0]
+        );
+        let got = problems("[twilio\n");
+        assert!(got[0].starts_with("rules.toml:1:"), "{}", got[0]);
+    }
+
+    #[test]
+    fn captures_are_placeholders_and_bad_templates_are_reported() {
+        let ok = format!(
+            "{MINIMAL}[[rule]]\nname = \"h\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"+15005550001\"]\n\
+             message = \"{{host}} down: {{subject}} {{rule}}\"\ndedup_key = \"{{host}}\"\n"
+        );
+        assert!(problems(&ok).is_empty(), "{:?}", problems(&ok));
+        let bad = format!("{MINIMAL}[[rule]]\nname = \"h\"\ndrop = true\ndedup_key = \"{{host\"\n");
+        let got = problems(&bad);
+        assert!(got[0].contains("unclosed placeholder"), "{got:?}");
+    }
+
+    #[test]
+    fn call_and_drop_together_is_an_error() {
+        let got = problems(&format!(
+            "{MINIMAL}[[rule]]\nname = \"x\"\ncall = [\"+15005550001\"]\ndrop = true\n"
+        ));
+        assert!(got[0].contains("both `call` and `drop = true`"), "{got:?}");
+    }
+
+    #[test]
+    fn bad_durations_and_globs() {
+        let got = problems(&format!(
+            "{MINIMAL}[defaults]\ncooldown = \"15 minutes please\"\n[smtp]\nrecipients = [\"a@[b\"]\n"
+        ));
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got[0].contains("invalid duration"), "{got:?}");
+        assert!(got[1].contains("invalid recipient pattern"), "{got:?}");
+    }
+
+    #[test]
+    fn recipient_globs_are_case_insensitive() {
+        let c = Config::parse(
+            Path::new("r.toml"),
+            &format!(
+                "{MINIMAL}[smtp]\nrecipients = [\"alerts@example.com\", \"*@pager.example.com\"]\n"
+            ),
+        )
+        .unwrap();
+        let r = c.smtp.recipients.unwrap();
+        assert!(r.matches("Alerts@Example.com"));
+        assert!(r.matches("ops.team@pager.example.com"));
+        assert!(!r.matches("someone@example.com"));
+        assert!(!r.matches("x@pager.example.com.evil.org"));
+    }
+}

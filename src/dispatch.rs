@@ -1,0 +1,409 @@
+//! The dispatch worker: stored alerts → routing → incidents → calls.
+//!
+//! It is fed only from the store, never directly by an ingest path, so an alert that was
+//! acknowledged is processed even if the daemon died right after the `250`: on start the
+//! worker routes every alert still marked `received` and resumes every call that was
+//! decided but not finished.
+//!
+//! Every number of an incident is called by its own task, all at once; a failure for one
+//! number never holds up the others. Twilio failures are classified by
+//! [`twilio::Outcome`]: 429, 5xx and network errors are retried with capped, jittered
+//! exponential backoff (honouring `Retry-After`) until `retry_for` after the call was
+//! decided; 4xx errors are permanent for that number.
+//!
+//! A call whose request was in flight when the process died (`sending`) is placed again
+//! after a restart: Twilio has no idempotency key for calls, and ringing someone twice is
+//! better than not at all.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::alert::Alert;
+use crate::config::Config;
+use crate::route::{self, Action};
+use crate::store::{CallJob, CallUpdate, NewIncident, PendingAlert, Routed, Store, now_ms};
+use crate::twilio::{self, CallRequest, Outcome, twiml};
+
+/// Alerts routed per store transaction.
+const BATCH: usize = 256;
+/// How often the worker looks at the store even when nobody woke it.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+/// Who places the calls.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    Twilio(twilio::Client),
+    /// `--dry-run`: log the call that would be placed, send nothing.
+    DryRun,
+}
+
+/// The dispatch worker and the call tasks it spawns.
+#[derive(Debug)]
+pub struct Dispatcher {
+    config: Arc<Config>,
+    store: Store,
+    caller: Caller,
+    wake: Arc<Notify>,
+    calls: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl Dispatcher {
+    /// `wake` is notified by ingest after each stored alert; `calls` tracks the call
+    /// tasks so shutdown can wait for requests in flight.
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        caller: Caller,
+        wake: Arc<Notify>,
+        calls: TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Dispatcher {
+        Dispatcher {
+            config,
+            store,
+            caller,
+            wake,
+            calls,
+            shutdown,
+        }
+    }
+
+    /// Runs until shutdown: resumes unfinished calls, then routes stored alerts as they
+    /// arrive.
+    pub async fn run(self: Arc<Self>) {
+        match self.store.unfinished_calls().await {
+            Ok(jobs) => {
+                if !jobs.is_empty() {
+                    info!(
+                        calls = jobs.len(),
+                        "resuming calls left unfinished by the last run"
+                    );
+                }
+                for job in jobs {
+                    self.spawn_call(job);
+                }
+            }
+            Err(e) => error!(error = %e, "cannot read unfinished calls from the store"),
+        }
+        loop {
+            self.drain().await;
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+    }
+
+    /// Routes every stored alert not yet routed.
+    async fn drain(&self) {
+        loop {
+            let batch = match self.store.pending_alerts(BATCH).await {
+                Ok(b) if b.is_empty() => return,
+                Ok(b) => b,
+                Err(e) => {
+                    error!(error = %e, "cannot read stored alerts; will try again");
+                    return;
+                }
+            };
+            if !self.route_batch(batch).await {
+                return;
+            }
+        }
+    }
+
+    /// Routes a batch and records the outcome; false if the store failed.
+    async fn route_batch(&self, batch: Vec<PendingAlert>) -> bool {
+        let mut items = Vec::with_capacity(batch.len());
+        let mut alerts = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let alert = Alert::from_mime(&pending.raw, &pending.envelope);
+            let decision = route::route(&self.config, &alert);
+            let public_id = new_public_id();
+            let new = NewIncident {
+                twiml: twiml::call(
+                    &decision.message,
+                    &decision.language,
+                    &decision.voice,
+                    &twiml::room_name(&public_id),
+                ),
+                public_id,
+            };
+            alerts.push((pending.id, pending.source, alert, decision.clone()));
+            items.push((pending.id, decision, new));
+        }
+        let results = match self
+            .store
+            .record_routings(items, self.config.limits.max_calls_per_hour)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "cannot record routing decisions; will try again");
+                return false;
+            }
+        };
+        for ((alert_id, source, alert, decision), result) in alerts.into_iter().zip(results) {
+            let message_id = alert.message_id.as_deref().unwrap_or("-");
+            let rule = decision.rule.as_deref().unwrap_or("-");
+            match result {
+                Err(e) => {
+                    error!(alert = alert_id, error = %e, "cannot record routing; will try again")
+                }
+                Ok(Routed::NotCalled) if decision.action == Action::None => warn!(
+                    alert = alert_id, source, message_id, from = %alert.from, subject = %alert.subject,
+                    action = "none", "unrouted: no rule matches this mail; nobody is called"
+                ),
+                Ok(Routed::NotCalled) => info!(
+                    alert = alert_id, source, message_id, from = %alert.from, rule, action = "drop",
+                    "dropped by rule"
+                ),
+                Ok(Routed::Deduplicated {
+                    incident_id,
+                    alert_count,
+                }) => info!(
+                    alert = alert_id, source, message_id, from = %alert.from, rule, action = "deduplicated",
+                    incident = incident_id, alert_count, dedup_key = %decision.dedup_key,
+                    "same problem as an open incident; nobody is called again"
+                ),
+                Ok(Routed::Opened {
+                    incident_id,
+                    calls,
+                    refused,
+                }) => {
+                    let numbers: Vec<&str> = calls.iter().map(|c| c.number.as_str()).collect();
+                    info!(
+                        alert = alert_id, source, message_id, from = %alert.from, rule, action = "call",
+                        incident = incident_id, numbers = ?numbers, dedup_key = %decision.dedup_key,
+                        "new incident; calling everyone at once"
+                    );
+                    if !refused.is_empty() {
+                        error!(
+                            incident = incident_id, refused = ?refused,
+                            max_calls_per_hour = self.config.limits.max_calls_per_hour,
+                            "CALL BUDGET EXHAUSTED: these numbers are NOT called; raise [limits] max_calls_per_hour if this is a real incident"
+                        );
+                    }
+                    for job in calls {
+                        self.spawn_call(job);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn spawn_call(&self, job: CallJob) {
+        let caller = self.caller.clone();
+        let store = self.store.clone();
+        let config = Arc::clone(&self.config);
+        let shutdown = self.shutdown.clone();
+        self.calls
+            .spawn(async move { place_call(job, &caller, &store, &config, &shutdown).await });
+    }
+}
+
+/// Places one call, retrying what is worth retrying, and records every step.
+async fn place_call(
+    job: CallJob,
+    caller: &Caller,
+    store: &Store,
+    config: &Config,
+    shutdown: &CancellationToken,
+) {
+    let t = &config.twilio;
+    let deadline = job
+        .created_at
+        .saturating_add(i64::try_from(t.retry_for.as_millis()).unwrap_or(i64::MAX));
+    let mut attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        record(store, &job, CallUpdate::Sending).await;
+        let outcome = match caller {
+            Caller::DryRun => {
+                info!(
+                    incident = job.incident_id, rule = %job.rule, number = %job.number, twiml = %job.twiml,
+                    "dry-run: would place this call"
+                );
+                record(
+                    store,
+                    &job,
+                    CallUpdate::Placed {
+                        sid: "dry-run".into(),
+                        dry_run: true,
+                    },
+                )
+                .await;
+                return;
+            }
+            Caller::Twilio(client) => {
+                client
+                    .create_call(&CallRequest {
+                        to: &job.number,
+                        from: &t.from,
+                        twiml: &job.twiml,
+                        timeout_secs: t.ring_seconds,
+                    })
+                    .await
+            }
+        };
+        match outcome {
+            Outcome::Placed { sid } => {
+                info!(incident = job.incident_id, rule = %job.rule, number = %job.number, sid = %sid, "call placed");
+                record(
+                    store,
+                    &job,
+                    CallUpdate::Placed {
+                        sid,
+                        dry_run: false,
+                    },
+                )
+                .await;
+                return;
+            }
+            Outcome::Permanent {
+                status,
+                code,
+                message,
+            } => {
+                error!(
+                    incident = job.incident_id, rule = %job.rule, number = %job.number, http_status = status,
+                    twilio_code = code, error = %message, hint = error_hint(code),
+                    "call failed permanently; this number is not called"
+                );
+                record(
+                    store,
+                    &job,
+                    CallUpdate::Failed {
+                        code,
+                        error: message,
+                    },
+                )
+                .await;
+                return;
+            }
+            Outcome::Retry { after, reason } => {
+                let delay = backoff(
+                    attempt,
+                    after,
+                    t.retry_initial_delay,
+                    t.retry_max_delay,
+                    rand::rng().random(),
+                );
+                let next =
+                    now_ms().saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+                if next > deadline {
+                    let error = format!(
+                        "gave up after retrying for {}: {reason}",
+                        humantime::format_duration(t.retry_for)
+                    );
+                    error!(incident = job.incident_id, number = %job.number, error = %error, "call failed; this number is not called");
+                    record(store, &job, CallUpdate::Failed { code: None, error }).await;
+                    return;
+                }
+                warn!(
+                    incident = job.incident_id, number = %job.number, error = %reason,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "call not placed yet; retrying"
+                );
+                record(store, &job, CallUpdate::Retrying { error: reason }).await;
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// Records a call update; a store failure is logged but does not stop the call, since
+/// ringing the phone matters more than the record of it.
+async fn record(store: &Store, job: &CallJob, update: CallUpdate) {
+    if let Err(e) = store.update_call(job.call_id, update).await {
+        error!(incident = job.incident_id, number = %job.number, error = %e, "cannot record call status");
+    }
+}
+
+/// The delay before retry number `attempt` (0-based): exponential from `initial`, capped
+/// at `max`, with "equal jitter" (between half and all of it) so that retries from a
+/// storm do not arrive in lockstep, and never shorter than Twilio's `Retry-After`.
+/// `jitter` is a random number in `[0, 1)`.
+pub fn backoff(
+    attempt: u32,
+    retry_after: Option<Duration>,
+    initial: Duration,
+    max: Duration,
+    jitter: f64,
+) -> Duration {
+    let exp = initial
+        .saturating_mul(1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX))
+        .min(max);
+    let jittered = exp.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+    retry_after.map_or(jittered, |after| after.max(jittered))
+}
+
+/// What an operator should do about a Twilio error code.
+pub fn error_hint(code: Option<i64>) -> &'static str {
+    match code {
+        Some(21211) => "the number is not a valid phone number; fix it in rules.toml",
+        Some(21219) => {
+            "trial accounts can only call verified numbers; verify it in the Twilio console or upgrade"
+        }
+        Some(21215 | 13227) => {
+            "geo permissions forbid calling this country; enable it under Voice > Settings > Geo permissions"
+        }
+        Some(20003) => {
+            "Twilio rejected the credentials; check TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN (or API key)"
+        }
+        Some(21210 | 21212) => {
+            "the caller ID ([twilio] from) is not a number of this Twilio account"
+        }
+        Some(20404) => "the account SID is wrong, or api_base points at the wrong place",
+        _ => "see https://www.twilio.com/docs/api/errors",
+    }
+}
+
+/// A random, opaque incident id (16 hex digits) that names the conference room.
+fn new_public_id() -> String {
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_jitters_and_honours_retry_after() {
+        let (i, m) = (Duration::from_secs(1), Duration::from_secs(60));
+        assert_eq!(backoff(0, None, i, m, 0.999_999).as_millis(), 999);
+        assert_eq!(backoff(0, None, i, m, 0.0), Duration::from_millis(500));
+        assert_eq!(backoff(3, None, i, m, 0.0), Duration::from_secs(4));
+        assert_eq!(backoff(30, None, i, m, 0.0), Duration::from_secs(30));
+        assert_eq!(backoff(u32::MAX, None, i, m, 1.0), m);
+        assert_eq!(
+            backoff(0, Some(Duration::from_secs(7)), i, m, 0.5),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            backoff(10, Some(Duration::from_secs(1)), i, m, 0.0),
+            Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn public_ids_are_opaque_hex() {
+        let a = new_public_id();
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(a, new_public_id());
+    }
+}

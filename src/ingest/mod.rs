@@ -1,0 +1,4 @@
+//! The ways alerts come in. Each one stores the alert durably before it acknowledges
+//! it, then wakes the dispatcher; none of them routes or calls anyone itself.
+
+pub mod smtp;

@@ -1,0 +1,35 @@
+//! mailcall turns alert e-mails into phone calls: everyone a rule names is called at
+//! once, and whoever answers hears the alert and joins one conference per incident.
+//!
+//! # Layout
+//! The code follows the data:
+//!
+//! ```text
+//! ingest::smtp ──► store ──► dispatch ──► twilio
+//!  (bytes in,      (SQLite:   (alert → route → incident,
+//!   250 after       alerts,    dedup, budget, calls,
+//!   commit)         incidents, retries)
+//!                   calls)
+//! ```
+//!
+//! - [`config`]: `rules.toml` → a validated [`config::Config`], every problem with its
+//!   line and column.
+//! - [`alert`]: a raw mail → the [`alert::Alert`] fields routing looks at (mail-parser).
+//! - [`route`]: pure `(Config, Alert) → Decision`; `mailcall route` prints the same.
+//! - [`speech`]: alert text → speakable text; [`twilio::twiml`] → the call's TwiML.
+//! - [`ingest`]: the ways in (SMTP now); they only store and wake the dispatcher.
+//! - [`store`]: SQLite, the only state shared between ingest and dispatch.
+//! - [`dispatch`]: the worker that routes stored alerts and places the calls.
+//! - [`twilio`]: the only code that talks to Twilio.
+//! - [`server`]: wires the pieces together for `mailcall serve`.
+
+pub mod alert;
+pub mod config;
+pub mod dispatch;
+pub mod ingest;
+pub mod route;
+pub mod server;
+pub mod speech;
+pub mod store;
+pub mod template;
+pub mod twilio;

@@ -1,0 +1,276 @@
+//! The `mailcall` command line: parses arguments, sets up logging, and hands over to the
+//! library. The only place that uses `anyhow` and decides exit codes.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use mailcall::alert::{Alert, Envelope};
+use mailcall::config::{Config, ConfigError};
+use mailcall::dispatch::Caller;
+use mailcall::route::{self, Action};
+use mailcall::server::{self, Listeners};
+use mailcall::store::Store;
+use mailcall::twilio::{self, twiml};
+
+/// Turns alert e-mails into phone calls: everyone on call is rung at once, and whoever
+/// answers joins one conference per incident.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        global = true,
+        env = "MAILCALL_CONFIG",
+        default_value = "rules.toml"
+    )]
+    config: PathBuf,
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: receive alert mail and place the calls.
+    Serve {
+        /// Place no calls: log each call that would be placed. Needs no credentials.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Validate the configuration; print every problem as PATH:LINE:COLUMN: message.
+    Check,
+    /// Print what `serve` would do with each mail (stdin when no file), calling nobody.
+    Route {
+        /// One JSON object per mail per line.
+        #[arg(long)]
+        json: bool,
+        /// RFC 5322 message files (.eml).
+        files: Vec<PathBuf>,
+    },
+    /// Show recent incidents and the status of their calls, newest first.
+    Incidents {
+        /// One JSON object per incident per line.
+        #[arg(long)]
+        json: bool,
+        /// How many incidents to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve { dry_run } => serve(&cli.config, dry_run),
+        Command::Check => return check(&cli.config),
+        Command::Route { json, files } => route_files(&cli.config, json, &files),
+        Command::Incidents { json, limit } => incidents(&cli.config, json, limit),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailcall: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path).map_err(|e| match e {
+        ConfigError::Invalid(problems) => anyhow::anyhow!("invalid configuration:\n{problems}"),
+        other => anyhow::anyhow!(other),
+    })
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} rules, {} contacts, {} groups)",
+                path.display(),
+                config.rules.len(),
+                config.contacts.len(),
+                config.groups.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(ConfigError::Invalid(problems)) => {
+            println!("{problems}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("mailcall: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
+    let config = Arc::new(load(path)?);
+    let caller = if dry_run {
+        tracing::warn!("dry run: no calls will be placed, each would-be call is logged");
+        Caller::DryRun
+    } else {
+        let credentials = twilio::Credentials::from_env()?;
+        Caller::Twilio(
+            twilio::Client::new(
+                &config.twilio.api_base,
+                credentials,
+                config.twilio.request_timeout,
+            )
+            .context("cannot create the HTTP client for Twilio")?,
+        )
+    };
+    let store = Store::open(&config.state.path, config.state.max_bytes)?;
+    tracing::info!(path = %config.state.path.display(), "store open");
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listeners = Listeners::bind(&config).await?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        server::run(config, store, caller, listeners, shutdown).await;
+        Ok(())
+    })
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the daemon with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}
+
+fn route_files(path: &Path, json: bool, files: &[PathBuf]) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let mut inputs = Vec::new();
+    if files.is_empty() {
+        let mut raw = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut raw)
+            .context("cannot read the mail from stdin")?;
+        inputs.push(("-".to_string(), raw));
+    }
+    for file in files {
+        let raw = std::fs::read(file)
+            .with_context(|| format!("cannot read mail file {}", file.display()))?;
+        inputs.push((file.display().to_string(), raw));
+    }
+    let mut out = std::io::stdout().lock();
+    for (name, raw) in inputs {
+        let alert = Alert::from_mime(&raw, &Envelope::default());
+        let d = route::route(&config, &alert);
+        let twiml = (d.action == Action::Call).then(|| {
+            twiml::call(
+                &d.message,
+                &d.language,
+                &d.voice,
+                &twiml::room_name("preview"),
+            )
+        });
+        if json {
+            let value = serde_json::json!({
+                "rule": d.rule,
+                "action": d.action,
+                "numbers": d.numbers,
+                "message": d.message,
+                "language": d.language,
+                "voice": d.voice,
+                "dedup_key": d.dedup_key,
+                "twiml": twiml,
+            });
+            writeln!(out, "{value}")?;
+        } else {
+            let rule = d
+                .rule
+                .as_deref()
+                .map_or("no rule matches".to_string(), |r| format!("rule {r:?}"));
+            writeln!(out, "{name}: {rule} → {}", d.action.as_str())?;
+            writeln!(out, "  subject:   {}", alert.subject)?;
+            if d.action == Action::Call {
+                writeln!(out, "  numbers:   {}", d.numbers.join(", "))?;
+                writeln!(out, "  message:   {}", d.message)?;
+                writeln!(out, "  voice:     {} ({})", d.voice, d.language)?;
+                writeln!(
+                    out,
+                    "  dedup key: {} (cooldown {})",
+                    d.dedup_key,
+                    humantime::format_duration(d.cooldown)
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn incidents(path: &Path, json: bool, limit: usize) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let incidents = Store::incidents(&config.state.path, limit)?;
+    let mut out = std::io::stdout().lock();
+    if incidents.is_empty() && !json {
+        writeln!(out, "no incidents yet in {}", config.state.path.display())?;
+    }
+    for i in incidents {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(&i)?)?;
+            continue;
+        }
+        writeln!(
+            out,
+            "#{} {} rule {:?} key {:?} alerts {} room mailcall-{}",
+            i.id, i.opened_at, i.rule, i.dedup_key, i.alert_count, i.public_id
+        )?;
+        for c in &i.calls {
+            let detail = match (&c.sid, &c.error) {
+                (Some(sid), _) => sid.clone(),
+                (None, Some(e)) => match c.error_code {
+                    Some(code) => format!("error {code}: {e}"),
+                    None => e.clone(),
+                },
+                (None, None) => String::new(),
+            };
+            writeln!(
+                out,
+                "  {:<16} {:<9} attempts {}  {}",
+                c.number, c.status, c.attempts, detail
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,110 @@
+//! `mailcall serve`: opens the store, starts the dispatcher and the SMTP listener, and
+//! shuts them down in order.
+//!
+//! Shutdown is passed in as a [`CancellationToken`] (the binary cancels it on
+//! SIGTERM/SIGINT; tests cancel it directly). On shutdown the listener stops accepting,
+//! open SMTP sessions hear `421`, the dispatcher stops taking new alerts, and calls whose
+//! request is in flight get a few seconds to finish. Everything else is already in the
+//! store and is picked up by the next start.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::dispatch::{Caller, Dispatcher};
+use crate::ingest::smtp;
+use crate::store::Store;
+
+/// How long shutdown waits for SMTP sessions and the dispatcher.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long shutdown waits for Twilio requests in flight.
+const CALLS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The listeners, bound before [`run`] so that callers (and tests) know the addresses
+/// and bind errors surface before anything starts.
+#[derive(Debug)]
+pub struct Listeners {
+    pub smtp: TcpListener,
+}
+
+impl Listeners {
+    /// Binds every listener the configuration names.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        let smtp = TcpListener::bind(config.smtp.listen).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot listen for SMTP on {}: {e}; change [smtp] listen (ports below 1024 need CAP_NET_BIND_SERVICE)",
+                    config.smtp.listen
+                ),
+            )
+        })?;
+        Ok(Listeners { smtp })
+    }
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(
+    config: Arc<Config>,
+    store: Store,
+    caller: Caller,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) {
+    let wake = Arc::new(Notify::new());
+    let tasks = TaskTracker::new();
+    let calls = TaskTracker::new();
+
+    let dispatcher = Arc::new(Dispatcher::new(
+        Arc::clone(&config),
+        store.clone(),
+        caller,
+        Arc::clone(&wake),
+        calls.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(dispatcher.run());
+
+    if let Ok(addr) = listeners.smtp.local_addr() {
+        info!(addr = %addr, "smtp listening");
+    }
+    let ctx = Arc::new(smtp::Context {
+        config,
+        store,
+        wake,
+    });
+    tasks.spawn(smtp::serve(
+        listeners.smtp,
+        ctx,
+        shutdown.clone(),
+        tasks.clone(),
+    ));
+
+    shutdown.cancelled().await;
+    info!("shutting down: no new mail is accepted");
+    tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            "some SMTP sessions did not end in time; their mail was not acknowledged, so senders retry"
+        );
+    }
+    calls.close();
+    if tokio::time::timeout(CALLS_TIMEOUT, calls.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            "some Twilio requests did not finish in time; those calls are resumed at the next start"
+        );
+    }
+    info!("stopped");
+}

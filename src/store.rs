@@ -1,0 +1,679 @@
+//! The durable store (SQLite): received alerts, incidents and call attempts.
+//!
+//! It is the only thing ingest and dispatch share. An ingest path answers `250`/`2xx`
+//! only after [`Store::insert_alert`] returned, which is after the transaction holding
+//! the alert was committed with `synchronous=FULL` — so an acknowledged alert survives a
+//! `kill -9` or a power cut, and the dispatcher finds it in the table after a restart.
+//!
+//! All writes go through one writer thread that owns the connection. It takes every job
+//! waiting in its queue, runs each inside its own savepoint (one failing job does not
+//! undo the others) and commits them together: one fsync for a whole batch, which is
+//! what lets a storm of mails be absorbed at thousands per second (group commit).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use crate::alert::Envelope;
+use crate::route::{Action, Decision};
+
+/// Why the store could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "cannot open store {path}: {source}; check that the directory exists and is writable, or set [state] path"
+    )]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "store {path} is corrupt or not a mailcall database ({detail}); move it aside to start with an empty store, or restore a backup"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "store {path} has schema version {found}, but this mailcall knows only up to {known}; run a newer mailcall"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("store query failed: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("store commit failed: {0}")]
+    Commit(String),
+    #[error("the store has been shut down")]
+    Closed,
+}
+
+/// A handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+/// An alert as an ingest path hands it over.
+#[derive(Debug, Clone)]
+pub struct NewAlert {
+    /// `smtp`, later `sendgrid`, `webhook`, `cli`.
+    pub source: &'static str,
+    /// The client's address, for the log and for forensics.
+    pub peer: Option<String>,
+    pub envelope: Envelope,
+    /// The raw RFC 5322 message.
+    pub raw: Vec<u8>,
+}
+
+/// An alert that was stored but not yet routed.
+#[derive(Debug, Clone)]
+pub struct PendingAlert {
+    pub id: i64,
+    pub source: String,
+    pub envelope: Envelope,
+    pub raw: Vec<u8>,
+}
+
+/// One call to place (or to go on placing after a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallJob {
+    pub call_id: i64,
+    pub incident_id: i64,
+    /// The rule that decided the call, for the log.
+    pub rule: String,
+    pub number: String,
+    pub twiml: String,
+    /// When the call was decided, in Unix milliseconds; retries stop `retry_for` later.
+    pub created_at: i64,
+    pub attempts: i64,
+}
+
+/// What the store did with a routed alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Routed {
+    /// A new incident: these calls are to be placed now; `refused` are over the budget.
+    Opened {
+        incident_id: i64,
+        calls: Vec<CallJob>,
+        refused: Vec<String>,
+    },
+    /// Recorded on an incident opened within the cooldown; nobody is called.
+    Deduplicated { incident_id: i64, alert_count: i64 },
+    /// Dropped by a rule, or matched by none.
+    NotCalled,
+}
+
+/// What an incident needs besides the routing decision, prepared by the dispatcher
+/// (used only when the alert does not join an incident already open).
+#[derive(Debug, Clone)]
+pub struct NewIncident {
+    /// Opaque, random: names the conference room.
+    pub public_id: String,
+    /// The TwiML every call of the incident uses.
+    pub twiml: String,
+}
+
+/// An incident as `mailcall incidents` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IncidentReport {
+    pub id: i64,
+    pub public_id: String,
+    /// RFC 3339, UTC.
+    pub opened_at: String,
+    pub rule: String,
+    pub dedup_key: String,
+    pub alert_count: i64,
+    pub calls: Vec<CallReport>,
+}
+
+/// One number of an incident.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CallReport {
+    pub number: String,
+    /// `pending`, `sending`, `retrying`, `placed`, `failed`, `refused` or `dry-run`.
+    pub status: String,
+    pub sid: Option<String>,
+    pub error_code: Option<i64>,
+    pub error: Option<String>,
+    pub attempts: i64,
+}
+
+/// The current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Schema migrations; `PRAGMA user_version` is the number applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: alerts, incidents, calls.
+    "CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        received_at INTEGER NOT NULL,
+        source TEXT NOT NULL,
+        peer TEXT,
+        mail_from TEXT,
+        rcpt_to TEXT NOT NULL,
+        raw BLOB NOT NULL,
+        state TEXT NOT NULL DEFAULT 'received',
+        rule TEXT,
+        action TEXT,
+        incident_id INTEGER REFERENCES incidents(id)
+    );
+    CREATE INDEX alerts_received ON alerts(id) WHERE state = 'received';
+    CREATE TABLE incidents (
+        id INTEGER PRIMARY KEY,
+        public_id TEXT NOT NULL UNIQUE,
+        opened_at INTEGER NOT NULL,
+        rule TEXT NOT NULL,
+        dedup_key TEXT NOT NULL,
+        message TEXT NOT NULL,
+        language TEXT NOT NULL,
+        voice TEXT NOT NULL,
+        twiml TEXT NOT NULL,
+        alert_count INTEGER NOT NULL DEFAULT 1,
+        last_alert_at INTEGER NOT NULL
+    );
+    CREATE INDEX incidents_key ON incidents(dedup_key, opened_at);
+    CREATE TABLE calls (
+        id INTEGER PRIMARY KEY,
+        incident_id INTEGER NOT NULL REFERENCES incidents(id),
+        number TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        sid TEXT,
+        error_code INTEGER,
+        error TEXT,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX calls_incident ON calls(incident_id);
+    CREATE INDEX calls_created ON calls(created_at);
+    CREATE INDEX calls_open ON calls(id) WHERE status IN ('pending', 'sending', 'retrying');",
+];
+
+/// The most jobs committed together; bounds the latency one batch adds.
+const MAX_BATCH: usize = 512;
+
+type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+/// A unit of work for the writer thread. `None` means the batch could not even begin,
+/// so the job must fail without running.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+
+impl Store {
+    /// Opens (creating if missing) and migrates the store, then starts its writer thread.
+    pub fn open(path: &Path, max_bytes: Option<u64>) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let corrupt = |e: rusqlite::Error| StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        };
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("cannot switch to WAL journal mode (got {mode})"),
+            });
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;",
+        )
+        .map_err(corrupt)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(corrupt)?;
+        if check != "ok" {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: check,
+            });
+        }
+        migrate(&conn, path)?;
+        if let Some(max) = max_bytes {
+            let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page_size.max(1);
+            conn.query_row(
+                &format!("PRAGMA max_page_count = {}", pages.max(1)),
+                [],
+                |_| Ok(()),
+            )?;
+        }
+        let (jobs, queue) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("mailcall-store".into())
+            .spawn(move || writer(conn, queue))
+            .map_err(|e| StoreError::Commit(format!("cannot start the store thread: {e}")))?;
+        Ok(Store {
+            jobs,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where the store lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in the writer thread; resolves after the transaction holding it was
+    /// committed (or failed).
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel::<Result<T, StoreError>>();
+        let job: Job = Box::new(move |conn| {
+            let Some(conn) = conn else {
+                let done: Completion = Box::new(move |e| {
+                    let reason = e.err().unwrap_or_else(|| "cannot start a savepoint".into());
+                    let _ = tx.send(Err(StoreError::Commit(reason)));
+                });
+                return (false, done);
+            };
+            match f(conn) {
+                Ok(value) => (
+                    true,
+                    Box::new(move |committed: Result<(), String>| {
+                        let _ = tx.send(committed.map(|()| value).map_err(StoreError::Commit));
+                    }),
+                ),
+                Err(e) => (
+                    false,
+                    Box::new(move |_| {
+                        let _ = tx.send(Err(StoreError::Sqlite(e)));
+                    }),
+                ),
+            }
+        });
+        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Stores a received alert durably and returns its id.
+    pub async fn insert_alert(&self, alert: NewAlert) -> Result<i64, StoreError> {
+        let rcpt = serde_json::to_string(&alert.envelope.rcpt_to).unwrap_or_else(|_| "[]".into());
+        self.run(move |c| {
+            c.prepare_cached(
+                "INSERT INTO alerts (received_at, source, peer, mail_from, rcpt_to, raw)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                now_ms(),
+                alert.source,
+                alert.peer,
+                alert.envelope.mail_from,
+                rcpt,
+                alert.raw
+            ])?;
+            Ok(c.last_insert_rowid())
+        })
+        .await
+    }
+
+    /// Alerts stored but not yet routed, oldest first.
+    pub async fn pending_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, source, mail_from, rcpt_to, raw FROM alerts
+                 WHERE state = 'received' ORDER BY id LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                let rcpt: String = r.get(3)?;
+                Ok(PendingAlert {
+                    id: r.get(0)?,
+                    source: r.get(1)?,
+                    envelope: Envelope {
+                        mail_from: r.get(2)?,
+                        rcpt_to: serde_json::from_str(&rcpt).unwrap_or_default(),
+                    },
+                    raw: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Records the routing of a batch of alerts in one transaction, in order. Each is
+    /// atomic on its own: deduplication against recent incidents, a new incident with
+    /// its calls, and the hourly call budget.
+    pub async fn record_routings(
+        &self,
+        items: Vec<(i64, Decision, NewIncident)>,
+        max_calls_per_hour: u32,
+    ) -> Result<Vec<Result<Routed, StoreError>>, StoreError> {
+        self.run(move |c| {
+            let mut results = Vec::with_capacity(items.len());
+            for (alert_id, decision, new) in items {
+                c.execute_batch("SAVEPOINT item")?;
+                let result = record_routing(c, alert_id, &decision, &new, max_calls_per_hour);
+                if result.is_ok() {
+                    c.execute_batch("RELEASE item")?;
+                } else {
+                    c.execute_batch("ROLLBACK TO item; RELEASE item")?;
+                }
+                results.push(result.map_err(StoreError::Sqlite));
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    /// Calls decided but not finished: after a restart they are placed (or retried).
+    pub async fn unfinished_calls(&self) -> Result<Vec<CallJob>, StoreError> {
+        self.run(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts
+                 FROM calls c JOIN incidents i ON i.id = c.incident_id
+                 WHERE c.status IN ('pending', 'sending', 'retrying') ORDER BY c.id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(CallJob {
+                    call_id: r.get(0)?,
+                    incident_id: r.get(1)?,
+                    rule: r.get(2)?,
+                    number: r.get(3)?,
+                    twiml: r.get(4)?,
+                    created_at: r.get(5)?,
+                    attempts: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Records a change of a call's status.
+    pub async fn update_call(&self, call_id: i64, update: CallUpdate) -> Result<(), StoreError> {
+        self.run(move |c| {
+            let now = now_ms();
+            match update {
+                CallUpdate::Sending => c
+                    .prepare_cached("UPDATE calls SET status = 'sending', attempts = attempts + 1, updated_at = ?2 WHERE id = ?1")?
+                    .execute(params![call_id, now])?,
+                CallUpdate::Placed { sid, dry_run } => c
+                    .prepare_cached("UPDATE calls SET status = ?3, sid = ?2, error = NULL, updated_at = ?4 WHERE id = ?1")?
+                    .execute(params![call_id, sid, if dry_run { "dry-run" } else { "placed" }, now])?,
+                CallUpdate::Retrying { error } => c
+                    .prepare_cached("UPDATE calls SET status = 'retrying', error = ?2, updated_at = ?3 WHERE id = ?1")?
+                    .execute(params![call_id, error, now])?,
+                CallUpdate::Failed { code, error } => c
+                    .prepare_cached("UPDATE calls SET status = 'failed', error_code = ?2, error = ?3, updated_at = ?4 WHERE id = ?1")?
+                    .execute(params![call_id, code, error, now])?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// Recent incidents, newest first, from a read-only connection: works while a
+    /// daemon has the store open.
+    pub fn incidents(path: &Path, limit: usize) -> Result<Vec<IncidentReport>, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Open {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::InvalidPath(path.to_path_buf()),
+            });
+        }
+        let c = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })?;
+        if version == 0 {
+            return Ok(Vec::new());
+        }
+        let mut stmt = c.prepare(
+            "SELECT id, public_id, opened_at, rule, dedup_key, alert_count FROM incidents ORDER BY id DESC LIMIT ?1",
+        )?;
+        let mut incidents = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                let opened: i64 = r.get(2)?;
+                Ok(IncidentReport {
+                    id: r.get(0)?,
+                    public_id: r.get(1)?,
+                    opened_at: rfc3339(opened),
+                    rule: r.get(3)?,
+                    dedup_key: r.get(4)?,
+                    alert_count: r.get(5)?,
+                    calls: Vec::new(),
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut calls = c.prepare(
+            "SELECT number, status, sid, error_code, error, attempts FROM calls WHERE incident_id = ?1 ORDER BY id",
+        )?;
+        for incident in &mut incidents {
+            incident.calls = calls
+                .query_map([incident.id], |r| {
+                    Ok(CallReport {
+                        number: r.get(0)?,
+                        status: r.get(1)?,
+                        sid: r.get(2)?,
+                        error_code: r.get(3)?,
+                        error: r.get(4)?,
+                        attempts: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+        }
+        Ok(incidents)
+    }
+}
+
+/// A change of a call's status, as the dispatcher reports it.
+#[derive(Debug, Clone)]
+pub enum CallUpdate {
+    /// A request to Twilio is about to be sent.
+    Sending,
+    Placed {
+        sid: String,
+        dry_run: bool,
+    },
+    Retrying {
+        error: String,
+    },
+    Failed {
+        code: Option<i64>,
+        error: String,
+    },
+}
+
+/// Formats Unix milliseconds as RFC 3339 (UTC, seconds).
+pub fn rfc3339(unix_ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0));
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn record_routing(
+    c: &Connection,
+    alert_id: i64,
+    decision: &Decision,
+    new: &NewIncident,
+    max_calls_per_hour: u32,
+) -> rusqlite::Result<Routed> {
+    let now = now_ms();
+    let mark = |action: &str, incident_id: Option<i64>| {
+        c.prepare_cached(
+            "UPDATE alerts SET state = 'routed', rule = ?2, action = ?3, incident_id = ?4 WHERE id = ?1",
+        )?
+        .execute(params![alert_id, decision.rule, action, incident_id])
+    };
+    if decision.action != Action::Call {
+        mark(decision.action.as_str(), None)?;
+        return Ok(Routed::NotCalled);
+    }
+    if !decision.cooldown.is_zero() {
+        let open: Option<i64> = c
+            .prepare_cached(
+                "SELECT id FROM incidents WHERE dedup_key = ?1 AND opened_at > ?2
+                 ORDER BY opened_at DESC LIMIT 1",
+            )?
+            .query_row(
+                params![decision.dedup_key, now - ms(decision.cooldown)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(incident_id) = open {
+            let alert_count: i64 = c
+                .prepare_cached(
+                    "UPDATE incidents SET alert_count = alert_count + 1, last_alert_at = ?2
+                     WHERE id = ?1 RETURNING alert_count",
+                )?
+                .query_row(params![incident_id, now], |r| r.get(0))?;
+            mark("deduplicated", Some(incident_id))?;
+            return Ok(Routed::Deduplicated {
+                incident_id,
+                alert_count,
+            });
+        }
+    }
+    c.prepare_cached(
+        "INSERT INTO incidents (public_id, opened_at, rule, dedup_key, message, language, voice, twiml, last_alert_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2)",
+    )?
+    .execute(params![
+        new.public_id,
+        now,
+        decision.rule,
+        decision.dedup_key,
+        decision.message,
+        decision.language,
+        decision.voice,
+        new.twiml
+    ])?;
+    let incident_id = c.last_insert_rowid();
+    let mut used: i64 = c
+        .prepare_cached("SELECT COUNT(*) FROM calls WHERE created_at > ?1 AND status != 'refused'")?
+        .query_row([now - 3_600_000], |r| r.get(0))?;
+    let (mut calls, mut refused) = (Vec::new(), Vec::new());
+    for number in &decision.numbers {
+        let within = used < i64::from(max_calls_per_hour);
+        let (status, error) = if within {
+            used += 1;
+            ("pending", None)
+        } else {
+            (
+                "refused",
+                Some(format!(
+                    "over the call budget of {max_calls_per_hour} calls per hour"
+                )),
+            )
+        };
+        c.prepare_cached(
+            "INSERT INTO calls (incident_id, number, created_at, status, error, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?3)",
+        )?
+        .execute(params![incident_id, number, now, status, error])?;
+        if within {
+            calls.push(CallJob {
+                call_id: c.last_insert_rowid(),
+                incident_id,
+                rule: decision.rule.clone().unwrap_or_default(),
+                number: number.clone(),
+                twiml: new.twiml.clone(),
+                created_at: now,
+                attempts: 0,
+            });
+        } else {
+            refused.push(number.clone());
+        }
+    }
+    mark("call", Some(incident_id))?;
+    Ok(Routed::Opened {
+        incident_id,
+        calls,
+        refused,
+    })
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The writer thread: batches queued jobs into one transaction each.
+fn writer(conn: Connection, queue: mpsc::Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let reason = e.to_string();
+            for job in batch {
+                let (_, done) = job(None);
+                done(Err(reason.clone()));
+            }
+            continue;
+        }
+        let mut completions = Vec::with_capacity(batch.len());
+        for job in batch {
+            let savepoint = conn.execute_batch("SAVEPOINT job");
+            let (ok, done) = job(savepoint.is_ok().then_some(&conn));
+            let _ = if ok {
+                conn.execute_batch("RELEASE job")
+            } else {
+                conn.execute_batch("ROLLBACK TO job; RELEASE job")
+            };
+            completions.push(done);
+        }
+        let committed = conn.execute_batch("COMMIT").map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            e.to_string()
+        });
+        for done in completions {
+            done(committed.clone());
+        }
+    }
+}

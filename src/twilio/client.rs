@@ -1,0 +1,359 @@
+//! The Twilio REST client: the only code that sends requests to Twilio.
+//!
+//! Every answer is classified into an [`Outcome`] right here, so the dispatcher decides
+//! on types (`Placed`, `Retry`, `Permanent`) rather than on status codes and strings.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Twilio credentials, from the environment.
+#[derive(Clone)]
+pub struct Credentials {
+    pub account_sid: String,
+    /// The account SID, or an API key SID.
+    username: String,
+    /// The auth token, or the API key secret. Never logged.
+    password: String,
+    /// The auth token itself, when given: signed Twilio callbacks are keyed with it.
+    pub auth_token: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("account_sid", &self.account_sid)
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Missing or half-given credentials.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CredentialError {
+    #[error(
+        "no Twilio credentials: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN (or TWILIO_ACCOUNT_SID, TWILIO_API_KEY and TWILIO_API_SECRET), or run with --dry-run"
+    )]
+    Missing,
+    #[error("{0} is set but {1} is not; set both (or neither and run with --dry-run)")]
+    Partial(&'static str, &'static str),
+}
+
+impl Credentials {
+    /// Reads `TWILIO_ACCOUNT_SID` with `TWILIO_AUTH_TOKEN`, or with `TWILIO_API_KEY` and
+    /// `TWILIO_API_SECRET` (API key auth, which wins when both are given).
+    pub fn from_env() -> Result<Credentials, CredentialError> {
+        Credentials::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Credentials, CredentialError> {
+        let sid = get("TWILIO_ACCOUNT_SID");
+        let token = get("TWILIO_AUTH_TOKEN");
+        let key = get("TWILIO_API_KEY");
+        let secret = get("TWILIO_API_SECRET");
+        let Some(account_sid) = sid else {
+            return match (&token, &key) {
+                (Some(_), _) => Err(CredentialError::Partial(
+                    "TWILIO_AUTH_TOKEN",
+                    "TWILIO_ACCOUNT_SID",
+                )),
+                (None, Some(_)) => Err(CredentialError::Partial(
+                    "TWILIO_API_KEY",
+                    "TWILIO_ACCOUNT_SID",
+                )),
+                (None, None) => Err(CredentialError::Missing),
+            };
+        };
+        match (key, secret, token) {
+            (Some(key), Some(secret), token) => Ok(Credentials {
+                account_sid,
+                username: key,
+                password: secret,
+                auth_token: token,
+            }),
+            (Some(_), None, _) => Err(CredentialError::Partial(
+                "TWILIO_API_KEY",
+                "TWILIO_API_SECRET",
+            )),
+            (None, Some(_), _) => Err(CredentialError::Partial(
+                "TWILIO_API_SECRET",
+                "TWILIO_API_KEY",
+            )),
+            (None, None, Some(token)) => Ok(Credentials {
+                username: account_sid.clone(),
+                account_sid,
+                password: token.clone(),
+                auth_token: Some(token),
+            }),
+            (None, None, None) => Err(CredentialError::Partial(
+                "TWILIO_ACCOUNT_SID",
+                "TWILIO_AUTH_TOKEN",
+            )),
+        }
+    }
+}
+
+/// One outbound call to create.
+#[derive(Debug, Clone)]
+pub struct CallRequest<'a> {
+    pub to: &'a str,
+    pub from: &'a str,
+    pub twiml: &'a str,
+    pub timeout_secs: u32,
+}
+
+/// What became of one request, classified for the retry loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Twilio accepted the call; it is queued and will ring.
+    Placed { sid: String },
+    /// Worth trying again: 429, 5xx, a timeout or a connection error.
+    Retry {
+        /// `Retry-After`, when Twilio sent one.
+        after: Option<Duration>,
+        reason: String,
+    },
+    /// Trying again would fail the same way (4xx): bad number, unverified trial
+    /// number, geo permissions, bad credentials…
+    Permanent {
+        status: u16,
+        code: Option<i64>,
+        message: String,
+    },
+}
+
+/// The error body Twilio sends with 4xx and 5xx answers.
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    code: Option<i64>,
+    message: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CallResource {
+    sid: String,
+}
+
+/// A Twilio REST API client.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    api_base: String,
+    credentials: Credentials,
+}
+
+impl Client {
+    /// `api_base` is `https://api.twilio.com` in production and a loopback fake in tests.
+    pub fn new(
+        api_base: &str,
+        credentials: Credentials,
+        timeout: Duration,
+    ) -> Result<Client, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("mailcall/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Client {
+            http,
+            api_base: api_base.trim_end_matches('/').to_string(),
+            credentials,
+        })
+    }
+
+    /// `POST /2010-04-01/Accounts/{AccountSid}/Calls.json` with inline TwiML.
+    pub async fn create_call(&self, call: &CallRequest<'_>) -> Outcome {
+        let url = format!(
+            "{}/2010-04-01/Accounts/{}/Calls.json",
+            self.api_base, self.credentials.account_sid
+        );
+        let timeout = call.timeout_secs.to_string();
+        let form = [
+            ("To", call.to),
+            ("From", call.from),
+            ("Twiml", call.twiml),
+            ("Timeout", timeout.as_str()),
+        ];
+        let response = self
+            .http
+            .post(&url)
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .form(&form)
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Retry {
+                    after: None,
+                    reason: describe_transport_error(&e),
+                };
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Outcome::Retry {
+                    after: retry_after,
+                    reason: describe_transport_error(&e),
+                };
+            }
+        };
+        classify(status.as_u16(), retry_after, &body)
+    }
+}
+
+/// Turns a Twilio HTTP answer into an [`Outcome`].
+pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
+    if (200..300).contains(&status) {
+        return match serde_json::from_slice::<CallResource>(body) {
+            Ok(call) => Outcome::Placed { sid: call.sid },
+            // Accepted but unreadable: do not call again (that would ring twice).
+            Err(_) => Outcome::Placed {
+                sid: "unknown".to_string(),
+            },
+        };
+    }
+    let error = serde_json::from_slice::<ApiError>(body).ok();
+    let code = error.as_ref().and_then(|e| e.code);
+    let message = error.and_then(|e| e.message).unwrap_or_else(|| {
+        String::from_utf8_lossy(&body[..body.len().min(200)])
+            .trim()
+            .to_string()
+    });
+    if status == 429 || status >= 500 {
+        let reason = match code {
+            Some(code) => format!("HTTP {status}, Twilio error {code}: {message}"),
+            None => format!("HTTP {status}: {message}"),
+        };
+        Outcome::Retry {
+            after: retry_after,
+            reason,
+        }
+    } else {
+        Outcome::Permanent {
+            status,
+            code,
+            message,
+        }
+    }
+}
+
+fn describe_transport_error(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timed out waiting for Twilio".to_string()
+    } else if e.is_connect() {
+        "cannot connect to Twilio".to_string()
+    } else {
+        // reqwest's Display omits the cause; walk the chain once for the log.
+        let mut s = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(cause) = source {
+            s.push_str(": ");
+            s.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |n| {
+            vars.iter()
+                .find(|(k, _)| *k == n)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn credentials_from_token_or_api_key() {
+        let c = Credentials::from_lookup(env(&[
+            ("TWILIO_ACCOUNT_SID", "AC1"),
+            ("TWILIO_AUTH_TOKEN", "tok"),
+        ]))
+        .unwrap();
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("AC1", "tok"));
+        let c = Credentials::from_lookup(env(&[
+            ("TWILIO_ACCOUNT_SID", "AC1"),
+            ("TWILIO_API_KEY", "SK1"),
+            ("TWILIO_API_SECRET", "sec"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (
+                c.account_sid.as_str(),
+                c.username.as_str(),
+                c.password.as_str()
+            ),
+            ("AC1", "SK1", "sec")
+        );
+        assert_eq!(
+            Credentials::from_lookup(env(&[])).unwrap_err(),
+            CredentialError::Missing
+        );
+        assert!(matches!(
+            Credentials::from_lookup(env(&[
+                ("TWILIO_ACCOUNT_SID", "AC1"),
+                ("TWILIO_API_KEY", "SK1")
+            ])),
+            Err(CredentialError::Partial(
+                "TWILIO_API_KEY",
+                "TWILIO_API_SECRET"
+            ))
+        ));
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("sec"),
+            "secrets must not be printed: {debug}"
+        );
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(
+            classify(201, None, br#"{"sid":"CA123","status":"queued"}"#),
+            Outcome::Placed {
+                sid: "CA123".into()
+            }
+        );
+        assert_eq!(
+            classify(
+                400,
+                None,
+                br#"{"code":21211,"message":"Invalid 'To' Phone Number","status":400}"#
+            ),
+            Outcome::Permanent {
+                status: 400,
+                code: Some(21211),
+                message: "Invalid 'To' Phone Number".into()
+            }
+        );
+        assert!(matches!(
+            classify(429, Some(Duration::from_secs(3)), br#"{"code":20429,"message":"Too Many Requests"}"#),
+            Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(3)
+        ));
+        assert!(matches!(
+            classify(503, None, b"<html>down</html>"),
+            Outcome::Retry { after: None, .. }
+        ));
+        assert!(matches!(
+            classify(401, None, b""),
+            Outcome::Permanent {
+                status: 401,
+                code: None,
+                ..
+            }
+        ));
+    }
+}

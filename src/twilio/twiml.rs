@@ -1,0 +1,112 @@
+//! TwiML for the calls mailcall places, built as strings with every value XML-escaped.
+//!
+//! Twilio accepts an inline `Twiml` parameter of at most 4,000 characters, and Amazon
+//! Polly voices read at most 3,000 bytes of `<Say>` text. [`fit`] cuts the spoken text so
+//! the finished document always satisfies both; [`call`] then cannot exceed them.
+
+use std::borrow::Cow;
+
+use crate::speech;
+
+/// Twilio's limit on the `Twiml` parameter of `Calls.json`, in characters.
+pub const MAX_TWIML_CHARS: usize = 4000;
+/// The limit on `<Say>` text for Polly voices, in UTF-8 bytes.
+pub const MAX_SAY_BYTES: usize = 3000;
+/// Conference rooms are named `mailcall-` and 16 hex digits; see [`room_name`].
+const ROOM_NAME_LEN: usize = "mailcall-".len() + 16;
+
+/// The conference room of an incident. It is opaque on purpose: Twilio asks that
+/// friendly names carry no phone numbers, addresses or other personal data.
+pub fn room_name(incident_public_id: &str) -> String {
+    format!("mailcall-{incident_public_id}")
+}
+
+/// The TwiML of an alert call: the message said twice, then the incident's conference.
+pub fn call(text: &str, language: &str, voice: &str, room: &str) -> String {
+    format!(
+        "<Response><Say language=\"{}\" voice=\"{}\" loop=\"2\">{}</Say>\
+         <Dial><Conference beep=\"true\" startConferenceOnEnter=\"true\" endConferenceOnExit=\"false\">{}</Conference></Dial></Response>",
+        escape(language),
+        escape(voice),
+        escape(text),
+        escape(room)
+    )
+}
+
+/// The longest prefix of `text` that [`call`] can speak within Twilio's limits.
+pub fn fit<'a>(text: &'a str, language: &str, voice: &str) -> &'a str {
+    let overhead = call("", language, voice, &"x".repeat(ROOM_NAME_LEN))
+        .chars()
+        .count();
+    speech::cap(
+        text,
+        MAX_SAY_BYTES,
+        MAX_TWIML_CHARS.saturating_sub(overhead),
+    )
+}
+
+/// Escapes the five XML special characters.
+pub fn escape(s: &str) -> Cow<'_, str> {
+    if !s.contains(['&', '<', '>', '"', '\'']) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_matches_escaped_len() {
+        let s = "a&b<c>d\"e'f";
+        assert_eq!(escape(s), "a&amp;b&lt;c&gt;d&quot;e&apos;f");
+        assert_eq!(
+            escape(s).chars().count(),
+            s.chars().map(speech::escaped_len).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn call_twiml_shape() {
+        let t = call(
+            "db <1> & db2 down",
+            "en-US",
+            "Polly.Joanna",
+            "mailcall-0123456789abcdef",
+        );
+        assert_eq!(
+            t,
+            "<Response><Say language=\"en-US\" voice=\"Polly.Joanna\" loop=\"2\">db &lt;1&gt; &amp; db2 down</Say>\
+             <Dial><Conference beep=\"true\" startConferenceOnEnter=\"true\" endConferenceOnExit=\"false\">\
+             mailcall-0123456789abcdef</Conference></Dial></Response>"
+        );
+    }
+
+    #[test]
+    fn fitted_text_always_fits() {
+        let room = room_name("0123456789abcdef");
+        for text in ["&".repeat(5000), "停".repeat(5000), "word ".repeat(2000)] {
+            let said = fit(&text, "ja-JP", "Polly.Mizuki");
+            assert!(said.len() <= MAX_SAY_BYTES);
+            let twiml = call(said, "ja-JP", "Polly.Mizuki", &room);
+            assert!(
+                twiml.chars().count() <= MAX_TWIML_CHARS,
+                "{}",
+                twiml.chars().count()
+            );
+            assert!(said.len() > 500, "cut far too much: {}", said.len());
+        }
+    }
+}
