@@ -69,6 +69,9 @@ impl Alert {
             .body_text(0)
             .map(|b| truncate_chars(b.trim(), MAX_BODY_CHARS))
             .unwrap_or_default();
+        if alert.body.is_empty() {
+            alert.body = raw_body_text(raw);
+        }
         alert
     }
 
@@ -76,6 +79,19 @@ impl Alert {
     pub fn to_joined(&self) -> String {
         self.to.join(", ")
     }
+}
+
+/// The text after the header block, for mail whose MIME structure yields no text part
+/// (a wrong boundary, say): boundary lines are skipped, bytes decoded leniently.
+fn raw_body_text(raw: &[u8]) -> String {
+    let start = [&b"\r\n\r\n"[..], b"\n\n"]
+        .iter()
+        .filter_map(|sep| raw.windows(sep.len()).position(|w| w == *sep).map(|i| i + sep.len()))
+        .min();
+    let Some(start) = start else { return String::new() };
+    let text = String::from_utf8_lossy(&raw[start..]);
+    let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.starts_with("--")).collect();
+    truncate_chars(lines.join("\n").trim(), MAX_BODY_CHARS)
 }
 
 /// Removes repeated addresses (compared case-insensitively), keeping order.
@@ -123,6 +139,12 @@ mod tests {
         let a = Alert::from_mime(b"\xff\xfe\x00garbage", &env());
         assert_eq!(a.from, "bounce@monitoring.example.com");
         assert_eq!(a.to, ["alerts@example.com"]);
+    }
+
+    #[test]
+    fn broken_multipart_is_routed_on_its_raw_text() {
+        let raw = b"Subject: x\r\nContent-Type: multipart/mixed; boundary=\"a\"\r\n\r\n--b\r\nDisk full\r\n--b--\r\n";
+        assert_eq!(Alert::from_mime(raw, &env()).body, "Disk full");
     }
 
     #[test]

@@ -149,6 +149,7 @@ where
         },
     );
     let mut envelope = Envelope::default();
+    let mut greeted = false;
     let mut line = Vec::with_capacity(256);
     write
         .write_all(format!("220 {} ESMTP mailcall\r\n", smtp.hostname).as_bytes())
@@ -196,6 +197,12 @@ where
                     reply(&mut write, &too_big(smtp.max_message_bytes)).await?;
                     continue;
                 }
+                if !greeted {
+                    // Crude monitoring scripts skip HELO; accept them as Postfix does
+                    // by default (smtpd_helo_required = no).
+                    let _ = session.process(b"HELO unknown\r\n");
+                    greeted = true;
+                }
                 let path = mail.address.as_deref().unwrap_or("MAILER-DAEMON");
                 let body = if mail.eight_bit { " BODY=8BITMIME" } else { "" };
                 let response = session.process(format!("MAIL FROM:<{path}>{body}\r\n").as_bytes());
@@ -226,6 +233,7 @@ where
             }
             b"EHLO" => {
                 let response = session.process(&command);
+                greeted |= response.code == 250;
                 if response.code == 250 {
                     let ehlo = format!(
                         "250-{} greets you\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250 SIZE {}\r\n",
@@ -239,6 +247,11 @@ where
             b"RSET" => {
                 envelope = Envelope::default();
                 session.process(&command)
+            }
+            b"HELO" => {
+                let response = session.process(&command);
+                greeted |= response.code == 250;
+                response
             }
             _ => session.process(&command),
         };

@@ -1,0 +1,1 @@
+//! Nothing accepted is lost, no storm rings twice (filled in below).

@@ -1,0 +1,345 @@
+//! A fake Twilio REST API on 127.0.0.1 that checks what real Twilio checks: HTTP Basic
+//! auth, form encoding, E.164 `To`/`From`, and a well-formed `Twiml` of at most 4,000
+//! characters. Tests script failures per number and read back every request.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+
+pub const ACCOUNT_SID: &str = "ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+pub const AUTH_TOKEN: &str = "test-auth-token-123";
+
+/// One accepted (or rejected) `Calls.json` request.
+#[derive(Debug, Clone)]
+pub struct CallRecord {
+    pub to: String,
+    pub from: String,
+    pub twiml: String,
+    pub timeout: String,
+    pub at: Instant,
+    /// The HTTP status the fake answered.
+    pub status: u16,
+    pub sid: Option<String>,
+}
+
+impl CallRecord {
+    /// The conference room the TwiML dials into.
+    pub fn room(&self) -> String {
+        let start = self.twiml.find("<Conference").expect("no <Conference> in TwiML");
+        let open = start + self.twiml[start..].find('>').unwrap() + 1;
+        let close = open + self.twiml[open..].find("</Conference>").unwrap();
+        self.twiml[open..close].to_string()
+    }
+}
+
+/// A scripted answer.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    Created,
+    Error {
+        status: u16,
+        code: i64,
+        message: String,
+        retry_after: Option<u64>,
+    },
+}
+
+impl Reply {
+    pub fn error(status: u16, code: i64, message: &str) -> Reply {
+        Reply::Error {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    calls: Vec<CallRecord>,
+    /// Answers to give, per `To` number, before answering 201.
+    script: HashMap<String, VecDeque<Reply>>,
+    /// Answers for every number, while non-empty (Twilio being down).
+    global: VecDeque<Reply>,
+    /// A delay before answering, to observe concurrency.
+    delay: Duration,
+    next_sid: u64,
+}
+
+pub struct FakeTwilio {
+    pub addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl FakeTwilio {
+    pub fn start() -> FakeTwilio {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let inner = Arc::new(Mutex::new(Inner::default()));
+        let app = Router::new()
+            .route("/2010-04-01/Accounts/{account}/Calls.json", post(create_call))
+            .with_state(Arc::clone(&inner));
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeTwilio {
+            addr,
+            inner,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answers for `to`, in order, before the fake starts answering 201.
+    pub fn script(&self, to: &str, replies: Vec<Reply>) {
+        self.inner.lock().unwrap().script.insert(to.into(), replies.into());
+    }
+
+    /// Answers for any number, in order (e.g. an outage), before the per-number script.
+    pub fn script_all(&self, replies: Vec<Reply>) {
+        self.inner.lock().unwrap().global = replies.into();
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.inner.lock().unwrap().delay = delay;
+    }
+
+    /// Every request so far.
+    pub fn calls(&self) -> Vec<CallRecord> {
+        self.inner.lock().unwrap().calls.clone()
+    }
+
+    /// Requests answered 201.
+    pub fn created(&self) -> Vec<CallRecord> {
+        self.calls().into_iter().filter(|c| c.status == 201).collect()
+    }
+
+    /// Waits (bounded) until `pred` holds for the recorded requests.
+    pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&[CallRecord]) -> bool) -> Vec<CallRecord> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let calls = self.calls();
+            if pred(&calls) {
+                return calls;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fake Twilio: condition not met within {timeout:?}; requests so far: {calls:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn is_e164(s: &str) -> bool {
+    s.strip_prefix('+').is_some_and(|d| {
+        (2..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()) && !d.starts_with('0')
+    })
+}
+
+fn twilio_error(status: u16, code: i64, message: &str, retry_after: Option<u64>) -> Response {
+    let body = serde_json::json!({
+        "code": code,
+        "message": message,
+        "more_info": format!("https://www.twilio.com/docs/errors/{code}"),
+        "status": status,
+    });
+    let mut response = (StatusCode::from_u16(status).unwrap(), axum::Json(body)).into_response();
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, secs.to_string().parse().unwrap());
+    }
+    response
+}
+
+/// Checks the request the way Twilio does; `Err` is the error answer.
+fn validate(account: &str, headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String>, Response> {
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"))
+    );
+    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+        return Err(twilio_error(401, 20003, "Authenticate", None));
+    }
+    if account != ACCOUNT_SID {
+        return Err(twilio_error(404, 20404, "The requested resource was not found", None));
+    }
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.starts_with("application/x-www-form-urlencoded") {
+        return Err(twilio_error(400, 20001, "expected a form-encoded body", None));
+    }
+    let form: HashMap<String, String> = serde_urlencoded_pairs(body);
+    let to = form.get("To").map(String::as_str).unwrap_or("");
+    let from = form.get("From").map(String::as_str).unwrap_or("");
+    if !is_e164(to) {
+        return Err(twilio_error(400, 21211, &format!("Invalid 'To' Phone Number: {to}"), None));
+    }
+    if !is_e164(from) {
+        return Err(twilio_error(400, 21212, &format!("Invalid 'From' Phone Number: {from}"), None));
+    }
+    let twiml = form.get("Twiml").map(String::as_str).unwrap_or("");
+    if twiml.chars().count() > 4000 {
+        return Err(twilio_error(400, 21232, "Twiml is longer than 4000 characters", None));
+    }
+    if let Err(e) = well_formed(twiml) {
+        return Err(twilio_error(400, 12100, &format!("Document parse failure: {e}"), None));
+    }
+    if let Some(t) = form.get("Timeout") {
+        if t.parse::<u32>().map_or(true, |t| t > 600) {
+            return Err(twilio_error(400, 21216, "Timeout must be an integer up to 600", None));
+        }
+    }
+    Ok(form)
+}
+
+/// Parses `application/x-www-form-urlencoded` (the fake must not trust the client's
+/// encoding, so it decodes it independently).
+fn serde_urlencoded_pairs(body: &[u8]) -> HashMap<String, String> {
+    let decode = |s: &str| -> String {
+        let s = s.replace('+', " ");
+        let bytes = s.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i] == b'%' && i + 2 < bytes.len() {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).expect("bad percent escape"));
+                i += 3;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).expect("form value is not UTF-8")
+    };
+    std::str::from_utf8(body)
+        .expect("form body is not ASCII")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+/// Checks that `xml` is one well-formed `<Response>` document.
+pub fn well_formed(xml: &str) -> Result<(), String> {
+    let mut reader = quick_xml::Reader::from_str(xml);
+    let mut depth = 0i32;
+    let mut root = None;
+    loop {
+        match reader.read_event().map_err(|e| e.to_string())? {
+            quick_xml::events::Event::Start(e) => {
+                if depth == 0 {
+                    root = Some(String::from_utf8_lossy(e.name().as_ref()).to_string());
+                }
+                depth += 1;
+            }
+            quick_xml::events::Event::End(_) => depth -= 1,
+            quick_xml::events::Event::Text(t) => {
+                t.decode().map_err(|e| e.to_string())?;
+            }
+            quick_xml::events::Event::Eof => break,
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err("unbalanced elements".into());
+    }
+    if root.as_deref() != Some("Response") {
+        return Err(format!("root element is {root:?}, not Response"));
+    }
+    Ok(())
+}
+
+async fn create_call(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let at = Instant::now();
+    let delay = inner.lock().unwrap().delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let form = match validate(&account, &headers, &body) {
+        Ok(f) => f,
+        Err(response) => {
+            let form = serde_urlencoded_pairs(&body);
+            inner.lock().unwrap().calls.push(CallRecord {
+                to: form.get("To").cloned().unwrap_or_default(),
+                from: form.get("From").cloned().unwrap_or_default(),
+                twiml: form.get("Twiml").cloned().unwrap_or_default(),
+                timeout: form.get("Timeout").cloned().unwrap_or_default(),
+                at,
+                status: response.status().as_u16(),
+                sid: None,
+            });
+            return response;
+        }
+    };
+    let mut inner = inner.lock().unwrap();
+    let to = form["To"].clone();
+    let reply = inner
+        .global
+        .pop_front()
+        .or_else(|| inner.script.get_mut(&to).and_then(VecDeque::pop_front))
+        .unwrap_or(Reply::Created);
+    let (status, sid, response) = match reply {
+        Reply::Created => {
+            inner.next_sid += 1;
+            let sid = format!("CA{:032x}", inner.next_sid);
+            let body = serde_json::json!({
+                "sid": sid, "account_sid": ACCOUNT_SID, "to": to, "from": form["From"],
+                "status": "queued", "answered_by": null,
+            });
+            (201, Some(sid), (StatusCode::CREATED, axum::Json(body)).into_response())
+        }
+        Reply::Error { status, code, message, retry_after } => {
+            (status, None, twilio_error(status, code, &message, retry_after))
+        }
+    };
+    inner.calls.push(CallRecord {
+        to,
+        from: form["From"].clone(),
+        twiml: form.get("Twiml").cloned().unwrap_or_default(),
+        timeout: form.get("Timeout").cloned().unwrap_or_default(),
+        at,
+        status,
+        sid,
+    });
+    response
+}
+
+#[test]
+fn the_fake_itself_rejects_what_twilio_rejects() {
+    assert!(well_formed("<Response><Say>a &amp; b</Say></Response>").is_ok());
+    assert!(well_formed("<Response><Say>a & b</Say></Response>").is_err());
+    assert!(well_formed("<Response><Say>x</Response>").is_err());
+    assert!(!is_e164("15005550001"));
+    let pairs = serde_urlencoded_pairs(b"To=%2B15005550001&Twiml=%3CResponse%3E+x%3C%2FResponse%3E");
+    assert_eq!(pairs["To"], "+15005550001");
+    assert_eq!(pairs["Twiml"], "<Response> x</Response>");
+}

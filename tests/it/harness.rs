@@ -1,0 +1,268 @@
+//! Runs the real `mailcall` binary against a temporary config and store, and speaks
+//! SMTP to it over a real socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::fake_twilio::{ACCOUNT_SID, AUTH_TOKEN, FakeTwilio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mailcall");
+
+/// A config for tests: ephemeral SMTP port, short retry delays, `extra` appended.
+pub fn config(twilio: Option<&FakeTwilio>, extra: &str) -> String {
+    let api_base = twilio.map_or("http://127.0.0.1:9".to_string(), FakeTwilio::base_url);
+    format!(
+        "[smtp]\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n\
+         [twilio]\nfrom = \"+15005550006\"\napi_base = \"{api_base}\"\nring_seconds = 25\n\
+         retry_initial_delay = \"50ms\"\nretry_max_delay = \"200ms\"\nrequest_timeout = \"2s\"\n\
+         [contacts]\nalice = \"+15005550001\"\nbob = \"+15005550002\"\ncarol = \"+15005550003\"\n\
+         [groups]\noncall = [\"alice\", \"bob\"]\n{extra}"
+    )
+}
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    pub smtp: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    pub dir: PathBuf,
+}
+
+/// A directory that holds one test's config and store.
+pub fn workdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("mailcall-it-").tempdir().unwrap()
+}
+
+impl Daemon {
+    /// Writes `config` to `dir/rules.toml` and starts `mailcall serve` on it.
+    pub fn start(dir: &Path, config: &str, dry_run: bool) -> Daemon {
+        std::fs::write(dir.join("rules.toml"), config).unwrap();
+        Daemon::start_existing(dir, dry_run)
+    }
+
+    /// Starts `mailcall serve` on the config already in `dir` (e.g. after a crash).
+    pub fn start_existing(dir: &Path, dry_run: bool) -> Daemon {
+        Daemon::launch(dir, dry_run, true)
+    }
+
+    /// Starts `mailcall serve`, with or without Twilio credentials in its environment.
+    pub fn launch(dir: &Path, dry_run: bool, credentials: bool) -> Daemon {
+        let mut cmd = command(dir);
+        if !credentials {
+            cmd.env_remove("TWILIO_ACCOUNT_SID").env_remove("TWILIO_AUTH_TOKEN");
+        }
+        cmd.arg("serve");
+        if dry_run {
+            cmd.arg("--dry-run");
+        }
+        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let logs = Arc::clone(&logs);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(addr) = line.split("smtp listening addr=").nth(1) {
+                        let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
+                    }
+                    logs.lock().unwrap().push(line);
+                }
+            });
+        }
+        let smtp = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("daemon did not start; log:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        Daemon {
+            child,
+            smtp,
+            logs,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Waits (bounded) until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.logs().contains(needle) {
+            assert!(Instant::now() < deadline, "no log line with {needle:?} within {timeout:?}; log:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn smtp(&self) -> SmtpClient {
+        SmtpClient::connect(self.smtp)
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon did not exit within {timeout:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `mailcall incidents --json` against this daemon's store, while it runs.
+    pub fn incidents(&self) -> Vec<serde_json::Value> {
+        incidents(&self.dir)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `mailcall` with the test's config and Twilio credentials.
+pub fn command(dir: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(dir.join("rules.toml"))
+        .env_remove("MAILCALL_CONFIG")
+        .env_remove("TWILIO_API_KEY")
+        .env_remove("TWILIO_API_SECRET")
+        .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
+        .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("RUST_LOG", "info");
+    cmd
+}
+
+/// `mailcall incidents --json --limit 1000`.
+pub fn incidents(dir: &Path) -> Vec<serde_json::Value> {
+    let out = command(dir).args(["incidents", "--json", "--limit", "1000"]).output().unwrap();
+    assert!(out.status.success(), "incidents failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Waits (bounded) until `pred` holds for `incidents`.
+pub fn wait_incidents(dir: &Path, timeout: Duration, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let list = incidents(dir);
+        if pred(&list) {
+            return list;
+        }
+        assert!(Instant::now() < deadline, "incidents never matched within {timeout:?}: {list:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A plain SMTP client speaking the dialogue line by line, so tests see every code.
+pub struct SmtpClient {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    pub greeting: (u16, String),
+}
+
+impl SmtpClient {
+    pub fn connect(addr: SocketAddr) -> SmtpClient {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut client = SmtpClient {
+            reader: BufReader::new(stream),
+            writer,
+            greeting: (0, String::new()),
+        };
+        client.greeting = client.read_reply();
+        client
+    }
+
+    /// Reads one (possibly multi-line) reply.
+    pub fn read_reply(&mut self) -> (u16, String) {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap();
+            assert!(n > 0, "server closed the connection; reply so far: {text:?}");
+            let code: u16 = line[..3].parse().unwrap();
+            text.push_str(line[4..].trim_end());
+            if line.as_bytes()[3] == b' ' {
+                return (code, text);
+            }
+            text.push('\n');
+        }
+    }
+
+    /// Sends a command line and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> (u16, String) {
+        self.send_raw(format!("{line}\r\n").as_bytes());
+        self.read_reply()
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// True when the server has closed the connection.
+    pub fn closed(&mut self) -> bool {
+        let mut buf = String::new();
+        matches!(self.reader.read_line(&mut buf), Ok(0) | Err(_))
+    }
+
+    /// MAIL, RCPT…, DATA, the message (dot-stuffed), and the final reply code.
+    pub fn send(&mut self, from: &str, to: &[&str], message: &[u8]) -> (u16, String) {
+        let (code, text) = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert_eq!(code, 250, "MAIL FROM: {text}");
+        for rcpt in to {
+            let (code, text) = self.cmd(&format!("RCPT TO:<{rcpt}>"));
+            assert_eq!(code, 250, "RCPT TO:<{rcpt}>: {text}");
+        }
+        let (code, text) = self.cmd("DATA");
+        assert_eq!(code, 354, "DATA: {text}");
+        let mut data = Vec::with_capacity(message.len() + 16);
+        for line in message.split_inclusive(|&b| b == b'\n') {
+            if line.starts_with(b".") {
+                data.push(b'.');
+            }
+            data.extend_from_slice(line);
+        }
+        if !data.ends_with(b"\r\n") {
+            data.extend_from_slice(b"\r\n");
+        }
+        data.extend_from_slice(b".\r\n");
+        self.send_raw(&data);
+        self.read_reply()
+    }
+}
+
+/// A simple alert mail.
+pub fn mail(subject: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: Monitor <monitor@monitoring.example.com>\r\nTo: alerts@example.com\r\n\
+         Subject: {subject}\r\nMessage-ID: <{}@monitoring.example.com>\r\n\r\n{body}\r\n",
+        subject.len() * 7919 + body.len()
+    )
+    .into_bytes()
+}
