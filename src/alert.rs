@@ -86,11 +86,21 @@ impl Alert {
 fn raw_body_text(raw: &[u8]) -> String {
     let start = [&b"\r\n\r\n"[..], b"\n\n"]
         .iter()
-        .filter_map(|sep| raw.windows(sep.len()).position(|w| w == *sep).map(|i| i + sep.len()))
+        .filter_map(|sep| {
+            raw.windows(sep.len())
+                .position(|w| w == *sep)
+                .map(|i| i + sep.len())
+        })
         .min();
-    let Some(start) = start else { return String::new() };
+    let Some(start) = start else {
+        return String::new();
+    };
     let text = String::from_utf8_lossy(&raw[start..]);
-    let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.starts_with("--")).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.starts_with("--"))
+        .collect();
     truncate_chars(lines.join("\n").trim(), MAX_BODY_CHARS)
 }
 

@@ -11,10 +11,12 @@
 //! exponential backoff (honouring `Retry-After`) until `retry_for` after the call was
 //! decided; 4xx errors are permanent for that number.
 //!
-//! A call whose request was in flight when the process died (`sending`) is placed again
-//! after a restart: Twilio has no idempotency key for calls, and ringing someone twice is
-//! better than not at all.
+//! A call whose request was in flight when the process died (`sending`) is ambiguous:
+//! Twilio has no idempotency key for calls. After a restart the worker asks Twilio for
+//! calls to that number since the request was sent; only when there is none (or Twilio
+//! cannot be asked) is it placed again, since ringing twice beats not ringing at all.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +88,7 @@ impl Dispatcher {
                         "resuming calls left unfinished by the last run"
                     );
                 }
-                for job in jobs {
+                for job in self.reconcile(jobs).await {
                     self.spawn_call(job);
                 }
             }
@@ -100,6 +102,73 @@ impl Dispatcher {
                 () = tokio::time::sleep(IDLE_POLL) => {}
             }
         }
+    }
+
+    /// Settles calls whose request was in flight when the daemon stopped: a call Twilio
+    /// created since then, for that number, and not already known to the store as
+    /// another call's, is taken as theirs (each such call for at most one of them).
+    /// Returns the calls still to place.
+    async fn reconcile(&self, jobs: Vec<CallJob>) -> Vec<CallJob> {
+        let Caller::Twilio(client) = &self.caller else {
+            return jobs;
+        };
+        let (in_flight, mut to_place): (Vec<CallJob>, Vec<CallJob>) =
+            jobs.into_iter().partition(|j| j.in_flight_since.is_some());
+        if in_flight.is_empty() {
+            return to_place;
+        }
+        let known = match self.store.known_sids().await {
+            Ok(k) => k,
+            Err(e) => {
+                warn!(error = %e, "cannot read known call SIDs; calls in flight at the last stop are placed again");
+                to_place.extend(in_flight);
+                return to_place;
+            }
+        };
+        let mut by_number: BTreeMap<String, Vec<CallJob>> = BTreeMap::new();
+        for job in in_flight {
+            by_number.entry(job.number.clone()).or_default().push(job);
+        }
+        for (number, mut jobs) in by_number {
+            jobs.sort_by_key(|j| j.in_flight_since);
+            let since = jobs[0].in_flight_since.unwrap_or(0);
+            let mut candidates = match client
+                .recent_calls(&number, &self.config.twilio.from, since)
+                .await
+            {
+                Ok(c) => c
+                    .into_iter()
+                    .filter(|(sid, _)| !known.contains(sid))
+                    .collect::<Vec<_>>(),
+                Err(e) => {
+                    warn!(number = %number, error = %e,
+                        "cannot tell whether requests in flight at the last stop reached Twilio; calling again so nobody is missed");
+                    to_place.extend(jobs);
+                    continue;
+                }
+            };
+            for job in jobs {
+                let sent = job.in_flight_since.unwrap_or(0).div_euclid(1000) - 1;
+                match candidates.iter().position(|(_, created)| *created >= sent) {
+                    Some(i) => {
+                        let (sid, _) = candidates.remove(i);
+                        info!(incident = job.incident_id, number = %job.number, sid = %sid,
+                            "the request in flight at the last stop did reach Twilio; not calling again");
+                        record(
+                            &self.store,
+                            &job,
+                            CallUpdate::Placed {
+                                sid,
+                                dry_run: false,
+                            },
+                        )
+                        .await;
+                    }
+                    None => to_place.push(job),
+                }
+            }
+        }
+        to_place
     }
 
     /// Routes every stored alert not yet routed.

@@ -90,6 +90,10 @@ pub struct CallJob {
     /// When the call was decided, in Unix milliseconds; retries stop `retry_for` later.
     pub created_at: i64,
     pub attempts: i64,
+    /// Set when a request for this call was in flight when the daemon stopped: when it
+    /// was sent (Unix milliseconds). Whether it reached Twilio must be checked before
+    /// calling again.
+    pub in_flight_since: Option<i64>,
 }
 
 /// What the store did with a routed alert.
@@ -382,7 +386,7 @@ impl Store {
     pub async fn unfinished_calls(&self) -> Result<Vec<CallJob>, StoreError> {
         self.run(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts
+                "SELECT c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts, c.status, c.updated_at
                  FROM calls c JOIN incidents i ON i.id = c.incident_id
                  WHERE c.status IN ('pending', 'sending', 'retrying') ORDER BY c.id",
             )?;
@@ -395,8 +399,20 @@ impl Store {
                     twiml: r.get(4)?,
                     created_at: r.get(5)?,
                     attempts: r.get(6)?,
+                    in_flight_since: (r.get::<_, String>(7)? == "sending").then_some(r.get(8)?),
                 })
             })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Every Twilio call SID the store knows, so a call found at Twilio can be told to
+    /// be ours-and-recorded or ours-and-lost.
+    pub async fn known_sids(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.run(|c| {
+            let mut stmt = c.prepare_cached("SELECT sid FROM calls WHERE sid IS NOT NULL")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
             rows.collect()
         })
         .await
@@ -603,6 +619,7 @@ fn record_routing(
                 twiml: new.twiml.clone(),
                 created_at: now,
                 attempts: 0,
+                in_flight_since: None,
             });
         } else {
             refused.push(number.clone());

@@ -132,6 +132,14 @@ struct ApiError {
 #[derive(Debug, Deserialize)]
 struct CallResource {
     sid: String,
+    /// RFC 2822, e.g. `Tue, 24 Nov 2026 00:01:02 +0000`.
+    #[serde(default)]
+    date_created: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CallList {
+    calls: Vec<CallResource>,
 }
 
 /// A Twilio REST API client.
@@ -208,6 +216,60 @@ impl Client {
         };
         classify(status.as_u16(), retry_after, &body)
     }
+}
+
+impl Client {
+    /// The calls Twilio created to `to` from `from` no earlier than `since_ms` (Unix
+    /// milliseconds, with a second of slack for Twilio's whole-second timestamps), oldest
+    /// first, as `(sid, created at in Unix seconds)`. After a crash this tells whether a
+    /// request that was in flight reached Twilio.
+    pub async fn recent_calls(
+        &self,
+        to: &str,
+        from: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(String, i64)>, String> {
+        let url = format!(
+            "{}/2010-04-01/Accounts/{}/Calls.json",
+            self.api_base, self.credentials.account_sid
+        );
+        let response = self
+            .http
+            .get(&url)
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .query(&[("To", to), ("From", from), ("PageSize", "20")])
+            .send()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        if !status.is_success() {
+            return Err(format!("HTTP {status} listing calls"));
+        }
+        let list: CallList =
+            serde_json::from_slice(&body).map_err(|e| format!("unreadable call list: {e}"))?;
+        let since_secs = since_ms.div_euclid(1000) - 1;
+        let mut calls: Vec<(String, i64)> = list
+            .calls
+            .into_iter()
+            .filter_map(|c| Some((c.sid, c.date_created.as_deref().and_then(parse_rfc2822)?)))
+            .filter(|(_, created)| *created >= since_secs)
+            .collect();
+        calls.sort_by_key(|(_, created)| *created);
+        Ok(calls)
+    }
+}
+
+/// Parses Twilio's RFC 2822 timestamps (`Tue, 24 Nov 2026 00:01:02 +0000`, always UTC)
+/// to Unix seconds.
+fn parse_rfc2822(s: &str) -> Option<i64> {
+    let gmt = s.trim().strip_suffix("+0000")?.trim_end();
+    let t = httpdate::parse_http_date(&format!("{gmt} GMT")).ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    i64::try_from(secs).ok()
 }
 
 /// Turns a Twilio HTTP answer into an [`Outcome`].
@@ -317,6 +379,16 @@ mod tests {
             !debug.contains("sec"),
             "secrets must not be printed: {debug}"
         );
+    }
+
+    #[test]
+    fn twilio_dates() {
+        assert_eq!(parse_rfc2822("Thu, 01 Jan 1970 00:01:40 +0000"), Some(100));
+        assert_eq!(
+            parse_rfc2822("Tue, 24 Nov 2026 00:01:02 +0000"),
+            Some(1_795_478_462)
+        );
+        assert_eq!(parse_rfc2822("yesterday"), None);
     }
 
     #[test]

@@ -10,13 +10,21 @@ use crate::harness::BIN;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn mailcall(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).env_remove("MAILCALL_CONFIG").output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .env_remove("MAILCALL_CONFIG")
+        .output()
+        .unwrap()
 }
 
 #[test]
 fn check_accepts_the_example_config() {
     let out = mailcall(&["--config", &format!("{ROOT}/rules.toml"), "check"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok ("));
 }
 
@@ -37,11 +45,32 @@ fn check_reports_every_problem_as_path_line_column() {
     let lines: Vec<&str> = stdout.lines().collect();
     let p = path.display();
     assert_eq!(lines.len(), 5, "{stdout}");
-    assert!(lines[0].starts_with(&format!("{p}:4:9: contact `alice` has number `090-1234-5678`")), "{stdout}");
-    assert!(lines[1].starts_with(&format!("{p}:7:11: invalid regex for `subject`")), "{stdout}");
-    assert!(lines[2].starts_with(&format!("{p}:8:9: `alicee` in rule `a` is neither a contact")), "{stdout}");
-    assert!(lines[3].starts_with(&format!("{p}:9:11: placeholder `{{hots}}`")), "{stdout}");
-    assert!(lines[4].starts_with(&format!("{p}:11:8: rule `b` has neither `call` nor `drop = true`")), "{stdout}");
+    assert!(
+        lines[0].starts_with(&format!(
+            "{p}:4:9: contact `alice` has number `090-1234-5678`"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with(&format!("{p}:7:11: invalid regex for `subject`")),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].starts_with(&format!(
+            "{p}:8:9: `alicee` in rule `a` is neither a contact"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        lines[3].starts_with(&format!("{p}:9:11: placeholder `{{hots}}`")),
+        "{stdout}"
+    );
+    assert!(
+        lines[4].starts_with(&format!(
+            "{p}:11:8: rule `b` has neither `call` nor `drop = true`"
+        )),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -49,10 +78,20 @@ fn check_reports_unknown_keys_and_the_config_path_comes_from_the_environment() {
     let dir = crate::harness::workdir();
     let path = dir.path().join("typo.toml");
     std::fs::write(&path, "[twilio]\nfrom = \"+15005550006\"\nring_secs = 30\n").unwrap();
-    let out = Command::new(BIN).arg("check").env("MAILCALL_CONFIG", &path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .env("MAILCALL_CONFIG", &path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(stdout.starts_with(&format!("{}:3:1: unknown field `ring_secs`", path.display())), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!(
+            "{}:3:1: unknown field `ring_secs`",
+            path.display()
+        )),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -66,30 +105,63 @@ fn a_missing_config_says_how_to_point_at_one() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert!(stderr.contains("rules.toml") && stderr.contains("--config"), "{stderr}");
+    assert!(
+        stderr.contains("rules.toml") && stderr.contains("--config"),
+        "{stderr}"
+    );
 }
 
 /// The fixture table: each `.eml` and what `route` must decide for it.
 fn expected() -> Vec<(&'static str, Value)> {
     let oncall = json!(["+15005550001", "+15005550002"]);
     vec![
-        ("nagios.eml", json!({"rule": "nagios", "action": "call", "numbers": oncall,
-            "message": "db1.example.com is down", "dedup_key": "db1.example.com", "language": "en-US"})),
-        ("nagios-recovery.eml", json!({"rule": "recoveries", "action": "drop", "numbers": []})),
-        ("alertmanager.eml", json!({"rule": "alertmanager", "action": "call", "numbers": ["+15005550001"],
-            "dedup_key": "HighLatency/api-gateway"})),
-        ("cloudwatch.eml", json!({"rule": "cloudwatch", "action": "call", "numbers": ["+15005550002"],
-            "message": "CloudWatch alarm cpu-high"})),
-        ("iso2022jp.eml", json!({"rule": "japanese", "action": "call", "numbers": oncall,
+        (
+            "nagios.eml",
+            json!({"rule": "nagios", "action": "call", "numbers": oncall,
+            "message": "db1.example.com is down", "dedup_key": "db1.example.com", "language": "en-US"}),
+        ),
+        (
+            "nagios-recovery.eml",
+            json!({"rule": "recoveries", "action": "drop", "numbers": []}),
+        ),
+        (
+            "alertmanager.eml",
+            json!({"rule": "alertmanager", "action": "call", "numbers": ["+15005550001"],
+            "dedup_key": "HighLatency/api-gateway"}),
+        ),
+        (
+            "cloudwatch.eml",
+            json!({"rule": "cloudwatch", "action": "call", "numbers": ["+15005550002"],
+            "message": "CloudWatch alarm cpu-high"}),
+        ),
+        (
+            "iso2022jp.eml",
+            json!({"rule": "japanese", "action": "call", "numbers": oncall,
             "message": "web03 停止。ホスト web03 が応答しません。", "dedup_key": "web03",
-            "language": "ja-JP", "voice": "Polly.Mizuki"})),
-        ("shift_jis.eml", json!({"rule": "japanese", "action": "call",
-            "message": "web02 停止。障害が発生しました。ホスト: web02 状態: 停止", "dedup_key": "web02"})),
-        ("euc-jp.eml", json!({"rule": "japanese", "action": "call",
-            "message": "db05 停止。監視対象 db05 がダウンしました。", "dedup_key": "db05"})),
-        ("html-only.eml", json!({"rule": "disk", "action": "call", "message": "disk full. Disk full on nas1: 99% used open"})),
-        ("malformed.eml", json!({"rule": "disk", "action": "call", "message": "disk full. Disk full on backup2"})),
-        ("unrelated.eml", json!({"rule": null, "action": "none", "numbers": [], "twiml": null})),
+            "language": "ja-JP", "voice": "Polly.Mizuki"}),
+        ),
+        (
+            "shift_jis.eml",
+            json!({"rule": "japanese", "action": "call",
+            "message": "web02 停止。障害が発生しました。ホスト: web02 状態: 停止", "dedup_key": "web02"}),
+        ),
+        (
+            "euc-jp.eml",
+            json!({"rule": "japanese", "action": "call",
+            "message": "db05 停止。監視対象 db05 がダウンしました。", "dedup_key": "db05"}),
+        ),
+        (
+            "html-only.eml",
+            json!({"rule": "disk", "action": "call", "message": "disk full. Disk full on nas1: 99% used open"}),
+        ),
+        (
+            "malformed.eml",
+            json!({"rule": "disk", "action": "call", "message": "disk full. Disk full on backup2"}),
+        ),
+        (
+            "unrelated.eml",
+            json!({"rule": null, "action": "none", "numbers": [], "twiml": null}),
+        ),
     ]
 }
 
@@ -97,25 +169,53 @@ fn expected() -> Vec<(&'static str, Value)> {
 fn route_json_decides_each_fixture_as_expected() {
     let config = format!("{ROOT}/tests/fixtures/rules.toml");
     let table = expected();
-    let mut args = vec!["--config".to_string(), config, "route".into(), "--json".into()];
-    args.extend(table.iter().map(|(f, _)| format!("{ROOT}/tests/fixtures/{f}")));
+    let mut args = vec![
+        "--config".to_string(),
+        config,
+        "route".into(),
+        "--json".into(),
+    ];
+    args.extend(
+        table
+            .iter()
+            .map(|(f, _)| format!("{ROOT}/tests/fixtures/{f}")),
+    );
     let out = Command::new(BIN).args(&args).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    let decisions: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let decisions: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(decisions.len(), table.len());
     for ((file, want), got) in table.iter().zip(&decisions) {
         for (key, value) in want.as_object().unwrap() {
             assert_eq!(&got[key], value, "{file}: `{key}` in {got:#}");
         }
-        for key in ["rule", "action", "numbers", "message", "language", "voice", "dedup_key", "twiml"] {
+        for key in [
+            "rule",
+            "action",
+            "numbers",
+            "message",
+            "language",
+            "voice",
+            "dedup_key",
+            "twiml",
+        ] {
             assert!(got.get(key).is_some(), "{file}: no `{key}` in {got}");
         }
         if got["action"] == "call" {
             let twiml = got["twiml"].as_str().unwrap();
             crate::fake_twilio::well_formed(twiml).unwrap();
             assert!(twiml.chars().count() <= 4000);
-            assert!(!twiml.contains("http"), "{file}: URL left in speech: {twiml}");
+            assert!(
+                !twiml.contains("http"),
+                "{file}: URL left in speech: {twiml}"
+            );
         }
     }
 }
@@ -133,14 +233,22 @@ fn route_caps_a_long_japanese_body_within_twilio_limits() {
     let message = got["message"].as_str().unwrap();
     assert!(message.starts_with("web01 停止。データベースサーバーの応答がありません。"));
     assert!(message.len() <= 3000, "{} bytes", message.len());
-    assert!(message.len() > 2500, "cut too much: {} bytes", message.len());
+    assert!(
+        message.len() > 2500,
+        "cut too much: {} bytes",
+        message.len()
+    );
     assert!(got["twiml"].as_str().unwrap().chars().count() <= 4000);
 }
 
 #[test]
 fn route_reads_stdin_when_no_file_is_given() {
     let mut child = Command::new(BIN)
-        .args(["--config", &format!("{ROOT}/tests/fixtures/rules.toml"), "route"])
+        .args([
+            "--config",
+            &format!("{ROOT}/tests/fixtures/rules.toml"),
+            "route",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()

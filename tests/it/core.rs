@@ -32,12 +32,19 @@ fn an_alert_rings_every_number_at_once_into_one_conference() {
 
     let mut smtp = daemon.smtp();
     assert_eq!(smtp.greeting.0, 220);
-    assert!(smtp.greeting.1.starts_with("mx.test"), "{:?}", smtp.greeting);
+    assert!(
+        smtp.greeting.1.starts_with("mx.test"),
+        "{:?}",
+        smtp.greeting
+    );
     assert_eq!(smtp.cmd("EHLO client.test").0, 250);
     let (code, text) = smtp.send(
         "nagios@monitoring.example.com",
         &["alerts@example.com"],
-        &mail("db1.example.com is DOWN", "see https://nagios.example.com/x?y=1"),
+        &mail(
+            "db1.example.com is DOWN",
+            "see https://nagios.example.com/x?y=1",
+        ),
     );
     assert_eq!(code, 250, "{text}");
     assert_eq!(smtp.cmd("QUIT").0, 221);
@@ -45,23 +52,42 @@ fn an_alert_rings_every_number_at_once_into_one_conference() {
 
     let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 3);
     let numbers: HashSet<&str> = calls.iter().map(|c| c.to.as_str()).collect();
-    assert_eq!(numbers, HashSet::from(["+15005550001", "+15005550002", "+15005550009"]));
+    assert_eq!(
+        numbers,
+        HashSet::from(["+15005550001", "+15005550002", "+15005550009"])
+    );
     let first = calls.iter().map(|c| c.at).min().unwrap();
     let last = calls.iter().map(|c| c.at).max().unwrap();
-    assert!(last - first < Duration::from_millis(350), "calls were not placed at once: {:?}", last - first);
+    assert!(
+        last - first < Duration::from_millis(350),
+        "calls were not placed at once: {:?}",
+        last - first
+    );
 
     let rooms: HashSet<String> = calls.iter().map(|c| c.room()).collect();
     assert_eq!(rooms.len(), 1, "one conference per incident: {rooms:?}");
     let room = rooms.into_iter().next().unwrap();
     // Opaque: a fixed prefix and 16 random hex digits, nothing from the mail or the numbers.
     let id = room.strip_prefix("mailcall-").unwrap_or_default();
-    assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{room}");
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{room}"
+    );
     for call in &calls {
         assert_eq!(call.status, 201);
         assert_eq!(call.from, "+15005550006");
         assert_eq!(call.timeout, "25");
-        assert!(call.twiml.contains(">db1.example.com is down. db1.example.com is DOWN</Say>"), "{}", call.twiml);
-        assert!(call.twiml.contains("loop=\"2\""), "said twice: {}", call.twiml);
+        assert!(
+            call.twiml
+                .contains(">db1.example.com is down. db1.example.com is DOWN</Say>"),
+            "{}",
+            call.twiml
+        );
+        assert!(
+            call.twiml.contains("loop=\"2\""),
+            "said twice: {}",
+            call.twiml
+        );
     }
 
     // The log names the mail, the rule, the numbers and every call SID.
@@ -70,7 +96,10 @@ fn an_alert_rings_every_number_at_once_into_one_conference() {
         daemon.wait_for_log(call.sid.as_deref().unwrap(), Duration::from_secs(5));
     }
     let logs = daemon.logs();
-    assert!(logs.contains("message_id=") && logs.contains("rule=\"host down\""), "{logs}");
+    assert!(
+        logs.contains("message_id=") && logs.contains("rule=\"host down\""),
+        "{logs}"
+    );
 }
 
 #[test]
@@ -101,7 +130,10 @@ fn smtp_answers_550_552_and_221_and_stays_usable() {
     assert_eq!(smtp.read_reply().0, 552);
 
     // Declared too big up front.
-    assert_eq!(smtp.cmd("MAIL FROM:<monitor@example.com> SIZE=999999").0, 552);
+    assert_eq!(
+        smtp.cmd("MAIL FROM:<monitor@example.com> SIZE=999999").0,
+        552
+    );
     // The session is still usable, and the null sender is accepted.
     let (code, text) = smtp.send("", &["alerts@example.com"], &mail("small enough", "ok"));
     assert_eq!(code, 250, "{text}");
@@ -112,7 +144,11 @@ fn smtp_answers_550_552_and_221_and_stays_usable() {
 
     let calls = twilio.wait_until(Duration::from_secs(10), |c| !c.is_empty());
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(twilio.calls().len(), 1, "only the accepted mail rings: {calls:#?}");
+    assert_eq!(
+        twilio.calls().len(),
+        1,
+        "only the accepted mail rings: {calls:#?}"
+    );
     assert!(calls[0].twiml.contains("small enough"));
 }
 
@@ -123,13 +159,28 @@ fn dropped_and_unrouted_mail_rings_nobody() {
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), HOST_DOWN), false);
     let mut smtp = daemon.smtp();
     let from = "nagios@monitoring.example.com";
-    assert_eq!(smtp.send(from, &["a@b.example"], &mail("db1 is DOWN: RECOVERED", "")).0, 250);
-    assert_eq!(smtp.send(from, &["a@b.example"], &mail("weekly report", "")).0, 250);
-    assert_eq!(smtp.send(from, &["a@b.example"], &mail("web2 is DOWN", "")).0, 250);
+    assert_eq!(
+        smtp.send(from, &["a@b.example"], &mail("db1 is DOWN: RECOVERED", ""))
+            .0,
+        250
+    );
+    assert_eq!(
+        smtp.send(from, &["a@b.example"], &mail("weekly report", ""))
+            .0,
+        250
+    );
+    assert_eq!(
+        smtp.send(from, &["a@b.example"], &mail("web2 is DOWN", ""))
+            .0,
+        250
+    );
     // Alerts are routed in the order they were stored: once the third rings, the first
     // two have been decided.
     let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() >= 3);
-    assert!(calls.iter().all(|c| c.twiml.contains("web2 is down")), "{calls:#?}");
+    assert!(
+        calls.iter().all(|c| c.twiml.contains("web2 is down")),
+        "{calls:#?}"
+    );
     daemon.wait_for_log("dropped by rule", Duration::from_secs(5));
     daemon.wait_for_log("unrouted: no rule matches", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(200));
@@ -140,20 +191,41 @@ fn dropped_and_unrouted_mail_rings_nobody() {
 fn dry_run_logs_each_call_and_sends_nothing() {
     let twilio = FakeTwilio::start();
     let dir = workdir();
-    std::fs::write(dir.path().join("rules.toml"), config(Some(&twilio), HOST_DOWN)).unwrap();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        config(Some(&twilio), HOST_DOWN),
+    )
+    .unwrap();
     // No credentials at all: --dry-run must not need them.
     let daemon = Daemon::launch(dir.path(), true, false);
     let mut smtp = daemon.smtp();
-    assert_eq!(smtp.send("n@monitoring.example.com", &["a@b.example"], &mail("db9 is DOWN", "")).0, 250);
+    assert_eq!(
+        smtp.send(
+            "n@monitoring.example.com",
+            &["a@b.example"],
+            &mail("db9 is DOWN", "")
+        )
+        .0,
+        250
+    );
     daemon.wait_for_log("dry-run: would place this call", Duration::from_secs(10));
     daemon.wait_for_log("number=+15005550009", Duration::from_secs(5));
     let logs = daemon.logs();
-    assert!(logs.contains("rule=host down") && logs.contains("<Conference"), "{logs}");
+    assert!(
+        logs.contains("rule=host down") && logs.contains("<Conference"),
+        "{logs}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert!(twilio.calls().is_empty(), "dry run sent requests to Twilio");
     let incidents = daemon.incidents();
     assert_eq!(incidents.len(), 1);
-    assert!(incidents[0]["calls"].as_array().unwrap().iter().all(|c| c["status"] == "dry-run"));
+    assert!(
+        incidents[0]["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["status"] == "dry-run")
+    );
 }
 
 #[test]
@@ -169,7 +241,9 @@ fn serve_without_credentials_and_without_dry_run_refuses_to_start() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("TWILIO_ACCOUNT_SID") && stderr.contains("TWILIO_AUTH_TOKEN") && stderr.contains("--dry-run"),
+        stderr.contains("TWILIO_ACCOUNT_SID")
+            && stderr.contains("TWILIO_AUTH_TOKEN")
+            && stderr.contains("--dry-run"),
         "{stderr}"
     );
 }
@@ -190,13 +264,28 @@ voice = "Polly.Mizuki"
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
     // ISO-2022-JP subject (RFC 2047) and a long ISO-2022-JP body, as Japanese
     // monitoring tools send them.
-    let body: Vec<u8> = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/iso2022jp-long.eml")).unwrap();
+    let body: Vec<u8> = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/iso2022jp-long.eml"
+    ))
+    .unwrap();
     let mut smtp = daemon.smtp();
-    assert_eq!(smtp.send("zabbix@example.jp", &["alerts@example.com"], &body).0, 250);
+    assert_eq!(
+        smtp.send("zabbix@example.jp", &["alerts@example.com"], &body)
+            .0,
+        250
+    );
     let calls = twilio.wait_until(Duration::from_secs(10), |c| !c.is_empty());
     let call = &calls[0];
     assert_eq!(call.status, 201, "fake Twilio rejected the TwiML: {call:?}");
-    assert!(call.twiml.contains("language=\"ja-JP\" voice=\"Polly.Mizuki\""));
-    assert!(call.twiml.contains("web01 が停止しました。"), "{}", call.twiml);
+    assert!(
+        call.twiml
+            .contains("language=\"ja-JP\" voice=\"Polly.Mizuki\"")
+    );
+    assert!(
+        call.twiml.contains("web01 が停止しました。"),
+        "{}",
+        call.twiml
+    );
     assert!(call.twiml.chars().count() <= 4000);
 }

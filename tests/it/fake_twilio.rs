@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -29,12 +29,16 @@ pub struct CallRecord {
     /// The HTTP status the fake answered.
     pub status: u16,
     pub sid: Option<String>,
+    pub created: std::time::SystemTime,
 }
 
 impl CallRecord {
     /// The conference room the TwiML dials into.
     pub fn room(&self) -> String {
-        let start = self.twiml.find("<Conference").expect("no <Conference> in TwiML");
+        let start = self
+            .twiml
+            .find("<Conference")
+            .expect("no <Conference> in TwiML");
         let open = start + self.twiml[start..].find('>').unwrap() + 1;
         let close = open + self.twiml[open..].find("</Conference>").unwrap();
         self.twiml[open..close].to_string()
@@ -91,7 +95,10 @@ impl FakeTwilio {
             .unwrap();
         let inner = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
-            .route("/2010-04-01/Accounts/{account}/Calls.json", post(create_call))
+            .route(
+                "/2010-04-01/Accounts/{account}/Calls.json",
+                post(create_call).get(list_calls),
+            )
             .with_state(Arc::clone(&inner));
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -111,7 +118,11 @@ impl FakeTwilio {
 
     /// Answers for `to`, in order, before the fake starts answering 201.
     pub fn script(&self, to: &str, replies: Vec<Reply>) {
-        self.inner.lock().unwrap().script.insert(to.into(), replies.into());
+        self.inner
+            .lock()
+            .unwrap()
+            .script
+            .insert(to.into(), replies.into());
     }
 
     /// Answers for any number, in order (e.g. an outage), before the per-number script.
@@ -130,11 +141,18 @@ impl FakeTwilio {
 
     /// Requests answered 201.
     pub fn created(&self) -> Vec<CallRecord> {
-        self.calls().into_iter().filter(|c| c.status == 201).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.status == 201)
+            .collect()
     }
 
     /// Waits (bounded) until `pred` holds for the recorded requests.
-    pub fn wait_until(&self, timeout: Duration, pred: impl Fn(&[CallRecord]) -> bool) -> Vec<CallRecord> {
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[CallRecord]) -> bool,
+    ) -> Vec<CallRecord> {
         let deadline = Instant::now() + timeout;
         loop {
             let calls = self.calls();
@@ -173,41 +191,89 @@ fn twilio_error(status: u16, code: i64, message: &str, retry_after: Option<u64>)
 }
 
 /// Checks the request the way Twilio does; `Err` is the error answer.
-fn validate(account: &str, headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String>, Response> {
+#[allow(clippy::result_large_err)] // a test fake: clarity over a boxed error
+fn validate(
+    account: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<HashMap<String, String>, Response> {
     let expected = format!(
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"))
     );
-    if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(expected.as_str()) {
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        != Some(expected.as_str())
+    {
         return Err(twilio_error(401, 20003, "Authenticate", None));
     }
     if account != ACCOUNT_SID {
-        return Err(twilio_error(404, 20404, "The requested resource was not found", None));
+        return Err(twilio_error(
+            404,
+            20404,
+            "The requested resource was not found",
+            None,
+        ));
     }
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     if !content_type.starts_with("application/x-www-form-urlencoded") {
-        return Err(twilio_error(400, 20001, "expected a form-encoded body", None));
+        return Err(twilio_error(
+            400,
+            20001,
+            "expected a form-encoded body",
+            None,
+        ));
     }
     let form: HashMap<String, String> = serde_urlencoded_pairs(body);
     let to = form.get("To").map(String::as_str).unwrap_or("");
     let from = form.get("From").map(String::as_str).unwrap_or("");
     if !is_e164(to) {
-        return Err(twilio_error(400, 21211, &format!("Invalid 'To' Phone Number: {to}"), None));
+        return Err(twilio_error(
+            400,
+            21211,
+            &format!("Invalid 'To' Phone Number: {to}"),
+            None,
+        ));
     }
     if !is_e164(from) {
-        return Err(twilio_error(400, 21212, &format!("Invalid 'From' Phone Number: {from}"), None));
+        return Err(twilio_error(
+            400,
+            21212,
+            &format!("Invalid 'From' Phone Number: {from}"),
+            None,
+        ));
     }
     let twiml = form.get("Twiml").map(String::as_str).unwrap_or("");
     if twiml.chars().count() > 4000 {
-        return Err(twilio_error(400, 21232, "Twiml is longer than 4000 characters", None));
+        return Err(twilio_error(
+            400,
+            21232,
+            "Twiml is longer than 4000 characters",
+            None,
+        ));
     }
     if let Err(e) = well_formed(twiml) {
-        return Err(twilio_error(400, 12100, &format!("Document parse failure: {e}"), None));
+        return Err(twilio_error(
+            400,
+            12100,
+            &format!("Document parse failure: {e}"),
+            None,
+        ));
     }
-    if let Some(t) = form.get("Timeout") {
-        if t.parse::<u32>().map_or(true, |t| t > 600) {
-            return Err(twilio_error(400, 21216, "Timeout must be an integer up to 600", None));
-        }
+    if form
+        .get("Timeout")
+        .is_some_and(|t| t.parse::<u32>().map_or(true, |t| t > 600))
+    {
+        return Err(twilio_error(
+            400,
+            21216,
+            "Timeout must be an integer up to 600",
+            None,
+        ));
     }
     Ok(form)
 }
@@ -281,13 +347,26 @@ async fn create_call(
 ) -> Response {
     let at = Instant::now();
     let delay = inner.lock().unwrap().delay;
+    // Like Twilio, the call exists as soon as the request is read, even if the client
+    // goes away before the (delayed) answer.
+    let response = record_call(&inner, &account, &headers, &body, at);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let form = match validate(&account, &headers, &body) {
+    response
+}
+
+fn record_call(
+    inner: &Mutex<Inner>,
+    account: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+    at: Instant,
+) -> Response {
+    let form = match validate(account, headers, body) {
         Ok(f) => f,
         Err(response) => {
-            let form = serde_urlencoded_pairs(&body);
+            let form = serde_urlencoded_pairs(body);
             inner.lock().unwrap().calls.push(CallRecord {
                 to: form.get("To").cloned().unwrap_or_default(),
                 from: form.get("From").cloned().unwrap_or_default(),
@@ -296,6 +375,7 @@ async fn create_call(
                 at,
                 status: response.status().as_u16(),
                 sid: None,
+                created: std::time::SystemTime::now(),
             });
             return response;
         }
@@ -315,11 +395,22 @@ async fn create_call(
                 "sid": sid, "account_sid": ACCOUNT_SID, "to": to, "from": form["From"],
                 "status": "queued", "answered_by": null,
             });
-            (201, Some(sid), (StatusCode::CREATED, axum::Json(body)).into_response())
+            (
+                201,
+                Some(sid),
+                (StatusCode::CREATED, axum::Json(body)).into_response(),
+            )
         }
-        Reply::Error { status, code, message, retry_after } => {
-            (status, None, twilio_error(status, code, &message, retry_after))
-        }
+        Reply::Error {
+            status,
+            code,
+            message,
+            retry_after,
+        } => (
+            status,
+            None,
+            twilio_error(status, code, &message, retry_after),
+        ),
     };
     inner.calls.push(CallRecord {
         to,
@@ -329,8 +420,46 @@ async fn create_call(
         at,
         status,
         sid,
+        created: std::time::SystemTime::now(),
     });
     response
+}
+
+/// `GET Calls.json?To=&From=`: the calls created, newest first, as Twilio lists them.
+async fn list_calls(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path(account): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{ACCOUNT_SID}:{AUTH_TOKEN}"))
+    );
+    if headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        != Some(expected.as_str())
+    {
+        return twilio_error(401, 20003, "Authenticate", None);
+    }
+    if account != ACCOUNT_SID {
+        return twilio_error(404, 20404, "The requested resource was not found", None);
+    }
+    let inner = inner.lock().unwrap();
+    let calls: Vec<serde_json::Value> = inner
+        .calls
+        .iter()
+        .rev()
+        .filter(|c| c.status == 201)
+        .filter(|c| query.get("To").is_none_or(|to| *to == c.to))
+        .filter(|c| query.get("From").is_none_or(|from| *from == c.from))
+        .map(|c| {
+            let date = httpdate::fmt_http_date(c.created).replace("GMT", "+0000");
+            serde_json::json!({"sid": c.sid, "to": c.to, "from": c.from, "date_created": date, "status": "queued"})
+        })
+        .collect();
+    axum::Json(serde_json::json!({"calls": calls, "page": 0, "page_size": 20})).into_response()
 }
 
 #[test]
@@ -339,7 +468,8 @@ fn the_fake_itself_rejects_what_twilio_rejects() {
     assert!(well_formed("<Response><Say>a & b</Say></Response>").is_err());
     assert!(well_formed("<Response><Say>x</Response>").is_err());
     assert!(!is_e164("15005550001"));
-    let pairs = serde_urlencoded_pairs(b"To=%2B15005550001&Twiml=%3CResponse%3E+x%3C%2FResponse%3E");
+    let pairs =
+        serde_urlencoded_pairs(b"To=%2B15005550001&Twiml=%3CResponse%3E+x%3C%2FResponse%3E");
     assert_eq!(pairs["To"], "+15005550001");
     assert_eq!(pairs["Twiml"], "<Response> x</Response>");
 }

@@ -34,7 +34,10 @@ pub struct Daemon {
 
 /// A directory that holds one test's config and store.
 pub fn workdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("mailcall-it-").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("mailcall-it-")
+        .tempdir()
+        .unwrap()
 }
 
 impl Daemon {
@@ -53,13 +56,18 @@ impl Daemon {
     pub fn launch(dir: &Path, dry_run: bool, credentials: bool) -> Daemon {
         let mut cmd = command(dir);
         if !credentials {
-            cmd.env_remove("TWILIO_ACCOUNT_SID").env_remove("TWILIO_AUTH_TOKEN");
+            cmd.env_remove("TWILIO_ACCOUNT_SID")
+                .env_remove("TWILIO_AUTH_TOKEN");
         }
         cmd.arg("serve");
         if dry_run {
             cmd.arg("--dry-run");
         }
-        let mut child = cmd.stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+        let mut child = cmd
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
         let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -79,7 +87,10 @@ impl Daemon {
             Ok(a) => a,
             Err(_) => {
                 let _ = child.kill();
-                panic!("daemon did not start; log:\n{}", logs.lock().unwrap().join("\n"));
+                panic!(
+                    "daemon did not start; log:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
             }
         };
         Daemon {
@@ -98,7 +109,11 @@ impl Daemon {
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.logs().contains(needle) {
-            assert!(Instant::now() < deadline, "no log line with {needle:?} within {timeout:?}; log:\n{}", self.logs());
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -116,13 +131,22 @@ impl Daemon {
     /// SIGTERM, then waits (bounded) for the exit.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "daemon did not exit within {timeout:?} of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not exit within {timeout:?} of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -156,8 +180,15 @@ pub fn command(dir: &Path) -> Command {
 
 /// `mailcall incidents --json --limit 1000`.
 pub fn incidents(dir: &Path) -> Vec<serde_json::Value> {
-    let out = command(dir).args(["incidents", "--json", "--limit", "1000"]).output().unwrap();
-    assert!(out.status.success(), "incidents failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = command(dir)
+        .args(["incidents", "--json", "--limit", "1000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "incidents failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -166,14 +197,21 @@ pub fn incidents(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 /// Waits (bounded) until `pred` holds for `incidents`.
-pub fn wait_incidents(dir: &Path, timeout: Duration, pred: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+pub fn wait_incidents(
+    dir: &Path,
+    timeout: Duration,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + timeout;
     loop {
         let list = incidents(dir);
         if pred(&list) {
             return list;
         }
-        assert!(Instant::now() < deadline, "incidents never matched within {timeout:?}: {list:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "incidents never matched within {timeout:?}: {list:#?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -188,7 +226,9 @@ pub struct SmtpClient {
 impl SmtpClient {
     pub fn connect(addr: SocketAddr) -> SmtpClient {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let writer = stream.try_clone().unwrap();
         let mut client = SmtpClient {
             reader: BufReader::new(stream),
@@ -205,7 +245,10 @@ impl SmtpClient {
         loop {
             let mut line = String::new();
             let n = self.reader.read_line(&mut line).unwrap();
-            assert!(n > 0, "server closed the connection; reply so far: {text:?}");
+            assert!(
+                n > 0,
+                "server closed the connection; reply so far: {text:?}"
+            );
             let code: u16 = line[..3].parse().unwrap();
             text.push_str(line[4..].trim_end());
             if line.as_bytes()[3] == b' ' {
