@@ -188,7 +188,8 @@ impl Dispatcher {
         }
     }
 
-    /// Routes a batch and records the outcome; false if the store failed.
+    /// Routes a batch and records the outcome; false if the store failed for any of
+    /// it, so that the caller waits before trying again instead of spinning.
     async fn route_batch(&self, batch: Vec<PendingAlert>) -> bool {
         let mut items = Vec::with_capacity(batch.len());
         let mut alerts = Vec::with_capacity(batch.len());
@@ -219,6 +220,7 @@ impl Dispatcher {
                 return false;
             }
         };
+        let all_recorded = results.iter().all(Result::is_ok);
         for ((alert_id, source, alert, decision), result) in alerts.into_iter().zip(results) {
             let message_id = alert.message_id.as_deref().unwrap_or("-");
             let rule = decision.rule.as_deref().unwrap_or("-");
@@ -266,7 +268,7 @@ impl Dispatcher {
                 }
             }
         }
-        true
+        all_recorded
     }
 
     fn spawn_call(&self, job: CallJob) {

@@ -144,6 +144,20 @@ pub struct CallReport {
     pub error_code: Option<i64>,
     pub error: Option<String>,
     pub attempts: i64,
+    /// Every attempt's outcome, oldest first.
+    pub history: Vec<AttemptReport>,
+}
+
+/// One attempt at placing a call.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttemptReport {
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// `placed`, `dry-run`, `retry` or `failed`.
+    pub outcome: String,
+    pub error_code: Option<i64>,
+    pub error: Option<String>,
+    pub sid: Option<String>,
 }
 
 /// The current time in Unix milliseconds.
@@ -203,6 +217,17 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX calls_incident ON calls(incident_id);
     CREATE INDEX calls_created ON calls(created_at);
     CREATE INDEX calls_open ON calls(id) WHERE status IN ('pending', 'sending', 'retrying');",
+    // 2: the outcome of every attempt, not only the last.
+    "CREATE TABLE call_attempts (
+        id INTEGER PRIMARY KEY,
+        call_id INTEGER NOT NULL REFERENCES calls(id),
+        at INTEGER NOT NULL,
+        outcome TEXT NOT NULL,
+        error_code INTEGER,
+        error TEXT,
+        sid TEXT
+    );
+    CREATE INDEX call_attempts_call ON call_attempts(call_id);",
 ];
 
 /// The most jobs committed together; bounds the latency one batch adds.
@@ -422,13 +447,13 @@ impl Store {
     pub async fn update_call(&self, call_id: i64, update: CallUpdate) -> Result<(), StoreError> {
         self.run(move |c| {
             let now = now_ms();
-            match update {
+            match &update {
                 CallUpdate::Sending => c
                     .prepare_cached("UPDATE calls SET status = 'sending', attempts = attempts + 1, updated_at = ?2 WHERE id = ?1")?
                     .execute(params![call_id, now])?,
                 CallUpdate::Placed { sid, dry_run } => c
                     .prepare_cached("UPDATE calls SET status = ?3, sid = ?2, error = NULL, updated_at = ?4 WHERE id = ?1")?
-                    .execute(params![call_id, sid, if dry_run { "dry-run" } else { "placed" }, now])?,
+                    .execute(params![call_id, sid, if *dry_run { "dry-run" } else { "placed" }, now])?,
                 CallUpdate::Retrying { error } => c
                     .prepare_cached("UPDATE calls SET status = 'retrying', error = ?2, updated_at = ?3 WHERE id = ?1")?
                     .execute(params![call_id, error, now])?,
@@ -436,6 +461,16 @@ impl Store {
                     .prepare_cached("UPDATE calls SET status = 'failed', error_code = ?2, error = ?3, updated_at = ?4 WHERE id = ?1")?
                     .execute(params![call_id, code, error, now])?,
             };
+            let (outcome, code, error, sid) = match &update {
+                CallUpdate::Sending => return Ok(()),
+                CallUpdate::Placed { sid, dry_run } => (if *dry_run { "dry-run" } else { "placed" }, None, None, Some(sid)),
+                CallUpdate::Retrying { error } => ("retry", None, Some(error), None),
+                CallUpdate::Failed { code, error } => ("failed", *code, Some(error), None),
+            };
+            c.prepare_cached(
+                "INSERT INTO call_attempts (call_id, at, outcome, error_code, error, sid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![call_id, now, outcome, code, error, sid])?;
             Ok(())
         })
         .await
@@ -486,7 +521,10 @@ impl Store {
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
         let mut calls = c.prepare(
-            "SELECT number, status, sid, error_code, error, attempts FROM calls WHERE incident_id = ?1 ORDER BY id",
+            "SELECT number, status, sid, error_code, error, attempts, id FROM calls WHERE incident_id = ?1 ORDER BY id",
+        )?;
+        let mut attempts = c.prepare(
+            "SELECT at, outcome, error_code, error, sid FROM call_attempts WHERE call_id = ?1 ORDER BY id",
         )?;
         for incident in &mut incidents {
             incident.calls = calls
@@ -498,8 +536,25 @@ impl Store {
                         error_code: r.get(3)?,
                         error: r.get(4)?,
                         attempts: r.get(5)?,
+                        history: Vec::new(),
                     })
+                    .map(|report| (report, r.get::<_, i64>(6)))
                 })?
+                .map(|row| {
+                    let (mut report, id) = row?;
+                    report.history = attempts
+                        .query_map([id?], |r| {
+                            Ok(AttemptReport {
+                                at: rfc3339(r.get(0)?),
+                                outcome: r.get(1)?,
+                                error_code: r.get(2)?,
+                                error: r.get(3)?,
+                                sid: r.get(4)?,
+                            })
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok(report)
+                })
                 .collect::<rusqlite::Result<Vec<_>>>()?;
         }
         Ok(incidents)
@@ -692,5 +747,174 @@ fn writer(conn: Connection, queue: mpsc::Receiver<Job>) {
         for done in completions {
             done(committed.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(key: &str, numbers: &[&str], cooldown: Duration) -> Decision {
+        Decision {
+            rule: Some("r".into()),
+            action: Action::Call,
+            numbers: numbers.iter().map(|n| n.to_string()).collect(),
+            message: "m".into(),
+            language: "en-US".into(),
+            voice: "Polly.Joanna".into(),
+            dedup_key: key.into(),
+            cooldown,
+        }
+    }
+
+    fn incident(id: &str) -> NewIncident {
+        NewIncident {
+            public_id: id.into(),
+            twiml: "<Response/>".into(),
+        }
+    }
+
+    async fn alert(store: &Store) -> i64 {
+        store
+            .insert_alert(NewAlert {
+                source: "test",
+                peer: None,
+                envelope: Envelope::default(),
+                raw: b"Subject: x\r\n\r\n".to_vec(),
+            })
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_version_1_store_is_migrated_and_keeps_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO alerts (received_at, source, rcpt_to, raw) VALUES (1, 'smtp', '[]', x'00')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path, None).unwrap();
+        let pending = store.pending_alerts(10).await.unwrap();
+        assert_eq!(pending.len(), 1);
+        let version: i64 = store
+            .run(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len() as i64);
+        let attempts: i64 = store
+            .run(|c| c.query_row("SELECT COUNT(*) FROM call_attempts", [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(attempts, 0);
+    }
+
+    #[tokio::test]
+    async fn a_store_from_a_newer_mailcall_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Store::open(&path, None).unwrap_err();
+        assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+        assert!(err.to_string().contains("new.db"));
+    }
+
+    #[tokio::test]
+    async fn concurrent_writes_are_committed_together_and_each_gets_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db"), None).unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { alert(&store).await })
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 200);
+        // A failing job rolls back only itself.
+        let bad = store.run(|c| c.execute("INSERT INTO nowhere VALUES (1)", []));
+        let good = alert(&store);
+        let (bad, good) = tokio::join!(bad, good);
+        assert!(bad.is_err());
+        assert!(good > 0);
+        assert_eq!(store.pending_alerts(1000).await.unwrap().len(), 201);
+    }
+
+    #[tokio::test]
+    async fn routing_deduplicates_within_the_cooldown_and_enforces_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db"), None).unwrap();
+        let hour = Duration::from_secs(3600);
+        let mut items = Vec::new();
+        for i in 0..3 {
+            let id = alert(&store).await;
+            items.push((
+                id,
+                decision("k", &["+1555", "+1666"], hour),
+                incident(&format!("p{i}")),
+            ));
+        }
+        let id = alert(&store).await;
+        items.push((
+            id,
+            decision("other", &["+1777", "+1888"], hour),
+            incident("q"),
+        ));
+        let results = store.record_routings(items, 3).await.unwrap();
+        let results: Vec<Routed> = results.into_iter().map(Result::unwrap).collect();
+        let Routed::Opened {
+            incident_id,
+            calls,
+            refused,
+        } = &results[0]
+        else {
+            panic!("{results:?}")
+        };
+        assert_eq!((calls.len(), refused.len()), (2, 0));
+        assert_eq!(
+            results[1],
+            Routed::Deduplicated {
+                incident_id: *incident_id,
+                alert_count: 2
+            }
+        );
+        assert_eq!(
+            results[2],
+            Routed::Deduplicated {
+                incident_id: *incident_id,
+                alert_count: 3
+            }
+        );
+        let Routed::Opened { calls, refused, .. } = &results[3] else {
+            panic!("{results:?}")
+        };
+        assert_eq!(calls.len(), 1, "one call left in the budget of 3");
+        assert_eq!(refused, &["+1888".to_string()]);
+        assert!(store.pending_alerts(10).await.unwrap().is_empty());
+
+        // Cooldown zero: always a new incident.
+        let id = alert(&store).await;
+        let r = store
+            .record_routings(
+                vec![(id, decision("k", &[], Duration::ZERO), incident("z"))],
+                100,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(r[0], Ok(Routed::Opened { .. })));
     }
 }
