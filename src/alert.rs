@@ -17,6 +17,19 @@ pub struct Envelope {
     pub rcpt_to: Vec<String>,
 }
 
+/// An alert that names its numbers and words itself (the `/alert` webhook, `mailcall
+/// call`): no rule is consulted, but it is stored, deduplicated, budgeted and called like
+/// any other.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DirectAlert {
+    /// E.164 numbers, already resolved from contacts and groups.
+    pub numbers: Vec<String>,
+    pub message: String,
+    pub language: Option<String>,
+    pub voice: Option<String>,
+    pub dedup_key: Option<String>,
+}
+
 /// A decoded alert mail.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Alert {

@@ -40,6 +40,43 @@ pub struct Config {
     pub rules: Vec<Rule>,
     pub state: State,
     pub limits: Limits,
+    /// The HTTP server; `None`: no HTTP server.
+    pub http: Option<Http>,
+    /// SendGrid Inbound Parse; `None`: not served.
+    pub sendgrid: Option<Sendgrid>,
+    /// The `/alert` webhook; `None`: not served.
+    pub webhook: Option<Webhook>,
+}
+
+/// The HTTP server (SendGrid, `/alert`, health).
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub listen: SocketAddr,
+    pub request_timeout: Duration,
+    /// Body limit of every endpoint but SendGrid's.
+    pub max_body_bytes: usize,
+}
+
+/// SendGrid Inbound Parse.
+#[derive(Debug, Clone)]
+pub struct Sendgrid {
+    pub path: String,
+    /// HTTP Basic auth: the user name and the environment variable holding the password.
+    pub basic: Option<(String, String)>,
+    /// SendGrid's signed-webhook verification key.
+    pub public_key: Option<p256::ecdsa::VerifyingKey>,
+    /// Signatures older (or newer) than this are refused.
+    pub max_age: Duration,
+    pub require_spf: bool,
+    pub require_dkim: bool,
+    pub max_body_bytes: usize,
+}
+
+/// The `/alert` webhook.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    /// The environment variable holding the bearer token.
+    pub token_env: String,
 }
 
 /// The embedded SMTP listener.
@@ -272,6 +309,35 @@ struct RawConfig {
     state: RawState,
     #[serde(default)]
     limits: RawLimits,
+    http: Option<RawHttp>,
+    sendgrid: Option<Spanned<RawSendgrid>>,
+    webhook: Option<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Spanned<String>,
+    request_timeout: Option<Spanned<String>>,
+    max_body_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSendgrid {
+    path: Option<Spanned<String>>,
+    username: Option<String>,
+    password_env: Option<Spanned<String>>,
+    public_key: Option<Spanned<String>>,
+    max_age: Option<Spanned<String>>,
+    require_spf: Option<bool>,
+    require_dkim: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    token_env: Spanned<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -717,6 +783,83 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             .map_or(60, |m| *m.get_ref()),
     };
 
+    // [http], [sendgrid], [webhook]
+    let http = raw.http.as_ref().map(|h| Http {
+        listen: h.listen.get_ref().parse().unwrap_or_else(|_| {
+            p.push(
+                h.listen.span(),
+                format!(
+                    "invalid listen address `{}`; write an IP and port such as \"127.0.0.1:8025\"",
+                    h.listen.get_ref()
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8025))
+        }),
+        request_timeout: p.duration(
+            h.request_timeout.as_ref(),
+            "request_timeout",
+            Duration::from_secs(30),
+        ),
+        max_body_bytes: usize::try_from(positive(
+            &mut p,
+            h.max_body_bytes.as_ref(),
+            "max_body_bytes",
+            1024 * 1024,
+        ))
+        .unwrap_or(usize::MAX),
+    });
+    let sendgrid = raw.sendgrid.as_ref().map(|sg| {
+        if http.is_none() {
+            p.push(sg.span(), "[sendgrid] needs an HTTP server; add [http] with listen = \"127.0.0.1:8025\"");
+        }
+        let sg = sg.get_ref();
+        let path = sg.path.as_ref().map_or("/sendgrid/inbound".to_string(), |path| {
+            if !path.get_ref().starts_with('/') {
+                p.push(path.span(), format!("`path` must start with `/`, not `{}`", path.get_ref()));
+            }
+            path.get_ref().clone()
+        });
+        let basic = match (&sg.username, &sg.password_env) {
+            (Some(user), Some(env)) => Some((user.clone(), env.get_ref().clone())),
+            (None, None) => None,
+            (_, Some(env)) => {
+                p.push(env.span(), "`password_env` needs `username` too");
+                None
+            }
+            (Some(_), None) => {
+                p.push(sg.path.as_ref().map_or(0..0, Spanned::span), "`username` needs `password_env`: the name of the environment variable holding the password");
+                None
+            }
+        };
+        let public_key = sg.public_key.as_ref().and_then(|k| match parse_public_key(k.get_ref()) {
+            Ok(key) => Some(key),
+            Err(e) => {
+                p.push(k.span(), format!("invalid `public_key`: {e}; paste the verification key SendGrid shows (base64 DER)"));
+                None
+            }
+        });
+        Sendgrid {
+            path,
+            basic,
+            public_key,
+            max_age: p.duration(sg.max_age.as_ref(), "max_age", Duration::from_secs(600)),
+            require_spf: sg.require_spf.unwrap_or(false),
+            require_dkim: sg.require_dkim.unwrap_or(false),
+            max_body_bytes: 40 * 1024 * 1024,
+        }
+    });
+    let webhook = raw.webhook.as_ref().map(|w| {
+        if http.is_none() {
+            p.push(
+                w.token_env.span(),
+                "[webhook] needs an HTTP server; add [http] with listen = \"127.0.0.1:8025\"",
+            );
+        }
+        Webhook {
+            token_env: w.token_env.get_ref().clone(),
+        }
+    });
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -730,7 +873,23 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         rules,
         state,
         limits,
+        http,
+        sendgrid,
+        webhook,
     })
+}
+
+/// Decodes SendGrid's verification key: base64 of a DER SubjectPublicKeyInfo (P-256).
+pub fn parse_public_key(text: &str) -> Result<p256::ecdsa::VerifyingKey, String> {
+    use base64::Engine;
+    use p256::pkcs8::DecodePublicKey;
+    let compact: String = text.split_whitespace().collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .map_err(|e| format!("not base64 ({e})"))?;
+    p256::PublicKey::from_public_key_der(&der)
+        .map(p256::ecdsa::VerifyingKey::from)
+        .map_err(|e| format!("not a P-256 public key ({e})"))
 }
 
 fn positive(p: &mut Problemset, value: Option<&Spanned<u64>>, key: &str, default: u64) -> u64 {

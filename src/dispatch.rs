@@ -28,14 +28,16 @@ use tracing::{error, info, warn};
 
 use crate::alert::Alert;
 use crate::config::Config;
+use crate::health::Health;
 use crate::route::{self, Action};
 use crate::store::{CallJob, CallUpdate, NewIncident, PendingAlert, Routed, Store, now_ms};
 use crate::twilio::{self, CallRequest, Outcome, twiml};
 
 /// Alerts routed per store transaction.
 const BATCH: usize = 256;
-/// How often the worker looks at the store even when nobody woke it.
-const IDLE_POLL: Duration = Duration::from_secs(5);
+/// How often the worker looks at the store even when nobody woke it: alerts stored by
+/// another process (`mailcall call` beside a running daemon) wait at most this long.
+const IDLE_POLL: Duration = Duration::from_secs(1);
 
 /// Who places the calls.
 #[derive(Debug, Clone)]
@@ -54,6 +56,7 @@ pub struct Dispatcher {
     wake: Arc<Notify>,
     calls: TaskTracker,
     shutdown: CancellationToken,
+    health: Arc<Health>,
 }
 
 impl Dispatcher {
@@ -66,6 +69,7 @@ impl Dispatcher {
         wake: Arc<Notify>,
         calls: TaskTracker,
         shutdown: CancellationToken,
+        health: Arc<Health>,
     ) -> Dispatcher {
         Dispatcher {
             config,
@@ -74,12 +78,34 @@ impl Dispatcher {
             wake,
             calls,
             shutdown,
+            health,
         }
     }
 
     /// Runs until shutdown: resumes unfinished calls, then routes stored alerts as they
     /// arrive.
     pub async fn run(self: Arc<Self>) {
+        self.resume().await;
+        loop {
+            self.health.dispatcher_beat();
+            self.drain().await;
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(IDLE_POLL) => {}
+            }
+        }
+    }
+
+    /// One pass without a daemon (`mailcall call`): resumes unfinished calls and routes
+    /// what is stored; the caller then waits for the call tasks.
+    pub async fn run_once(&self) {
+        self.resume().await;
+        self.drain().await;
+    }
+
+    /// Resumes the calls the last run left unfinished.
+    async fn resume(&self) {
         match self.store.unfinished_calls().await {
             Ok(jobs) => {
                 if !jobs.is_empty() {
@@ -93,14 +119,6 @@ impl Dispatcher {
                 }
             }
             Err(e) => error!(error = %e, "cannot read unfinished calls from the store"),
-        }
-        loop {
-            self.drain().await;
-            tokio::select! {
-                () = self.shutdown.cancelled() => break,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(IDLE_POLL) => {}
-            }
         }
     }
 
@@ -194,8 +212,20 @@ impl Dispatcher {
         let mut items = Vec::with_capacity(batch.len());
         let mut alerts = Vec::with_capacity(batch.len());
         for pending in batch {
-            let alert = Alert::from_mime(&pending.raw, &pending.envelope);
-            let decision = route::route(&self.config, &alert);
+            let (alert, decision) = match &pending.direct {
+                Some(direct) => (
+                    Alert {
+                        subject: direct.message.clone(),
+                        ..Alert::default()
+                    },
+                    route::direct(&self.config, &pending.source, direct),
+                ),
+                None => {
+                    let alert = Alert::from_mime(&pending.raw, &pending.envelope);
+                    let decision = route::route(&self.config, &alert);
+                    (alert, decision)
+                }
+            };
             let public_id = new_public_id();
             let new = NewIncident {
                 twiml: twiml::call(

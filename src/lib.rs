@@ -26,6 +26,7 @@
 pub mod alert;
 pub mod config;
 pub mod dispatch;
+pub mod health;
 pub mod ingest;
 pub mod route;
 pub mod server;

@@ -10,12 +10,21 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use mailcall::alert::{Alert, Envelope};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
+
+use mailcall::alert::{Alert, DirectAlert, Envelope};
 use mailcall::config::{Config, ConfigError};
 use mailcall::dispatch::Caller;
+use mailcall::dispatch::Dispatcher;
+use mailcall::health::Health;
+use mailcall::ingest::http::Secrets;
 use mailcall::route::{self, Action};
 use mailcall::server::{self, Listeners};
 use mailcall::store::Store;
+use mailcall::store::{DaemonLock, NewAlert, StoreError};
 use mailcall::twilio::{self, twiml};
 
 /// Turns alert e-mails into phone calls: everyone on call is rung at once, and whoever
@@ -62,6 +71,8 @@ enum Command {
         /// RFC 5322 message files (.eml).
         files: Vec<PathBuf>,
     },
+    /// Place calls now, as an alert would: `--to alice,+15005550009 --message "DB is down"`.
+    Call(CallArgs),
     /// Show recent incidents and the status of their calls, newest first.
     Incidents {
         /// One JSON object per incident per line.
@@ -73,6 +84,31 @@ enum Command {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct CallArgs {
+    /// Comma-separated contacts, groups and E.164 numbers.
+    #[arg(long)]
+    to: String,
+    /// The text to speak.
+    #[arg(long)]
+    message: String,
+    /// `<Say language>`; default from [defaults].
+    #[arg(long)]
+    language: Option<String>,
+    /// `<Say voice>`; default from [defaults].
+    #[arg(long)]
+    voice: Option<String>,
+    /// Incident key; the same key within the cooldown joins the open incident.
+    #[arg(long)]
+    dedup_key: Option<String>,
+    /// Log the calls instead of placing them (ignored when a daemon places them).
+    #[arg(long)]
+    dry_run: bool,
+    /// How long to wait for a running daemon to place the calls.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    wait: Duration,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -81,6 +117,10 @@ fn main() -> ExitCode {
         Command::Check => return check(&cli.config),
         Command::Route { json, files } => route_files(&cli.config, json, &files),
         Command::Incidents { json, limit } => incidents(&cli.config, json, limit),
+        Command::Call(args) => match call(&cli.config, args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,20 +176,9 @@ fn check(path: &Path) -> ExitCode {
 
 fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
     let config = Arc::new(load(path)?);
-    let caller = if dry_run {
-        tracing::warn!("dry run: no calls will be placed, each would-be call is logged");
-        Caller::DryRun
-    } else {
-        let credentials = twilio::Credentials::from_env()?;
-        Caller::Twilio(
-            twilio::Client::new(
-                &config.twilio.api_base,
-                credentials,
-                config.twilio.request_timeout,
-            )
-            .context("cannot create the HTTP client for Twilio")?,
-        )
-    };
+    let secrets = Secrets::from_env(&config)?;
+    let caller = caller(&config, dry_run)?;
+    let _lock = DaemonLock::acquire(&config.state.path)?;
     let store = Store::open(&config.state.path, config.state.max_bytes)?;
     tracing::info!(path = %config.state.path.display(), "store open");
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -157,9 +186,143 @@ fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
         let listeners = Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        server::run(config, store, caller, listeners, shutdown).await;
+        server::run(config, store, caller, listeners, secrets, shutdown).await;
         Ok(())
     })
+}
+
+/// Twilio, or the dry-run logger; without credentials only the latter.
+fn caller(config: &Config, dry_run: bool) -> anyhow::Result<Caller> {
+    if dry_run {
+        tracing::warn!("dry run: no calls will be placed, each would-be call is logged");
+        return Ok(Caller::DryRun);
+    }
+    let credentials = twilio::Credentials::from_env()?;
+    Ok(Caller::Twilio(
+        twilio::Client::new(
+            &config.twilio.api_base,
+            credentials,
+            config.twilio.request_timeout,
+        )
+        .context("cannot create the HTTP client for Twilio")?,
+    ))
+}
+
+/// `mailcall call`: the same calls as an alert, from the command line. With a daemon
+/// serving the store, the alert is handed to it through the store; otherwise this
+/// process places the calls itself.
+fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
+    let config = Arc::new(load(path)?);
+    let numbers = route::resolve_numbers(&config, &args.to).map_err(|unknown| {
+        anyhow::anyhow!(
+            "not E.164 numbers, contacts or groups: {}; write numbers as +81312345678",
+            unknown.join(", ")
+        )
+    })?;
+    anyhow::ensure!(
+        !numbers.is_empty(),
+        "--to names nobody; give contacts, groups or E.164 numbers"
+    );
+    let alert = NewAlert {
+        source: "cli",
+        direct: Some(DirectAlert {
+            numbers,
+            message: args.message,
+            language: args.language,
+            voice: args.voice,
+            dedup_key: args.dedup_key,
+        }),
+        ..NewAlert::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        match DaemonLock::acquire(&config.state.path) {
+            Err(StoreError::Locked { .. }) => {
+                let store = Store::open(&config.state.path, config.state.max_bytes)?;
+                let id = store.insert_alert(alert).await?.id;
+                eprintln!("stored as alert {id}; the running daemon places the calls");
+                report_call(&store, id, args.wait).await
+            }
+            Err(e) => Err(e.into()),
+            Ok(_lock) => {
+                let caller = caller(&config, args.dry_run)?;
+                let store = Store::open(&config.state.path, config.state.max_bytes)?;
+                let id = store.insert_alert(alert).await?.id;
+                let calls = TaskTracker::new();
+                let dispatcher = Dispatcher::new(
+                    Arc::clone(&config),
+                    store.clone(),
+                    caller,
+                    Arc::new(Notify::new()),
+                    calls.clone(),
+                    CancellationToken::new(),
+                    Arc::new(Health::default()),
+                );
+                dispatcher.run_once().await;
+                calls.close();
+                calls.wait().await;
+                report_call(&store, id, Duration::from_secs(5)).await
+            }
+        }
+    })
+}
+
+/// Waits (up to `wait`) for the alert's calls to settle and prints them. Exit 0 when
+/// every call was placed (or the alert joined an open incident), 1 otherwise.
+async fn report_call(store: &Store, alert: i64, wait: Duration) -> anyhow::Result<ExitCode> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let (state, action, incident) = store.alert_outcome(alert).await?;
+        let report = match incident {
+            Some(id) if state == "routed" => store.incident(id).await?,
+            _ => None,
+        };
+        let settled = report.as_ref().is_some_and(|r| {
+            r.calls
+                .iter()
+                .all(|c| !matches!(c.status.as_str(), "pending" | "sending" | "retrying"))
+        });
+        if action.as_deref() == Some("deduplicated") {
+            writeln!(
+                out,
+                "same problem as open incident #{}: nobody is called again",
+                incident.unwrap_or_default()
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        if settled || tokio::time::Instant::now() >= deadline {
+            let Some(report) = report else {
+                writeln!(
+                    out,
+                    "alert {alert} is not routed yet; see `mailcall incidents` later"
+                )?;
+                return Ok(ExitCode::FAILURE);
+            };
+            writeln!(
+                out,
+                "incident #{} (room mailcall-{})",
+                report.id, report.public_id
+            )?;
+            let mut all_placed = true;
+            for c in &report.calls {
+                all_placed &= matches!(c.status.as_str(), "placed" | "dry-run");
+                let detail = match (&c.sid, &c.error_code, &c.error) {
+                    (Some(sid), _, _) => sid.clone(),
+                    (None, Some(code), Some(e)) => format!("error {code}: {e}"),
+                    (None, _, Some(e)) => e.clone(),
+                    _ => String::new(),
+                };
+                writeln!(out, "  {:<16} {:<9} {detail}", c.number, c.status)?;
+            }
+            return Ok(if all_placed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use regex::Regex;
 
-use crate::alert::Alert;
+use crate::alert::{Alert, DirectAlert};
 use crate::config::{Config, Rule, RuleAction};
 use crate::speech;
 use crate::twilio::twiml;
@@ -66,6 +66,53 @@ pub fn route(config: &Config, alert: &Alert) -> Decision {
         dedup_key: String::new(),
         cooldown: config.defaults.cooldown,
     }
+}
+
+/// The decision for a [`DirectAlert`]: its own numbers and words, the defaults for the
+/// rest. `source` (`webhook`, `cli`) stands where a rule name would.
+pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
+    let language = alert
+        .language
+        .clone()
+        .unwrap_or_else(|| config.defaults.language.clone());
+    let voice = alert
+        .voice
+        .clone()
+        .unwrap_or_else(|| config.defaults.voice.clone());
+    let spoken = speech::speakable(&alert.message);
+    let message = twiml::fit(&spoken, &language, &voice).to_string();
+    let dedup_key = alert
+        .dedup_key
+        .clone()
+        .unwrap_or_else(|| format!("{source}: {}", normalise_subject(&alert.message)));
+    Decision {
+        rule: Some(source.to_string()),
+        action: Action::Call,
+        numbers: alert.numbers.clone(),
+        message,
+        language,
+        voice,
+        dedup_key,
+        cooldown: config.defaults.cooldown,
+    }
+}
+
+/// Resolves a comma-separated list of contacts, groups and E.164 numbers; `Err` names
+/// every entry that is none of them.
+pub fn resolve_numbers(config: &Config, list: &str) -> Result<Vec<String>, Vec<String>> {
+    let mut numbers = Vec::new();
+    let mut unknown = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        match config.resolve_callee(entry) {
+            Some(found) => numbers.extend(found),
+            None => unknown.push(entry.to_string()),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(unknown);
+    }
+    crate::config::dedup_in_order(&mut numbers);
+    Ok(numbers)
 }
 
 /// The default dedup key ingredient: the subject without reply prefixes, case and
@@ -241,6 +288,40 @@ mod tests {
         assert_eq!(d.message, "critical body for alerts@example.com");
         let d = route(&c, &alert("a@b", "x", "no severity here"));
         assert_eq!(d.action, Action::None);
+    }
+
+    #[test]
+    fn direct_alerts_use_their_own_numbers_and_the_defaults() {
+        let c = config("");
+        let d = direct(
+            &c,
+            "webhook",
+            &DirectAlert {
+                numbers: vec!["+15005550009".into()],
+                message: "DB is down https://x/y".into(),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            (d.rule.as_deref(), d.action),
+            (Some("webhook"), Action::Call)
+        );
+        assert_eq!(d.message, "DB is down");
+        assert_eq!(d.dedup_key, "webhook: db is down https://x/y");
+        assert_eq!(d.voice, "Polly.Joanna");
+    }
+
+    #[test]
+    fn numbers_resolve_from_contacts_groups_and_e164() {
+        let c = config("");
+        assert_eq!(
+            resolve_numbers(&c, "oncall, +15005550009,alice").unwrap(),
+            ["+15005550001", "+15005550002", "+15005550009"]
+        );
+        assert_eq!(
+            resolve_numbers(&c, "bob,0901234,eve").unwrap_err(),
+            ["0901234", "eve"]
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! request is in flight get a few seconds to finish. Everything else is already in the
 //! store and is picked up by the next start.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +19,8 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::dispatch::{Caller, Dispatcher};
+use crate::health::Health;
+use crate::ingest::http::{self, Secrets};
 use crate::ingest::smtp;
 use crate::store::Store;
 
@@ -31,22 +34,29 @@ const CALLS_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Debug)]
 pub struct Listeners {
     pub smtp: TcpListener,
+    /// Present when the configuration has `[http]`.
+    pub http: Option<TcpListener>,
 }
 
 impl Listeners {
     /// Binds every listener the configuration names.
     pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
-        let smtp = TcpListener::bind(config.smtp.listen).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot listen for SMTP on {}: {e}; change [smtp] listen (ports below 1024 need CAP_NET_BIND_SERVICE)",
-                    config.smtp.listen
-                ),
-            )
-        })?;
-        Ok(Listeners { smtp })
+        let smtp = bind(config.smtp.listen, "SMTP", "[smtp] listen").await?;
+        let http = match &config.http {
+            Some(h) => Some(bind(h.listen, "HTTP", "[http] listen").await?),
+            None => None,
+        };
+        Ok(Listeners { smtp, http })
     }
+}
+
+async fn bind(addr: SocketAddr, what: &str, key: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen for {what} on {addr}: {e}; change {key} (ports below 1024 need CAP_NET_BIND_SERVICE)"),
+        )
+    })
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
@@ -55,11 +65,13 @@ pub async fn run(
     store: Store,
     caller: Caller,
     listeners: Listeners,
+    secrets: Secrets,
     shutdown: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
     let tasks = TaskTracker::new();
     let calls = TaskTracker::new();
+    let health = Arc::new(Health::default());
 
     let dispatcher = Arc::new(Dispatcher::new(
         Arc::clone(&config),
@@ -68,8 +80,23 @@ pub async fn run(
         Arc::clone(&wake),
         calls.clone(),
         shutdown.clone(),
+        Arc::clone(&health),
     ));
     tasks.spawn(dispatcher.run());
+
+    if let Some(listener) = listeners.http {
+        if let Ok(addr) = listener.local_addr() {
+            info!(addr = %addr, "http listening");
+        }
+        let app = http::app(Arc::new(http::Context {
+            config: Arc::clone(&config),
+            store: store.clone(),
+            wake: Arc::clone(&wake),
+            health: Arc::clone(&health),
+            secrets,
+        }));
+        tasks.spawn(http::serve(listener, app, shutdown.clone()));
+    }
 
     if let Ok(addr) = listeners.smtp.local_addr() {
         info!(addr = %addr, "smtp listening");
@@ -79,12 +106,12 @@ pub async fn run(
         store,
         wake,
     });
-    tasks.spawn(smtp::serve(
-        listeners.smtp,
-        ctx,
-        shutdown.clone(),
-        tasks.clone(),
-    ));
+    let (smtp_tasks, smtp_shutdown) = (tasks.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        health.set_smtp_running(true);
+        smtp::serve(listeners.smtp, ctx, smtp_shutdown, smtp_tasks).await;
+        health.set_smtp_running(false);
+    });
 
     shutdown.cancelled().await;
     info!("shutting down: no new mail is accepted");

@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
-use crate::alert::Envelope;
+use crate::alert::{DirectAlert, Envelope};
 use crate::route::{Action, Decision};
 
 /// Why the store could not do something.
@@ -48,6 +48,67 @@ pub enum StoreError {
     Commit(String),
     #[error("the store has been shut down")]
     Closed,
+    #[error(
+        "another mailcall daemon{pid} is already serving the store {path}; stop it first (two would place every call twice)"
+    )]
+    Locked { path: PathBuf, pid: String },
+}
+
+/// The daemon's claim on a store: only one process may dispatch from it, or every call
+/// would be placed twice. Held (an advisory lock on `<store>.lock`) until dropped.
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: std::fs::File,
+}
+
+impl DaemonLock {
+    /// Takes the lock, or says which process holds it.
+    pub fn acquire(store_path: &Path) -> Result<DaemonLock, StoreError> {
+        use std::io::{Read, Seek, Write};
+        let path = lock_path(store_path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let open_error = |e: std::io::Error| StoreError::Open {
+            path: path.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(open_error)?;
+        match file.try_lock() {
+            Ok(()) => {
+                file.set_len(0).map_err(open_error)?;
+                file.rewind().map_err(open_error)?;
+                write!(file, "{}", std::process::id()).map_err(open_error)?;
+                Ok(DaemonLock { _file: file })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                Err(StoreError::Locked {
+                    path: store_path.to_path_buf(),
+                    pid: if pid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {pid})")
+                    },
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(open_error(e)),
+        }
+    }
+}
+
+fn lock_path(store_path: &Path) -> PathBuf {
+    let mut name = store_path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    store_path.with_file_name(name)
 }
 
 /// A handle to the store; cheap to clone.
@@ -58,15 +119,30 @@ pub struct Store {
 }
 
 /// An alert as an ingest path hands it over.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct NewAlert {
-    /// `smtp`, later `sendgrid`, `webhook`, `cli`.
+    /// `smtp`, `sendgrid`, `webhook` or `cli`.
     pub source: &'static str,
     /// The client's address, for the log and for forensics.
     pub peer: Option<String>,
     pub envelope: Envelope,
-    /// The raw RFC 5322 message.
+    /// The raw RFC 5322 message (empty for a direct alert).
     pub raw: Vec<u8>,
+    /// Set for alerts that are not mail.
+    pub direct: Option<DirectAlert>,
+    /// A delivery id (a SendGrid mail's Message-ID): the same id from the same source
+    /// is stored once.
+    pub dedup_id: Option<String>,
+    /// Stored for the record but never routed: why it was refused.
+    pub rejected: Option<String>,
+}
+
+/// What [`Store::insert_alert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    pub id: i64,
+    /// The same delivery was stored before; this is the earlier alert's id.
+    pub duplicate: bool,
 }
 
 /// An alert that was stored but not yet routed.
@@ -76,6 +152,7 @@ pub struct PendingAlert {
     pub source: String,
     pub envelope: Envelope,
     pub raw: Vec<u8>,
+    pub direct: Option<DirectAlert>,
 }
 
 /// One call to place (or to go on placing after a restart).
@@ -228,6 +305,13 @@ const MIGRATIONS: &[&str] = &[
         sid TEXT
     );
     CREATE INDEX call_attempts_call ON call_attempts(call_id);",
+    // 3: alerts that are not mail (webhook, CLI), once-only delivery ids, rejections,
+    // and a scratch table the health check writes to.
+    "ALTER TABLE alerts ADD COLUMN direct TEXT;
+    ALTER TABLE alerts ADD COLUMN dedup_id TEXT;
+    ALTER TABLE alerts ADD COLUMN note TEXT;
+    CREATE UNIQUE INDEX alerts_dedup_id ON alerts(source, dedup_id) WHERE dedup_id IS NOT NULL;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
 ];
 
 /// The most jobs committed together; bounds the latency one batch adds.
@@ -337,23 +421,72 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Stores a received alert durably and returns its id.
-    pub async fn insert_alert(&self, alert: NewAlert) -> Result<i64, StoreError> {
+    /// Stores a received alert durably; resolves once it is committed.
+    pub async fn insert_alert(&self, alert: NewAlert) -> Result<Inserted, StoreError> {
         let rcpt = serde_json::to_string(&alert.envelope.rcpt_to).unwrap_or_else(|_| "[]".into());
+        let direct = alert
+            .direct
+            .as_ref()
+            .and_then(|d| serde_json::to_string(d).ok());
+        let state = if alert.rejected.is_some() {
+            "rejected"
+        } else {
+            "received"
+        };
         self.run(move |c| {
+            let inserted = c
+                .prepare_cached(
+                    "INSERT INTO alerts (received_at, source, peer, mail_from, rcpt_to, raw, direct, dedup_id, state, note)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                     ON CONFLICT (source, dedup_id) WHERE dedup_id IS NOT NULL DO NOTHING",
+                )?
+                .execute(params![
+                    now_ms(),
+                    alert.source,
+                    alert.peer,
+                    alert.envelope.mail_from,
+                    rcpt,
+                    alert.raw,
+                    direct,
+                    alert.dedup_id,
+                    state,
+                    alert.rejected
+                ])?;
+            if inserted == 1 {
+                return Ok(Inserted { id: c.last_insert_rowid(), duplicate: false });
+            }
+            let id = c
+                .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
+                .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
+            Ok(Inserted { id, duplicate: true })
+        })
+        .await
+    }
+
+    /// Proves the store takes writes (for `/healthz`): a tiny committed write.
+    pub async fn check_writable(&self) -> Result<(), StoreError> {
+        self.run(|c| {
             c.prepare_cached(
-                "INSERT INTO alerts (received_at, source, peer, mail_from, rcpt_to, raw)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                "INSERT INTO meta (key, value) VALUES ('health', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
             )?
-            .execute(params![
-                now_ms(),
-                alert.source,
-                alert.peer,
-                alert.envelope.mail_from,
-                rcpt,
-                alert.raw
-            ])?;
-            Ok(c.last_insert_rowid())
+            .execute([now_ms().to_string()])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The routing outcome of one alert: `(state, action, incident id)`, e.g. for
+    /// `mailcall call` waiting on a daemon.
+    pub async fn alert_outcome(
+        &self,
+        id: i64,
+    ) -> Result<(String, Option<String>, Option<i64>), StoreError> {
+        self.run(move |c| {
+            c.query_row(
+                "SELECT state, action, incident_id FROM alerts WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
         })
         .await
     }
@@ -362,7 +495,7 @@ impl Store {
     pub async fn pending_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StoreError> {
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, source, mail_from, rcpt_to, raw FROM alerts
+                "SELECT id, source, mail_from, rcpt_to, raw, direct FROM alerts
                  WHERE state = 'received' ORDER BY id LIMIT ?1",
             )?;
             let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
@@ -375,6 +508,9 @@ impl Store {
                         rcpt_to: serde_json::from_str(&rcpt).unwrap_or_default(),
                     },
                     raw: r.get(4)?,
+                    direct: r
+                        .get::<_, Option<String>>(5)?
+                        .and_then(|d| serde_json::from_str(&d).ok()),
                 })
             })?;
             rows.collect()
@@ -503,61 +639,17 @@ impl Store {
         if version == 0 {
             return Ok(Vec::new());
         }
-        let mut stmt = c.prepare(
-            "SELECT id, public_id, opened_at, rule, dedup_key, alert_count FROM incidents ORDER BY id DESC LIMIT ?1",
-        )?;
-        let mut incidents = stmt
-            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-                let opened: i64 = r.get(2)?;
-                Ok(IncidentReport {
-                    id: r.get(0)?,
-                    public_id: r.get(1)?,
-                    opened_at: rfc3339(opened),
-                    rule: r.get(3)?,
-                    dedup_key: r.get(4)?,
-                    alert_count: r.get(5)?,
-                    calls: Vec::new(),
-                })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut calls = c.prepare(
-            "SELECT number, status, sid, error_code, error, attempts, id FROM calls WHERE incident_id = ?1 ORDER BY id",
-        )?;
-        let mut attempts = c.prepare(
-            "SELECT at, outcome, error_code, error, sid FROM call_attempts WHERE call_id = ?1 ORDER BY id",
-        )?;
-        for incident in &mut incidents {
-            incident.calls = calls
-                .query_map([incident.id], |r| {
-                    Ok(CallReport {
-                        number: r.get(0)?,
-                        status: r.get(1)?,
-                        sid: r.get(2)?,
-                        error_code: r.get(3)?,
-                        error: r.get(4)?,
-                        attempts: r.get(5)?,
-                        history: Vec::new(),
-                    })
-                    .map(|report| (report, r.get::<_, i64>(6)))
-                })?
-                .map(|row| {
-                    let (mut report, id) = row?;
-                    report.history = attempts
-                        .query_map([id?], |r| {
-                            Ok(AttemptReport {
-                                at: rfc3339(r.get(0)?),
-                                outcome: r.get(1)?,
-                                error_code: r.get(2)?,
-                                error: r.get(3)?,
-                                sid: r.get(4)?,
-                            })
-                        })?
-                        .collect::<rusqlite::Result<Vec<_>>>()?;
-                    Ok(report)
-                })
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-        }
-        Ok(incidents)
+        Ok(reports(
+            &c,
+            "ORDER BY id DESC LIMIT ?1",
+            i64::try_from(limit).unwrap_or(i64::MAX),
+        )?)
+    }
+
+    /// One incident, through the store's own connection.
+    pub async fn incident(&self, id: i64) -> Result<Option<IncidentReport>, StoreError> {
+        self.run(move |c| Ok(reports(c, "WHERE id = ?1", id)?.pop()))
+            .await
     }
 }
 
@@ -583,6 +675,66 @@ pub enum CallUpdate {
 pub fn rfc3339(unix_ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(unix_ms).unwrap_or(0));
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Incident reports with their calls and attempts; `filter` follows `FROM incidents`
+/// and takes one parameter.
+fn reports(c: &Connection, filter: &str, param: i64) -> rusqlite::Result<Vec<IncidentReport>> {
+    let mut stmt = c.prepare(&format!(
+        "SELECT id, public_id, opened_at, rule, dedup_key, alert_count FROM incidents {filter}"
+    ))?;
+    let mut incidents = stmt
+        .query_map([param], |r| {
+            let opened: i64 = r.get(2)?;
+            Ok(IncidentReport {
+                id: r.get(0)?,
+                public_id: r.get(1)?,
+                opened_at: rfc3339(opened),
+                rule: r.get(3)?,
+                dedup_key: r.get(4)?,
+                alert_count: r.get(5)?,
+                calls: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut calls = c.prepare(
+            "SELECT number, status, sid, error_code, error, attempts, id FROM calls WHERE incident_id = ?1 ORDER BY id",
+        )?;
+    let mut attempts = c.prepare(
+            "SELECT at, outcome, error_code, error, sid FROM call_attempts WHERE call_id = ?1 ORDER BY id",
+        )?;
+    for incident in &mut incidents {
+        incident.calls = calls
+            .query_map([incident.id], |r| {
+                Ok(CallReport {
+                    number: r.get(0)?,
+                    status: r.get(1)?,
+                    sid: r.get(2)?,
+                    error_code: r.get(3)?,
+                    error: r.get(4)?,
+                    attempts: r.get(5)?,
+                    history: Vec::new(),
+                })
+                .map(|report| (report, r.get::<_, i64>(6)))
+            })?
+            .map(|row| {
+                let (mut report, id) = row?;
+                report.history = attempts
+                    .query_map([id?], |r| {
+                        Ok(AttemptReport {
+                            at: rfc3339(r.get(0)?),
+                            outcome: r.get(1)?,
+                            error_code: r.get(2)?,
+                            error: r.get(3)?,
+                            sid: r.get(4)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(report)
+            })
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+    }
+    Ok(incidents)
 }
 
 fn record_routing(
@@ -778,12 +930,12 @@ mod tests {
         store
             .insert_alert(NewAlert {
                 source: "test",
-                peer: None,
-                envelope: Envelope::default(),
                 raw: b"Subject: x\r\n\r\n".to_vec(),
+                ..NewAlert::default()
             })
             .await
             .unwrap()
+            .id
     }
 
     #[tokio::test]
@@ -813,6 +965,22 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(attempts, 0);
+    }
+
+    #[test]
+    fn only_one_daemon_may_hold_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let first = DaemonLock::acquire(&path).unwrap();
+        let err = DaemonLock::acquire(&path).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(first);
+        DaemonLock::acquire(&path).unwrap();
     }
 
     #[tokio::test]
@@ -852,6 +1020,36 @@ mod tests {
         assert!(bad.is_err());
         assert!(good > 0);
         assert_eq!(store.pending_alerts(1000).await.unwrap().len(), 201);
+    }
+
+    #[tokio::test]
+    async fn the_same_delivery_is_stored_once_and_rejections_are_never_routed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db"), None).unwrap();
+        let delivery = |id: &str| NewAlert {
+            source: "sendgrid",
+            raw: b"Subject: x\r\n\r\n".to_vec(),
+            dedup_id: Some(id.into()),
+            ..NewAlert::default()
+        };
+        let first = store.insert_alert(delivery("<a@b>")).await.unwrap();
+        let again = store.insert_alert(delivery("<a@b>")).await.unwrap();
+        let other = store.insert_alert(delivery("<c@d>")).await.unwrap();
+        assert_eq!(
+            again,
+            Inserted {
+                id: first.id,
+                duplicate: true
+            }
+        );
+        assert!(!first.duplicate && !other.duplicate && other.id != first.id);
+        let rejected = NewAlert {
+            rejected: Some("SPF fail".into()),
+            ..delivery("<e@f>")
+        };
+        store.insert_alert(rejected).await.unwrap();
+        assert_eq!(store.pending_alerts(10).await.unwrap().len(), 2);
+        store.check_writable().await.unwrap();
     }
 
     #[tokio::test]

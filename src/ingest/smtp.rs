@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::alert::Envelope;
 use crate::config::{AddressPatterns, Config};
-use crate::store::{NewAlert, Store};
+use crate::store::{Inserted, NewAlert, Store};
 
 /// The longest command line accepted outside DATA (RFC 5321 asks for 512).
 pub const MAX_COMMAND_LINE: usize = 4096;
@@ -297,10 +297,11 @@ where
                         peer: Some(peer.to_string()),
                         envelope: envelope.clone(),
                         raw,
+                        ..NewAlert::default()
                     })
                     .await;
                 match stored {
-                    Ok(id) => {
+                    Ok(Inserted { id, .. }) => {
                         ctx.wake.notify_one();
                         info!(alert = id, %peer, from = ?envelope.mail_from, rcpt = ?envelope.rcpt_to, bytes, "mail accepted and stored");
                         reply(&mut write, &format!("250 2.0.0 queued as alert {id}")).await?;

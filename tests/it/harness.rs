@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 use crate::fake_twilio::{ACCOUNT_SID, AUTH_TOKEN, FakeTwilio};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mailcall");
+/// The `/alert` token every test daemon gets (`token_env = "MAILCALL_TEST_TOKEN"`).
+pub const TEST_TOKEN: &str = "test-webhook-token";
+/// The SendGrid Basic auth password (`password_env = "MAILCALL_TEST_SENDGRID_PASSWORD"`).
+pub const TEST_SENDGRID_PASSWORD: &str = "sg-secret";
 
 /// A config for tests: ephemeral SMTP port, short retry delays, `extra` appended.
 pub fn config(twilio: Option<&FakeTwilio>, extra: &str) -> String {
@@ -28,6 +32,8 @@ pub fn config(twilio: Option<&FakeTwilio>, extra: &str) -> String {
 pub struct Daemon {
     child: Child,
     pub smtp: SocketAddr,
+    /// The HTTP listener, when the config has `[http]`.
+    pub http: Option<SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
     pub dir: PathBuf,
 }
@@ -71,11 +77,17 @@ impl Daemon {
         let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
+        // The HTTP address is logged before the SMTP one, so it is known when SMTP is.
+        let http = Arc::new(Mutex::new(None));
         {
             let logs = Arc::clone(&logs);
+            let http = Arc::clone(&http);
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
+                    if let Some(addr) = line.split("http listening addr=").nth(1) {
+                        *http.lock().unwrap() = Some(addr.trim().parse::<SocketAddr>().unwrap());
+                    }
                     if let Some(addr) = line.split("smtp listening addr=").nth(1) {
                         let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
                     }
@@ -93,9 +105,11 @@ impl Daemon {
                 );
             }
         };
+        let http = *http.lock().unwrap();
         Daemon {
             child,
             smtp,
+            http,
             logs,
             dir: dir.to_path_buf(),
         }
@@ -174,6 +188,8 @@ pub fn command(dir: &Path) -> Command {
         .env_remove("TWILIO_API_SECRET")
         .env("TWILIO_ACCOUNT_SID", ACCOUNT_SID)
         .env("TWILIO_AUTH_TOKEN", AUTH_TOKEN)
+        .env("MAILCALL_TEST_TOKEN", TEST_TOKEN)
+        .env("MAILCALL_TEST_SENDGRID_PASSWORD", TEST_SENDGRID_PASSWORD)
         .env("RUST_LOG", "info");
     cmd
 }

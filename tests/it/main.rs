@@ -6,4 +6,5 @@ mod core;
 mod durability;
 mod fake_twilio;
 mod harness;
+mod http;
 mod source_files;
