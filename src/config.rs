@@ -55,6 +55,8 @@ pub struct Http {
     pub request_timeout: Duration,
     /// Body limit of every endpoint but SendGrid's.
     pub max_body_bytes: usize,
+    /// Concurrent connections; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 /// SendGrid Inbound Parse.
@@ -88,8 +90,32 @@ pub struct Smtp {
     pub recipients: Option<AddressPatterns>,
     pub max_message_bytes: usize,
     pub max_connections: usize,
+    /// Concurrent connections from one client address.
+    pub max_connections_per_ip: usize,
     /// How long a client may stay silent before it is disconnected.
     pub timeout: Duration,
+    /// How long one connection may last in all, however busy.
+    pub session_timeout: Duration,
+    /// STARTTLS certificate chain and key (PEM), already resolved against the config
+    /// file's directory.
+    pub tls: Option<TlsFiles>,
+    /// Refuse mail until the client has started TLS.
+    pub require_tls: bool,
+    /// AUTH users → the environment variable holding each one's password.
+    pub users: BTreeMap<String, String>,
+    /// Refuse mail from clients that have not authenticated.
+    pub require_auth: bool,
+    /// `MAIL FROM` addresses accepted; `None` accepts any.
+    pub senders: Option<AddressPatterns>,
+    /// Failed AUTH attempts one address may make per 15 minutes before it is shut out.
+    pub max_auth_failures: u32,
+}
+
+/// Where the STARTTLS certificate and key live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Outbound calls through Twilio.
@@ -270,6 +296,24 @@ impl Config {
     }
 }
 
+/// Is `s` a plausible `<Say language>` (BCP 47 such as `en-US`, `ja-JP`, `cmn-CN`)?
+pub fn is_language(s: &str) -> bool {
+    let mut parts = s.split('-');
+    let primary = parts.next().unwrap_or_default();
+    s.len() <= 35
+        && (2..=3).contains(&primary.len())
+        && primary.bytes().all(|b| b.is_ascii_alphabetic())
+        && parts.all(|p| (1..=8).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+/// Is `s` a plausible `<Say voice>` (`alice`, `Polly.Mizuki`, `Google.en-US-Standard-C`)?
+pub fn is_voice(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+}
+
 /// Is `s` an E.164 phone number (`+` and 2 to 15 digits, no leading zero)?
 pub fn is_e164(s: &str) -> bool {
     let Some(digits) = s.strip_prefix('+') else {
@@ -320,6 +364,7 @@ struct RawHttp {
     listen: Spanned<String>,
     request_timeout: Option<Spanned<String>>,
     max_body_bytes: Option<Spanned<u64>>,
+    max_connections: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,7 +393,16 @@ struct RawSmtp {
     recipients: Option<Vec<Spanned<String>>>,
     max_message_bytes: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
+    max_connections_per_ip: Option<Spanned<u64>>,
     timeout: Option<Spanned<String>>,
+    session_timeout: Option<Spanned<String>>,
+    tls_cert: Option<Spanned<String>>,
+    tls_key: Option<Spanned<String>>,
+    require_tls: Option<Spanned<bool>>,
+    users: Option<Spanned<BTreeMap<String, String>>>,
+    require_auth: Option<Spanned<bool>>,
+    senders: Option<Vec<Spanned<String>>>,
+    max_auth_failures: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,8 +420,8 @@ struct RawTwilio {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDefaults {
-    language: Option<String>,
-    voice: Option<String>,
+    language: Option<Spanned<String>>,
+    voice: Option<Spanned<String>>,
     message: Option<Spanned<String>>,
     cooldown: Option<Spanned<String>>,
 }
@@ -383,8 +437,8 @@ struct RawRule {
     call: Option<Spanned<Vec<Spanned<String>>>>,
     drop: Option<Spanned<bool>>,
     message: Option<Spanned<String>>,
-    language: Option<String>,
-    voice: Option<String>,
+    language: Option<Spanned<String>>,
+    voice: Option<Spanned<String>>,
     dedup_key: Option<Spanned<String>>,
     cooldown: Option<Spanned<String>>,
 }
@@ -432,6 +486,54 @@ impl Problemset {
                 );
                 default
             }
+        }
+    }
+
+    fn language(&mut self, value: Option<&Spanned<String>>) -> Option<String> {
+        let value = value?;
+        if !is_language(value.get_ref()) {
+            self.push(
+                value.span(),
+                format!(
+                    "invalid `language` {:?}; write a language tag such as \"en-US\" or \"ja-JP\"",
+                    value.get_ref()
+                ),
+            );
+        }
+        Some(value.get_ref().clone())
+    }
+
+    fn voice(&mut self, value: Option<&Spanned<String>>) -> Option<String> {
+        let value = value?;
+        if !is_voice(value.get_ref()) {
+            self.push(value.span(), format!("invalid `voice` {:?}; write a Twilio voice such as \"Polly.Joanna\" or \"alice\"", value.get_ref()));
+        }
+        Some(value.get_ref().clone())
+    }
+
+    fn globs(&mut self, list: &[Spanned<String>], what: &str) -> AddressPatterns {
+        let mut builder = GlobSetBuilder::new();
+        for pattern in list {
+            match GlobBuilder::new(pattern.get_ref())
+                .case_insensitive(true)
+                .literal_separator(false)
+                .build()
+            {
+                Ok(glob) => {
+                    builder.add(glob);
+                }
+                Err(e) => self.push(
+                    pattern.span(),
+                    format!(
+                        "invalid {what} pattern `{}`: {}",
+                        pattern.get_ref(),
+                        e.kind()
+                    ),
+                ),
+            }
+        }
+        AddressPatterns {
+            set: builder.build().unwrap_or_else(|_| GlobSet::empty()),
         }
     }
 
@@ -499,30 +601,59 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             SocketAddr::from(([127, 0, 0, 1], 2525))
         }),
     };
-    let recipients = raw.smtp.recipients.as_ref().map(|list| {
-        let mut builder = GlobSetBuilder::new();
-        for pattern in list {
-            match GlobBuilder::new(pattern.get_ref())
-                .case_insensitive(true)
-                .literal_separator(false)
-                .build()
-            {
-                Ok(glob) => {
-                    builder.add(glob);
-                }
-                Err(e) => p.push(
-                    pattern.span(),
-                    format!(
-                        "invalid recipient pattern `{}`: {}",
-                        pattern.get_ref(),
-                        e.kind()
-                    ),
-                ),
-            }
+    let recipients = raw
+        .smtp
+        .recipients
+        .as_ref()
+        .map(|list| p.globs(list, "recipient"));
+    let senders = raw
+        .smtp
+        .senders
+        .as_ref()
+        .map(|list| p.globs(list, "sender"));
+    let base = path.parent().unwrap_or(Path::new("."));
+    let resolve = |file: &str| {
+        let file = PathBuf::from(file);
+        if file.is_absolute() {
+            file
+        } else {
+            base.join(file)
         }
-        AddressPatterns {
-            set: builder.build().unwrap_or_else(|_| GlobSet::empty()),
+    };
+    let tls = match (&raw.smtp.tls_cert, &raw.smtp.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert: resolve(cert.get_ref()),
+            key: resolve(key.get_ref()),
+        }),
+        (None, None) => None,
+        (Some(only), None) | (None, Some(only)) => {
+            p.push(
+                only.span(),
+                "STARTTLS needs both `tls_cert` and `tls_key` (PEM files)",
+            );
+            None
         }
+    };
+    let require_tls = raw.smtp.require_tls.as_ref().is_some_and(|r| {
+        if *r.get_ref() && tls.is_none() {
+            p.push(
+                r.span(),
+                "`require_tls = true` needs `tls_cert` and `tls_key`",
+            );
+        }
+        *r.get_ref()
+    });
+    let users = raw.smtp.users.as_ref().map_or_else(BTreeMap::new, |u| {
+        if tls.is_none() && !u.get_ref().is_empty() {
+            p.push(u.span(), "[smtp.users] needs STARTTLS: AUTH is only offered over TLS; set `tls_cert` and `tls_key`");
+        }
+        u.get_ref().clone()
+    });
+    let require_auth = raw.smtp.require_auth.as_ref().is_some_and(|r| {
+        if *r.get_ref() && users.is_empty() {
+            p.push(r.span(), "`require_auth = true` needs [smtp.users], e.g. monitor = \"MAILCALL_SMTP_PASSWORD_MONITOR\"");
+        }
+        *r.get_ref()
     });
     let max_message_bytes = positive(
         &mut p,
@@ -546,11 +677,33 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         recipients,
         max_message_bytes: usize::try_from(max_message_bytes).unwrap_or(usize::MAX),
         max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+        max_connections_per_ip: usize::try_from(positive(
+            &mut p,
+            raw.smtp.max_connections_per_ip.as_ref(),
+            "max_connections_per_ip",
+            20,
+        ))
+        .unwrap_or(usize::MAX),
         timeout: p.duration(
             raw.smtp.timeout.as_ref(),
             "timeout",
             Duration::from_secs(300),
         ),
+        session_timeout: p.duration(
+            raw.smtp.session_timeout.as_ref(),
+            "session_timeout",
+            Duration::from_secs(1800),
+        ),
+        tls,
+        require_tls,
+        users,
+        require_auth,
+        senders,
+        max_auth_failures: raw
+            .smtp
+            .max_auth_failures
+            .as_ref()
+            .map_or(5, |m| *m.get_ref()),
     };
 
     // [twilio]
@@ -613,15 +766,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
     let builtins: BTreeSet<&str> = BUILTIN_PLACEHOLDERS.into_iter().collect();
     let default_message = Spanned::new(0..0, "Alert. {subject}".to_string());
     let defaults = Defaults {
-        language: raw
-            .defaults
-            .language
-            .clone()
+        language: p
+            .language(raw.defaults.language.as_ref())
             .unwrap_or_else(|| "en-US".to_string()),
-        voice: raw
-            .defaults
-            .voice
-            .clone()
+        voice: p
+            .voice(raw.defaults.voice.as_ref())
             .unwrap_or_else(|| "Polly.Joanna".to_string()),
         message: p
             .template(
@@ -754,18 +903,18 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             body,
             action,
             message: message.unwrap_or_else(|| defaults.message.clone()),
-            language: r
-                .language
-                .clone()
+            language: p
+                .language(r.language.as_ref())
                 .unwrap_or_else(|| defaults.language.clone()),
-            voice: r.voice.clone().unwrap_or_else(|| defaults.voice.clone()),
+            voice: p
+                .voice(r.voice.as_ref())
+                .unwrap_or_else(|| defaults.voice.clone()),
             dedup_key,
             cooldown: p.duration(r.cooldown.as_ref(), "cooldown", defaults.cooldown),
         });
     }
 
     // [state] and [limits]
-    let base = path.parent().unwrap_or(Path::new("."));
     let state_path = PathBuf::from(raw.state.path.as_deref().unwrap_or("mailcall.db"));
     let state = State {
         path: if state_path.is_absolute() {
@@ -805,6 +954,13 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             h.max_body_bytes.as_ref(),
             "max_body_bytes",
             1024 * 1024,
+        ))
+        .unwrap_or(usize::MAX),
+        max_connections: usize::try_from(positive(
+            &mut p,
+            h.max_connections.as_ref(),
+            "max_connections",
+            100,
         ))
         .unwrap_or(usize::MAX),
     });
@@ -921,6 +1077,31 @@ mod tests {
             Err(ConfigError::Invalid(p)) => p.to_string().lines().map(String::from).collect(),
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn languages_and_voices() {
+        for ok in ["en-US", "ja-JP", "cmn-CN", "en", "zh-Hant-TW"] {
+            assert!(is_language(ok), "{ok}");
+        }
+        for bad in ["", "e", "english", "en_US", "en-US\"", "ja-JP ", "\u{fffe}"] {
+            assert!(!is_language(bad), "{bad:?}");
+        }
+        for ok in [
+            "alice",
+            "Polly.Joanna",
+            "Polly.Mizuki-Neural",
+            "Google.en-US-Standard-C",
+        ] {
+            assert!(is_voice(ok), "{ok}");
+        }
+        for bad in ["", ".x", "Polly Joanna", "a\"b", &"x".repeat(65)] {
+            assert!(!is_voice(bad), "{bad:?}");
+        }
+        let got = problems(&format!(
+            "{MINIMAL}[defaults]\nvoice = \"Polly Joanna\"\nlanguage = \"english\"\n"
+        ));
+        assert_eq!(got.len(), 2, "{got:?}");
     }
 
     #[test]

@@ -20,7 +20,8 @@ use mailcall::config::{Config, ConfigError};
 use mailcall::dispatch::Caller;
 use mailcall::dispatch::Dispatcher;
 use mailcall::health::Health;
-use mailcall::ingest::http::Secrets;
+use mailcall::ingest::Secrets;
+use mailcall::ingest::tls::Tls;
 use mailcall::route::{self, Action};
 use mailcall::server::{self, Listeners};
 use mailcall::store::Store;
@@ -178,6 +179,10 @@ fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
     let config = Arc::new(load(path)?);
     let secrets = Secrets::from_env(&config)?;
     let caller = caller(&config, dry_run)?;
+    let tls = match &config.smtp.tls {
+        Some(files) => Some(Arc::new(Tls::load(files)?)),
+        None => None,
+    };
     let _lock = DaemonLock::acquire(&config.state.path)?;
     let store = Store::open(&config.state.path, config.state.max_bytes)?;
     tracing::info!(path = %config.state.path.display(), "store open");
@@ -186,7 +191,8 @@ fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
         let listeners = Listeners::bind(&config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        server::run(config, store, caller, listeners, secrets, shutdown).await;
+        tokio::spawn(reload_on_sighup(tls.clone()));
+        server::run(config, store, caller, listeners, secrets, tls, shutdown).await;
         Ok(())
     })
 }
@@ -223,6 +229,20 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
         !numbers.is_empty(),
         "--to names nobody; give contacts, groups or E.164 numbers"
     );
+    if let Some(language) = args
+        .language
+        .as_deref()
+        .filter(|l| !mailcall::config::is_language(l))
+    {
+        anyhow::bail!("invalid --language {language:?}; write e.g. en-US or ja-JP");
+    }
+    if let Some(voice) = args
+        .voice
+        .as_deref()
+        .filter(|v| !mailcall::config::is_voice(v))
+    {
+        anyhow::bail!("invalid --voice {voice:?}; write e.g. Polly.Joanna or alice");
+    }
     let alert = NewAlert {
         source: "cli",
         direct: Some(DirectAlert {
@@ -322,6 +342,26 @@ async fn report_call(store: &Store, alert: i64, wait: Duration) -> anyhow::Resul
             });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `systemctl reload` (SIGHUP): reads the STARTTLS certificate again.
+async fn reload_on_sighup(tls: Option<Arc<Tls>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; reloading is unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading");
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate NOT reloaded; the old one stays in use")
+                }
+            }
+        }
     }
 }
 

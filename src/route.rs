@@ -8,7 +8,7 @@ use std::time::Duration;
 use regex::Regex;
 
 use crate::alert::{Alert, DirectAlert};
-use crate::config::{Config, Rule, RuleAction};
+use crate::config::{Config, Rule, RuleAction, is_language, is_voice};
 use crate::speech;
 use crate::twilio::twiml;
 
@@ -71,13 +71,17 @@ pub fn route(config: &Config, alert: &Alert) -> Decision {
 /// The decision for a [`DirectAlert`]: its own numbers and words, the defaults for the
 /// rest. `source` (`webhook`, `cli`) stands where a rule name would.
 pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
+    // Ingest validates these; anything invalid that got this far falls back to the
+    // defaults rather than making TwiML Twilio refuses.
     let language = alert
         .language
         .clone()
+        .filter(|l| is_language(l))
         .unwrap_or_else(|| config.defaults.language.clone());
     let voice = alert
         .voice
         .clone()
+        .filter(|v| is_voice(v))
         .unwrap_or_else(|| config.defaults.voice.clone());
     let spoken = speech::speakable(&alert.message);
     let message = twiml::fit(&spoken, &language, &voice).to_string();

@@ -20,8 +20,10 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::dispatch::{Caller, Dispatcher};
 use crate::health::Health;
-use crate::ingest::http::{self, Secrets};
+use crate::ingest::Secrets;
+use crate::ingest::http;
 use crate::ingest::smtp;
+use crate::ingest::tls::Tls;
 use crate::store::Store;
 
 /// How long shutdown waits for SMTP sessions and the dispatcher.
@@ -66,6 +68,7 @@ pub async fn run(
     caller: Caller,
     listeners: Listeners,
     secrets: Secrets,
+    tls: Option<Arc<Tls>>,
     shutdown: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
@@ -88,14 +91,20 @@ pub async fn run(
         if let Ok(addr) = listener.local_addr() {
             info!(addr = %addr, "http listening");
         }
-        let app = http::app(Arc::new(http::Context {
+        let max_connections = config.http.as_ref().map_or(100, |h| h.max_connections);
+        let app = http::app(Arc::new(http::HttpContext {
             config: Arc::clone(&config),
             store: store.clone(),
             wake: Arc::clone(&wake),
             health: Arc::clone(&health),
-            secrets,
+            secrets: secrets.clone(),
         }));
-        tasks.spawn(http::serve(listener, app, shutdown.clone()));
+        tasks.spawn(http::serve(
+            listener,
+            max_connections,
+            app,
+            shutdown.clone(),
+        ));
     }
 
     if let Ok(addr) = listeners.smtp.local_addr() {
@@ -105,6 +114,9 @@ pub async fn run(
         config,
         store,
         wake,
+        tls,
+        passwords: secrets.smtp_passwords.clone(),
+        guard: Arc::new(smtp::Guard::default()),
     });
     let (smtp_tasks, smtp_shutdown) = (tasks.clone(), shutdown.clone());
     tasks.spawn(async move {

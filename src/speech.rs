@@ -46,9 +46,15 @@ pub fn cap(text: &str, max_bytes: usize, max_escaped_chars: usize) -> &str {
     }
 }
 
-/// How many characters `c` takes once XML-escaped.
+/// Is `c` allowed in an XML 1.0 document at all?
+pub fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..='\u{10FFFF}')
+}
+
+/// How many characters `c` takes once XML-escaped (none if XML forbids it).
 pub fn escaped_len(c: char) -> usize {
     match c {
+        c if !is_xml_char(c) => 0,
         '&' => 5,
         '<' | '>' => 4,
         '"' | '\'' => 6,

@@ -11,78 +11,37 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::connect_info::ConnectInfo;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::{IncomingStream, Listener};
 use base64::Engine;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 use subtle::ConstantTimeEq;
-use tokio::net::TcpListener;
-use tokio::sync::Notify;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 use tracing::{error, info, warn};
 
 use crate::alert::DirectAlert;
-use crate::config::{Config, Sendgrid};
+use crate::config::{Config, Sendgrid, is_language, is_voice};
 use crate::health::Health;
+use crate::ingest::Secrets;
 use crate::ingest::sendgrid::{self, Inbound};
 use crate::route;
 use crate::store::{Inserted, NewAlert, Store, now_ms};
 
-/// Secrets the HTTP endpoints check against, read from the environment at start.
-#[derive(Clone, Default)]
-pub struct Secrets {
-    pub sendgrid_password: Option<String>,
-    pub webhook_token: Option<String>,
-}
-
-impl std::fmt::Debug for Secrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secrets { .. }")
-    }
-}
-
-/// A secret the configuration names but the environment lacks.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{section} names the environment variable {var}, which is not set (or empty); set it, e.g. in /etc/mailcall/mailcall.env"
-)]
-pub struct MissingSecret {
-    section: &'static str,
-    var: String,
-}
-
-impl Secrets {
-    /// Reads every secret the configuration names; a missing one stops the start.
-    pub fn from_env(config: &Config) -> Result<Secrets, MissingSecret> {
-        let read = |section: &'static str, var: &str| {
-            std::env::var(var)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| MissingSecret {
-                    section,
-                    var: var.to_string(),
-                })
-        };
-        Ok(Secrets {
-            sendgrid_password: match config.sendgrid.as_ref().and_then(|s| s.basic.as_ref()) {
-                Some((_, var)) => Some(read("[sendgrid] password_env", var)?),
-                None => None,
-            },
-            webhook_token: match &config.webhook {
-                Some(w) => Some(read("[webhook] token_env", &w.token_env)?),
-                None => None,
-            },
-        })
-    }
-}
-
 /// What every request handler shares.
 #[derive(Debug)]
-pub struct Context {
+pub struct HttpContext {
     pub config: Arc<Config>,
     pub store: Store,
     pub wake: Arc<Notify>,
@@ -91,10 +50,10 @@ pub struct Context {
 }
 
 /// The routes this configuration enables.
-pub fn app(ctx: Arc<Context>) -> Router {
+pub fn app(ctx: Arc<HttpContext>) -> Router {
     let http = ctx.config.http.as_ref();
     let max_body = http.map_or(1024 * 1024, |h| h.max_body_bytes);
-    let timeout = http.map_or(std::time::Duration::from_secs(30), |h| h.request_timeout);
+    let timeout = http.map_or(Duration::from_secs(30), |h| h.request_timeout);
     let mut router = Router::new().route("/healthz", get(healthz));
     if let Some(sg) = &ctx.config.sendgrid {
         router = router.route(
@@ -114,9 +73,19 @@ pub fn app(ctx: Arc<Context>) -> Router {
         .with_state(ctx)
 }
 
-/// Serves `app` until `shutdown`, then finishes the requests under way.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: CancellationToken) {
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+/// Serves `app` until `shutdown`, then finishes the requests under way. At most
+/// `max_connections` are served at once; more wait in the listen backlog.
+pub async fn serve(
+    listener: TcpListener,
+    max_connections: usize,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let listener = LimitedListener {
+        inner: listener,
+        slots: Arc::new(Semaphore::new(max_connections)),
+    };
+    let service = app.into_make_service_with_connect_info::<PeerAddr>();
     if let Err(e) = axum::serve(listener, service)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
@@ -171,7 +140,85 @@ impl IntoResponse for HttpError {
     }
 }
 
-/// The client's address, when the server knows it (not in router-only tests).
+/// A TCP listener that holds at most `slots` connections open.
+struct LimitedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+/// A connection and its slot, given back when the connection is dropped.
+struct LimitedIo {
+    io: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Listener for LimitedListener {
+    type Io = LimitedIo;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let slot = match Arc::clone(&self.slots).acquire_owned().await {
+            Ok(slot) => slot,
+            Err(_) => std::future::pending().await,
+        };
+        loop {
+            match self.inner.accept().await {
+                Ok((io, addr)) => {
+                    let _ = io.set_nodelay(true);
+                    return (LimitedIo { io, _slot: slot }, addr);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot accept an HTTP connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl AsyncRead for LimitedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The client's address, as axum's connect info for [`LimitedListener`].
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(SocketAddr);
+
+impl Connected<IncomingStream<'_, LimitedListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, LimitedListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// The client's address, when the server knows it.
 struct Peer(Option<String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
@@ -181,13 +228,13 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
         Ok(Peer(
             parts
                 .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.to_string()),
+                .get::<ConnectInfo<PeerAddr>>()
+                .map(|c| c.0.0.to_string()),
         ))
     }
 }
 
-async fn healthz(State(ctx): State<Arc<Context>>) -> Response {
+async fn healthz(State(ctx): State<Arc<HttpContext>>) -> Response {
     let report = ctx.health.check(&ctx.store).await;
     let status = if report.healthy() {
         StatusCode::OK
@@ -210,7 +257,7 @@ fn same_secret(given: &str, expected: &str) -> bool {
 
 /// `GET /alert?tels=…&message=…` or `POST /alert` with a form: the original webhook.
 async fn webhook(
-    State(ctx): State<Arc<Context>>,
+    State(ctx): State<Arc<HttpContext>>,
     Peer(peer): Peer,
     method: Method,
     headers: HeaderMap,
@@ -268,6 +315,18 @@ async fn webhook(
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
     };
+    if let Some(language) = non_empty("language").filter(|l| !is_language(l)) {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid `language` {language:?}; write e.g. en-US or ja-JP"),
+        ));
+    }
+    if let Some(voice) = non_empty("voice").filter(|v| !is_voice(v)) {
+        return Err(HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid `voice` {voice:?}; write e.g. Polly.Joanna or alice"),
+        ));
+    }
     let direct = DirectAlert {
         numbers: numbers.clone(),
         message,
@@ -304,7 +363,7 @@ async fn webhook(
 
 /// `POST {sendgrid.path}`: SendGrid Inbound Parse, raw or default mode.
 async fn sendgrid_inbound(
-    State(ctx): State<Arc<Context>>,
+    State(ctx): State<Arc<HttpContext>>,
     Peer(peer): Peer,
     headers: HeaderMap,
     body: Bytes,

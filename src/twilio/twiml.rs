@@ -45,13 +45,15 @@ pub fn fit<'a>(text: &'a str, language: &str, voice: &str) -> &'a str {
     )
 }
 
-/// Escapes the five XML special characters.
+/// Escapes the five XML special characters and drops the characters XML 1.0 does not
+/// allow at all, escaped or not (most controls, U+FFFE, U+FFFF): one of them in a mail
+/// would make Twilio refuse the whole call.
 pub fn escape(s: &str) -> Cow<'_, str> {
-    if !s.contains(['&', '<', '>', '"', '\'']) {
+    if !s.contains(['&', '<', '>', '"', '\'']) && s.chars().all(speech::is_xml_char) {
         return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len() + 16);
-    for c in s.chars() {
+    for c in s.chars().filter(|c| speech::is_xml_char(*c)) {
         match c {
             '&' => out.push_str("&amp;"),
             '<' => out.push_str("&lt;"),
@@ -75,6 +77,16 @@ mod tests {
         assert_eq!(
             escape(s).chars().count(),
             s.chars().map(speech::escaped_len).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn characters_xml_forbids_are_dropped() {
+        // Found by the property tests in tests/it/fuzz.rs.
+        assert_eq!(escape("a\u{fffe}b\u{1}c\u{ffff}d\te"), "abcd\te");
+        assert_eq!(
+            escape("\u{fffe}").chars().count(),
+            speech::escaped_len('\u{fffe}')
         );
     }
 

@@ -65,10 +65,22 @@ impl Daemon {
             cmd.env_remove("TWILIO_ACCOUNT_SID")
                 .env_remove("TWILIO_AUTH_TOKEN");
         }
-        cmd.arg("serve");
         if dry_run {
-            cmd.arg("--dry-run");
+            cmd.arg("serve").arg("--dry-run");
+        } else {
+            cmd.arg("serve");
         }
+        Daemon::spawn(cmd, dir)
+    }
+
+    /// Starts `mailcall serve` (placing calls) with extra environment variables.
+    pub fn launch_with_env(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = command(dir);
+        cmd.envs(env.iter().copied()).arg("serve");
+        Daemon::spawn(cmd, dir)
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path) -> Daemon {
         let mut child = cmd
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -134,6 +146,18 @@ impl Daemon {
 
     pub fn smtp(&self) -> SmtpClient {
         SmtpClient::connect(self.smtp)
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, …) to the daemon.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([&format!("-{name}"), &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 
     /// SIGKILL: no chance to clean up.

@@ -4,7 +4,9 @@
 mod cli;
 mod core;
 mod durability;
+mod edge;
 mod fake_twilio;
+mod fuzz;
 mod harness;
 mod http;
 mod source_files;
