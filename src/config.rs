@@ -46,6 +46,16 @@ pub struct Config {
     pub sendgrid: Option<Sendgrid>,
     /// The `/alert` webhook; `None`: not served.
     pub webhook: Option<Webhook>,
+    /// The scheduled test call; `None`: none.
+    pub canary: Option<Canary>,
+}
+
+/// A scheduled end-to-end test call through the whole pipeline.
+#[derive(Debug, Clone)]
+pub struct Canary {
+    pub every: Duration,
+    pub numbers: Vec<String>,
+    pub message: String,
 }
 
 /// The HTTP server (SendGrid, `/alert`, health).
@@ -356,6 +366,15 @@ struct RawConfig {
     http: Option<RawHttp>,
     sendgrid: Option<Spanned<RawSendgrid>>,
     webhook: Option<RawWebhook>,
+    canary: Option<RawCanary>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCanary {
+    every: Spanned<String>,
+    call: Spanned<Vec<Spanned<String>>>,
+    message: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -487,6 +506,36 @@ impl Problemset {
                 default
             }
         }
+    }
+
+    /// Resolves `call` entries (contacts, groups, E.164 numbers) to unique numbers.
+    fn callees(
+        &mut self,
+        entries: &[Spanned<String>],
+        contacts: &BTreeMap<String, String>,
+        groups: &BTreeMap<String, Vec<String>>,
+        owner: &str,
+    ) -> Vec<String> {
+        let mut numbers = Vec::new();
+        for entry in entries {
+            let e = entry.get_ref();
+            if let Some(n) = contacts.get(e) {
+                numbers.push(n.clone());
+            } else if let Some(ns) = groups.get(e) {
+                numbers.extend(ns.iter().cloned());
+            } else if is_e164(e) {
+                numbers.push(e.clone());
+            } else {
+                self.push(
+                    entry.span(),
+                    format!(
+                        "`{e}` in {owner} is neither a contact, a group nor an E.164 number; add it under [contacts] or write the number as \"+15005550001\""
+                    ),
+                );
+            }
+        }
+        dedup_in_order(&mut numbers);
+        numbers
     }
 
     fn language(&mut self, value: Option<&Spanned<String>>) -> Option<String> {
@@ -862,29 +911,15 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
                 RuleAction::Drop
             }
             (Some(call), _) => {
-                let mut numbers = Vec::new();
                 if call.get_ref().is_empty() {
                     p.push(call.span(), format!("rule `{name}` has an empty `call` list; name a contact, group or number, or use drop = true"));
                 }
-                for entry in call.get_ref() {
-                    let e = entry.get_ref();
-                    if let Some(n) = contacts.get(e) {
-                        numbers.push(n.clone());
-                    } else if let Some(ns) = groups.get(e) {
-                        numbers.extend(ns.iter().cloned());
-                    } else if is_e164(e) {
-                        numbers.push(e.clone());
-                    } else {
-                        p.push(
-                            entry.span(),
-                            format!(
-                                "`{e}` in rule `{name}` is neither a contact, a group nor an E.164 number; add it under [contacts] or write the number as \"+15005550001\""
-                            ),
-                        );
-                    }
-                }
-                dedup_in_order(&mut numbers);
-                RuleAction::Call(numbers)
+                RuleAction::Call(p.callees(
+                    call.get_ref(),
+                    &contacts,
+                    &groups,
+                    &format!("rule `{name}`"),
+                ))
             }
         };
         let message = match &r.message {
@@ -1016,6 +1051,29 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         }
     });
 
+    let canary = raw.canary.as_ref().map(|c| {
+        let every = p.duration(Some(&c.every), "every", Duration::from_secs(86_400));
+        if every < Duration::from_secs(60) {
+            p.push(
+                c.every.span(),
+                "`every` must be at least \"1m\"; a canary is a daily or hourly check",
+            );
+        }
+        if c.call.get_ref().is_empty() {
+            p.push(
+                c.call.span(),
+                "[canary] `call` is empty; name who should get the test call",
+            );
+        }
+        Canary {
+            every,
+            numbers: p.callees(c.call.get_ref(), &contacts, &groups, "[canary]"),
+            message: c.message.clone().unwrap_or_else(|| {
+                "This is the mailcall test call. The alert path works. No action is needed.".into()
+            }),
+        }
+    });
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -1032,6 +1090,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         http,
         sendgrid,
         webhook,
+        canary,
     })
 }
 

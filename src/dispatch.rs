@@ -29,7 +29,9 @@ use tracing::{error, info, warn};
 use crate::alert::Alert;
 use crate::config::Config;
 use crate::health::Health;
+use crate::metrics::{CallError, Metrics, Outcome as CanaryOutcome, Routing};
 use crate::route::{self, Action};
+use crate::settings::Live;
 use crate::store::{CallJob, CallUpdate, NewIncident, PendingAlert, Routed, Store, now_ms};
 use crate::twilio::{self, CallRequest, Outcome, twiml};
 
@@ -50,41 +52,24 @@ pub enum Caller {
 /// The dispatch worker and the call tasks it spawns.
 #[derive(Debug)]
 pub struct Dispatcher {
-    config: Arc<Config>,
-    store: Store,
-    caller: Caller,
-    wake: Arc<Notify>,
-    calls: TaskTracker,
-    shutdown: CancellationToken,
-    health: Arc<Health>,
+    pub live: Live,
+    pub store: Store,
+    pub caller: Caller,
+    /// Notified by ingest after each stored alert.
+    pub wake: Arc<Notify>,
+    /// Tracks the call tasks, so shutdown can wait for requests in flight.
+    pub calls: TaskTracker,
+    pub shutdown: CancellationToken,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
-    /// `wake` is notified by ingest after each stored alert; `calls` tracks the call
-    /// tasks so shutdown can wait for requests in flight.
-    pub fn new(
-        config: Arc<Config>,
-        store: Store,
-        caller: Caller,
-        wake: Arc<Notify>,
-        calls: TaskTracker,
-        shutdown: CancellationToken,
-        health: Arc<Health>,
-    ) -> Dispatcher {
-        Dispatcher {
-            config,
-            store,
-            caller,
-            wake,
-            calls,
-            shutdown,
-            health,
-        }
-    }
-
     /// Runs until shutdown: resumes unfinished calls, then routes stored alerts as they
     /// arrive.
     pub async fn run(self: Arc<Self>) {
+        // Alive from the start: resuming (which may ask Twilio) is work, not a hang.
+        self.health.dispatcher_beat();
         self.resume().await;
         loop {
             self.health.dispatcher_beat();
@@ -151,7 +136,7 @@ impl Dispatcher {
             jobs.sort_by_key(|j| j.in_flight_since);
             let since = jobs[0].in_flight_since.unwrap_or(0);
             let mut candidates = match client
-                .recent_calls(&number, &self.config.twilio.from, since)
+                .recent_calls(&number, &self.live.load().config.twilio.from, since)
                 .await
             {
                 Ok(c) => c
@@ -209,6 +194,8 @@ impl Dispatcher {
     /// Routes a batch and records the outcome; false if the store failed for any of
     /// it, so that the caller waits before trying again instead of spinning.
     async fn route_batch(&self, batch: Vec<PendingAlert>) -> bool {
+        let settings = self.live.load_full();
+        let config = &settings.config;
         let mut items = Vec::with_capacity(batch.len());
         let mut alerts = Vec::with_capacity(batch.len());
         for pending in batch {
@@ -218,11 +205,11 @@ impl Dispatcher {
                         subject: direct.message.clone(),
                         ..Alert::default()
                     },
-                    route::direct(&self.config, &pending.source, direct),
+                    route::direct(config, &pending.source, direct),
                 ),
                 None => {
                     let alert = Alert::from_mime(&pending.raw, &pending.envelope);
-                    let decision = route::route(&self.config, &alert);
+                    let decision = route::route(config, &alert);
                     (alert, decision)
                 }
             };
@@ -236,12 +223,18 @@ impl Dispatcher {
                 ),
                 public_id,
             };
-            alerts.push((pending.id, pending.source, alert, decision.clone()));
+            alerts.push((
+                pending.id,
+                pending.received_at,
+                pending.source,
+                alert,
+                decision.clone(),
+            ));
             items.push((pending.id, decision, new));
         }
         let results = match self
             .store
-            .record_routings(items, self.config.limits.max_calls_per_hour)
+            .record_routings(items, config.limits.max_calls_per_hour)
             .await
         {
             Ok(r) => r,
@@ -251,9 +244,27 @@ impl Dispatcher {
             }
         };
         let all_recorded = results.iter().all(Result::is_ok);
-        for ((alert_id, source, alert, decision), result) in alerts.into_iter().zip(results) {
+        for ((alert_id, received_at, source, alert, decision), result) in
+            alerts.into_iter().zip(results)
+        {
             let message_id = alert.message_id.as_deref().unwrap_or("-");
             let rule = decision.rule.as_deref().unwrap_or("-");
+            let action = match &result {
+                Err(_) => None,
+                Ok(Routed::NotCalled) if decision.action == Action::None => Some("none"),
+                Ok(Routed::NotCalled) => Some("drop"),
+                Ok(Routed::Deduplicated { .. }) => Some("deduplicated"),
+                Ok(Routed::Opened { .. }) => Some("call"),
+            };
+            if let Some(action) = action {
+                self.metrics
+                    .alerts_routed
+                    .get_or_create(&Routing {
+                        rule: rule.to_string(),
+                        action,
+                    })
+                    .inc();
+            }
             match result {
                 Err(e) => {
                     error!(alert = alert_id, error = %e, "cannot record routing; will try again")
@@ -279,6 +290,8 @@ impl Dispatcher {
                     calls,
                     refused,
                 }) => {
+                    self.metrics.incidents_opened.inc();
+                    self.metrics.budget_refusals.inc_by(refused.len() as u64);
                     let numbers: Vec<&str> = calls.iter().map(|c| c.number.as_str()).collect();
                     info!(
                         alert = alert_id, source, message_id, from = %alert.from, rule, action = "call",
@@ -288,12 +301,15 @@ impl Dispatcher {
                     if !refused.is_empty() {
                         error!(
                             incident = incident_id, refused = ?refused,
-                            max_calls_per_hour = self.config.limits.max_calls_per_hour,
+                            max_calls_per_hour = config.limits.max_calls_per_hour,
                             "CALL BUDGET EXHAUSTED: these numbers are NOT called; raise [limits] max_calls_per_hour if this is a real incident"
                         );
                     }
                     for job in calls {
-                        self.spawn_call(job);
+                        self.spawn_call(CallJob {
+                            received_at: Some(received_at),
+                            ..job
+                        });
                     }
                 }
             }
@@ -304,10 +320,12 @@ impl Dispatcher {
     fn spawn_call(&self, job: CallJob) {
         let caller = self.caller.clone();
         let store = self.store.clone();
-        let config = Arc::clone(&self.config);
+        let settings = self.live.load_full();
         let shutdown = self.shutdown.clone();
-        self.calls
-            .spawn(async move { place_call(job, &caller, &store, &config, &shutdown).await });
+        let metrics = Arc::clone(&self.metrics);
+        self.calls.spawn(async move {
+            place_call(job, &caller, &store, &settings.config, &metrics, &shutdown).await
+        });
     }
 }
 
@@ -317,6 +335,7 @@ async fn place_call(
     caller: &Caller,
     store: &Store,
     config: &Config,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) {
     let t = &config.twilio;
@@ -347,6 +366,10 @@ async fn place_call(
                 return;
             }
             Caller::Twilio(client) => {
+                if let Some(received) = job.received_at.filter(|_| attempt == 0) {
+                    let waited = now_ms().saturating_sub(received).max(0);
+                    metrics.dispatch_latency.observe(waited as f64 / 1000.0);
+                }
                 client
                     .create_call(&CallRequest {
                         to: &job.number,
@@ -360,6 +383,8 @@ async fn place_call(
         match outcome {
             Outcome::Placed { sid } => {
                 info!(incident = job.incident_id, rule = %job.rule, number = %job.number, sid = %sid, "call placed");
+                metrics.calls_placed.inc();
+                canary_result(metrics, &job, None);
                 record(
                     store,
                     &job,
@@ -381,6 +406,13 @@ async fn place_call(
                     twilio_code = code, error = %message, hint = error_hint(code),
                     "call failed permanently; this number is not called"
                 );
+                metrics
+                    .calls_failed
+                    .get_or_create(&CallError {
+                        code: code.map_or("none".into(), |c| c.to_string()),
+                    })
+                    .inc();
+                canary_result(metrics, &job, Some(&message));
                 record(
                     store,
                     &job,
@@ -408,6 +440,13 @@ async fn place_call(
                         humantime::format_duration(t.retry_for)
                     );
                     error!(incident = job.incident_id, number = %job.number, error = %error, "call failed; this number is not called");
+                    metrics
+                        .calls_failed
+                        .get_or_create(&CallError {
+                            code: "none".into(),
+                        })
+                        .inc();
+                    canary_result(metrics, &job, Some(&error));
                     record(store, &job, CallUpdate::Failed { code: None, error }).await;
                     return;
                 }
@@ -415,6 +454,7 @@ async fn place_call(
                     incident = job.incident_id, number = %job.number, error = %reason,
                     retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "call not placed yet; retrying"
                 );
+                metrics.call_retries.inc();
                 record(store, &job, CallUpdate::Retrying { error: reason }).await;
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -422,6 +462,29 @@ async fn place_call(
                 }
                 attempt = attempt.saturating_add(1);
             }
+        }
+    }
+}
+
+/// Accounts for a canary call's outcome (`error` is `None` when Twilio accepted it).
+fn canary_result(metrics: &Metrics, job: &CallJob, error: Option<&str>) {
+    if job.rule != "canary" {
+        return;
+    }
+    match error {
+        None => {
+            metrics
+                .canary_runs
+                .get_or_create(&CanaryOutcome { result: "ok" })
+                .inc();
+            metrics.canary_last_success.set(now_ms() / 1000);
+        }
+        Some(error) => {
+            metrics
+                .canary_runs
+                .get_or_create(&CanaryOutcome { result: "failed" })
+                .inc();
+            error!(number = %job.number, error, "CANARY FAILED: the phone path is broken; real alerts would not ring either");
         }
     }
 }

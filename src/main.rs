@@ -21,9 +21,10 @@ use mailcall::dispatch::Caller;
 use mailcall::dispatch::Dispatcher;
 use mailcall::health::Health;
 use mailcall::ingest::Secrets;
-use mailcall::ingest::tls::Tls;
+use mailcall::metrics::Metrics;
 use mailcall::route::{self, Action};
 use mailcall::server::{self, Listeners};
+use mailcall::settings::{Live, LoadError, Settings};
 use mailcall::store::Store;
 use mailcall::store::{DaemonLock, NewAlert, StoreError};
 use mailcall::twilio::{self, twiml};
@@ -74,6 +75,9 @@ enum Command {
     },
     /// Place calls now, as an alert would: `--to alice,+15005550009 --message "DB is down"`.
     Call(CallArgs),
+    /// Ask the running daemon how it is (its /healthz); exit 0 healthy, 1 unhealthy,
+    /// 2 unreachable.
+    Status,
     /// Show recent incidents and the status of their calls, newest first.
     Incidents {
         /// One JSON object per incident per line.
@@ -118,6 +122,7 @@ fn main() -> ExitCode {
         Command::Check => return check(&cli.config),
         Command::Route { json, files } => route_files(&cli.config, json, &files),
         Command::Incidents { json, limit } => incidents(&cli.config, json, limit),
+        Command::Status => return status(&cli.config),
         Command::Call(args) => match call(&cli.config, args) {
             Ok(code) => return code,
             Err(e) => Err(e),
@@ -176,25 +181,36 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
-    let config = Arc::new(load(path)?);
-    let secrets = Secrets::from_env(&config)?;
-    let caller = caller(&config, dry_run)?;
-    let tls = match &config.smtp.tls {
-        Some(files) => Some(Arc::new(Tls::load(files)?)),
-        None => None,
-    };
-    let _lock = DaemonLock::acquire(&config.state.path)?;
-    let store = Store::open(&config.state.path, config.state.max_bytes)?;
-    tracing::info!(path = %config.state.path.display(), "store open");
+    let settings = Settings::load(path).map_err(settings_error)?;
+    let caller = caller(&settings.config, dry_run)?;
+    let _lock = DaemonLock::acquire(&settings.config.state.path)?;
+    let store = Store::open(&settings.config.state.path, settings.config.state.max_bytes)?;
+    tracing::info!(path = %settings.config.state.path.display(), "store open");
+    let metrics = Arc::new(Metrics::new(settings.config.state.path.clone()));
+    let live = settings.live();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let listeners = Listeners::bind(&config).await?;
+        let listeners = Listeners::bind(&live.load().config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
-        tokio::spawn(reload_on_sighup(tls.clone()));
-        server::run(config, store, caller, listeners, secrets, tls, shutdown).await;
+        tokio::spawn(reload_on_sighup(
+            Arc::clone(&live),
+            path.to_path_buf(),
+            Arc::clone(&metrics),
+        ));
+        server::run(live, store, caller, listeners, metrics, shutdown).await;
         Ok(())
     })
+}
+
+/// Turns a settings error into the message an operator needs (every config problem).
+fn settings_error(e: LoadError) -> anyhow::Error {
+    match e {
+        LoadError::Config(ConfigError::Invalid(problems)) => {
+            anyhow::anyhow!("invalid configuration:\n{problems}")
+        }
+        other => anyhow::anyhow!(other),
+    }
 }
 
 /// Twilio, or the dry-run logger; without credentials only the latter.
@@ -269,15 +285,24 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
                 let store = Store::open(&config.state.path, config.state.max_bytes)?;
                 let id = store.insert_alert(alert).await?.id;
                 let calls = TaskTracker::new();
-                let dispatcher = Dispatcher::new(
-                    Arc::clone(&config),
-                    store.clone(),
+                let metrics = Arc::new(Metrics::new(config.state.path.clone()));
+                // Only the dispatcher runs here: no listeners, so no secrets or certificate.
+                let live = Settings {
+                    config: (*config).clone(),
+                    secrets: Secrets::default(),
+                    tls: None,
+                }
+                .live();
+                let dispatcher = Dispatcher {
+                    live,
+                    store: store.clone(),
                     caller,
-                    Arc::new(Notify::new()),
-                    calls.clone(),
-                    CancellationToken::new(),
-                    Arc::new(Health::default()),
-                );
+                    wake: Arc::new(Notify::new()),
+                    calls: calls.clone(),
+                    shutdown: CancellationToken::new(),
+                    health: Arc::new(Health::default()),
+                    metrics,
+                };
                 dispatcher.run_once().await;
                 calls.close();
                 calls.wait().await;
@@ -345,23 +370,45 @@ async fn report_call(store: &Store, alert: i64, wait: Duration) -> anyhow::Resul
     }
 }
 
-/// `systemctl reload` (SIGHUP): reads the STARTTLS certificate again.
-async fn reload_on_sighup(tls: Option<Arc<Tls>>) {
+/// `systemctl reload` (SIGHUP): reads the configuration (and certificate) again and swaps
+/// it in only if all of it is valid; otherwise logs every problem and keeps the old one.
+async fn reload_on_sighup(live: Live, path: PathBuf, metrics: Arc<Metrics>) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; reloading is unavailable");
         return;
     };
     while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP received: reloading");
-        if let Some(tls) = &tls {
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS certificate NOT reloaded; the old one stays in use")
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Reloading,
+            sd_notify::NotifyState::monotonic_usec_now()
+                .unwrap_or(sd_notify::NotifyState::Status("reloading")),
+        ]);
+        tracing::info!(path = %path.display(), "SIGHUP received: reloading the configuration");
+        let result = match Settings::reload(&live, &path) {
+            Ok(needs_restart) => {
+                for what in needs_restart {
+                    tracing::warn!(setting = %what, "changed, but takes effect only after a restart");
                 }
+                tracing::info!("configuration reloaded");
+                "ok"
             }
-        }
+            Err(LoadError::Config(ConfigError::Invalid(problems))) => {
+                for line in problems.to_string().lines() {
+                    tracing::error!(problem = %line, "configuration NOT reloaded");
+                }
+                "failed"
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "configuration NOT reloaded; the old one stays in force");
+                "failed"
+            }
+        };
+        metrics
+            .reloads
+            .get_or_create(&mailcall::metrics::Outcome { result })
+            .inc();
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 }
 
@@ -379,6 +426,65 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
     shutdown.cancel();
+}
+
+fn status(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mailcall: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(http) = &config.http else {
+        eprintln!(
+            "mailcall: status asks the daemon's HTTP server; add [http] listen = \"127.0.0.1:8025\" to {}",
+            path.display()
+        );
+        return ExitCode::from(2);
+    };
+    let mut addr = http.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}/healthz");
+    let answer = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(async {
+                let response = reqwest::Client::new()
+                    .get(&url)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await?;
+                let code = response.status();
+                let body: serde_json::Value = response.json().await?;
+                Ok::<_, anyhow::Error>((code, body))
+            })
+        });
+    match answer {
+        Ok((code, body)) => {
+            println!(
+                "mailcall at {addr}: {}",
+                body["status"].as_str().unwrap_or("?")
+            );
+            for part in ["store", "dispatcher", "smtp"] {
+                let ok = body[part].as_bool().unwrap_or(false);
+                println!("  {part:<10} {}", if ok { "ok" } else { "FAILING" });
+            }
+            if code.is_success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("mailcall: no answer from {url}: {e:#}; is the daemon running?");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn route_files(path: &Path, json: bool, files: &[PathBuf]) -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
-//! `mailcall serve`: opens the store, starts the dispatcher and the SMTP listener, and
-//! shuts them down in order.
+//! `mailcall serve`: starts the dispatcher, the listeners, the watchdog and the canary,
+//! tells systemd when it is ready, and shuts everything down in order.
 //!
 //! Shutdown is passed in as a [`CancellationToken`] (the binary cancels it on
 //! SIGTERM/SIGINT; tests cancel it directly). On shutdown the listener stops accepting,
@@ -15,16 +15,18 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use crate::alert::DirectAlert;
 use crate::config::Config;
 use crate::dispatch::{Caller, Dispatcher};
 use crate::health::Health;
-use crate::ingest::Secrets;
 use crate::ingest::http;
 use crate::ingest::smtp;
-use crate::ingest::tls::Tls;
+use crate::metrics::{Metrics, Outcome};
+use crate::settings::Live;
 use crate::store::Store;
+use crate::store::{NewAlert, now_ms};
 
 /// How long shutdown waits for SMTP sessions and the dispatcher.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
@@ -63,12 +65,11 @@ async fn bind(addr: SocketAddr, what: &str, key: &str) -> std::io::Result<TcpLis
 
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(
-    config: Arc<Config>,
+    live: Live,
     store: Store,
     caller: Caller,
     listeners: Listeners,
-    secrets: Secrets,
-    tls: Option<Arc<Tls>>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
@@ -76,28 +77,34 @@ pub async fn run(
     let calls = TaskTracker::new();
     let health = Arc::new(Health::default());
 
-    let dispatcher = Arc::new(Dispatcher::new(
-        Arc::clone(&config),
-        store.clone(),
+    let dispatcher = Arc::new(Dispatcher {
+        live: Arc::clone(&live),
+        store: store.clone(),
         caller,
-        Arc::clone(&wake),
-        calls.clone(),
-        shutdown.clone(),
-        Arc::clone(&health),
-    ));
+        wake: Arc::clone(&wake),
+        calls: calls.clone(),
+        shutdown: shutdown.clone(),
+        health: Arc::clone(&health),
+        metrics: Arc::clone(&metrics),
+    });
     tasks.spawn(dispatcher.run());
 
     if let Some(listener) = listeners.http {
         if let Ok(addr) = listener.local_addr() {
             info!(addr = %addr, "http listening");
         }
-        let max_connections = config.http.as_ref().map_or(100, |h| h.max_connections);
+        let max_connections = live
+            .load()
+            .config
+            .http
+            .as_ref()
+            .map_or(100, |h| h.max_connections);
         let app = http::app(Arc::new(http::HttpContext {
-            config: Arc::clone(&config),
+            live: Arc::clone(&live),
             store: store.clone(),
             wake: Arc::clone(&wake),
             health: Arc::clone(&health),
-            secrets: secrets.clone(),
+            metrics: Arc::clone(&metrics),
         }));
         tasks.spawn(http::serve(
             listener,
@@ -111,21 +118,44 @@ pub async fn run(
         info!(addr = %addr, "smtp listening");
     }
     let ctx = Arc::new(smtp::Context {
-        config,
-        store,
-        wake,
-        tls,
-        passwords: secrets.smtp_passwords.clone(),
+        live: Arc::clone(&live),
+        store: store.clone(),
+        wake: Arc::clone(&wake),
         guard: Arc::new(smtp::Guard::default()),
+        metrics: Arc::clone(&metrics),
     });
-    let (smtp_tasks, smtp_shutdown) = (tasks.clone(), shutdown.clone());
+    let (smtp_tasks, smtp_shutdown, smtp_health) =
+        (tasks.clone(), shutdown.clone(), Arc::clone(&health));
+    // The listener is bound: it is running from here on, not from when the task first polls.
+    smtp_health.set_smtp_running(true);
     tasks.spawn(async move {
-        health.set_smtp_running(true);
         smtp::serve(listeners.smtp, ctx, smtp_shutdown, smtp_tasks).await;
-        health.set_smtp_running(false);
+        smtp_health.set_smtp_running(false);
     });
 
+    tasks.spawn(canary(
+        Arc::clone(&live),
+        store.clone(),
+        Arc::clone(&wake),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tasks.spawn(watchdog(
+            interval,
+            Arc::clone(&health),
+            store.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // Listeners are bound and the store is open: tell systemd (Type=notify).
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("accepting alerts"),
+    ]);
+
     shutdown.cancelled().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     info!("shutting down: no new mail is accepted");
     tasks.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
@@ -146,4 +176,97 @@ pub async fn run(
         );
     }
     info!("stopped");
+}
+
+/// Pings systemd's watchdog at half its interval, but only while every part is healthy:
+/// a stuck dispatcher or a store that cannot commit gets the daemon restarted.
+async fn watchdog(
+    interval: Duration,
+    health: Arc<Health>,
+    store: Store,
+    shutdown: CancellationToken,
+) {
+    let period = interval / 2;
+    loop {
+        let report = health.check(&store).await;
+        if report.healthy() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        } else {
+            warn!(?report, "unhealthy: not pinging the systemd watchdog");
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+/// `[canary]`: a test call through the whole pipeline (store → dispatch → Twilio) every
+/// `every`, counted from the last one even across restarts.
+async fn canary(
+    live: Live,
+    store: Store,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    const LAST: &str = "canary_last";
+    loop {
+        let Some(canary) = live.load().config.canary.clone() else {
+            // Not configured (a reload may add it): look again later.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(60)) => continue,
+            }
+        };
+        let every = i64::try_from(canary.every.as_millis()).unwrap_or(i64::MAX);
+        let last = match store.meta(LAST).await {
+            Ok(Some(v)) => v.parse::<i64>().unwrap_or(0),
+            Ok(None) => {
+                // First start with a canary: the first call comes one period from now.
+                let now = now_ms();
+                let _ = store.set_meta(LAST, &now.to_string()).await;
+                now
+            }
+            Err(e) => {
+                warn!(error = %e, "canary: cannot read its schedule; trying again in a minute");
+                now_ms() - every + 60_000
+            }
+        };
+        let due = last.saturating_add(every);
+        let wait = Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0))
+            .min(Duration::from_secs(60));
+        if !wait.is_zero() {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(wait) => continue,
+            }
+        }
+        let now = now_ms();
+        let alert = NewAlert {
+            source: "canary",
+            direct: Some(DirectAlert {
+                numbers: canary.numbers.clone(),
+                message: canary.message.clone(),
+                dedup_key: Some(format!("canary {now}")),
+                ..DirectAlert::default()
+            }),
+            ..NewAlert::default()
+        };
+        match store.insert_alert(alert).await {
+            Ok(inserted) => {
+                info!(alert = inserted.id, numbers = ?canary.numbers, "canary: test call queued");
+                let _ = store.set_meta(LAST, &now.to_string()).await;
+                wake.notify_one();
+            }
+            Err(e) => {
+                metrics
+                    .canary_runs
+                    .get_or_create(&Outcome { result: "failed" })
+                    .inc();
+                error!(error = %e, "CANARY FAILED: cannot store the test alert");
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            }
+        }
+    }
 }

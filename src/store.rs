@@ -149,6 +149,8 @@ pub struct Inserted {
 #[derive(Debug, Clone)]
 pub struct PendingAlert {
     pub id: i64,
+    /// When it was stored, in Unix milliseconds.
+    pub received_at: i64,
     pub source: String,
     pub envelope: Envelope,
     pub raw: Vec<u8>,
@@ -166,6 +168,9 @@ pub struct CallJob {
     pub twiml: String,
     /// When the call was decided, in Unix milliseconds; retries stop `retry_for` later.
     pub created_at: i64,
+    /// When the alert behind it was stored (Unix milliseconds), for the latency metric;
+    /// `None` for calls resumed after a restart.
+    pub received_at: Option<i64>,
     pub attempts: i64,
     /// Set when a request for this call was in flight when the daemon stopped: when it
     /// was sent (Unix milliseconds). Whether it reached Twilio must be checked before
@@ -463,6 +468,25 @@ impl Store {
         .await
     }
 
+    /// A value from the `meta` table (e.g. when the canary last ran).
+    pub async fn meta(&self, key: &'static str) -> Result<Option<String>, StoreError> {
+        self.run(move |c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        })
+        .await
+    }
+
+    /// Sets a value in the `meta` table.
+    pub async fn set_meta(&self, key: &'static str, value: &str) -> Result<(), StoreError> {
+        let value = value.to_string();
+        self.run(move |c| {
+            c.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2", params![key, value])
+                .map(|_| ())
+        })
+        .await
+    }
+
     /// Proves the store takes writes (for `/healthz`): a tiny committed write.
     pub async fn check_writable(&self) -> Result<(), StoreError> {
         self.run(|c| {
@@ -495,7 +519,7 @@ impl Store {
     pub async fn pending_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StoreError> {
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, source, mail_from, rcpt_to, raw, direct FROM alerts
+                "SELECT id, source, mail_from, rcpt_to, raw, direct, received_at FROM alerts
                  WHERE state = 'received' ORDER BY id LIMIT ?1",
             )?;
             let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
@@ -511,6 +535,7 @@ impl Store {
                     direct: r
                         .get::<_, Option<String>>(5)?
                         .and_then(|d| serde_json::from_str(&d).ok()),
+                    received_at: r.get(6)?,
                 })
             })?;
             rows.collect()
@@ -560,6 +585,7 @@ impl Store {
                     twiml: r.get(4)?,
                     created_at: r.get(5)?,
                     attempts: r.get(6)?,
+                    received_at: None,
                     in_flight_since: (r.get::<_, String>(7)? == "sending").then_some(r.get(8)?),
                 })
             })?;
@@ -826,6 +852,7 @@ fn record_routing(
                 twiml: new.twiml.clone(),
                 created_at: now,
                 attempts: 0,
+                received_at: None,
                 in_flight_since: None,
             });
         } else {

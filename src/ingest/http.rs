@@ -36,32 +36,38 @@ use crate::config::{Config, Sendgrid, is_language, is_voice};
 use crate::health::Health;
 use crate::ingest::Secrets;
 use crate::ingest::sendgrid::{self, Inbound};
+use crate::metrics::Metrics;
 use crate::route;
+use crate::settings::Live;
 use crate::store::{Inserted, NewAlert, Store, now_ms};
 
 /// What every request handler shares.
 #[derive(Debug)]
 pub struct HttpContext {
-    pub config: Arc<Config>,
+    /// The settings in force; each request takes the version current when it arrives.
+    pub live: Live,
     pub store: Store,
     pub wake: Arc<Notify>,
     pub health: Arc<Health>,
-    pub secrets: Secrets,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The routes this configuration enables.
 pub fn app(ctx: Arc<HttpContext>) -> Router {
-    let http = ctx.config.http.as_ref();
+    let settings = ctx.live.load_full();
+    let http = settings.config.http.as_ref();
     let max_body = http.map_or(1024 * 1024, |h| h.max_body_bytes);
     let timeout = http.map_or(Duration::from_secs(30), |h| h.request_timeout);
-    let mut router = Router::new().route("/healthz", get(healthz));
-    if let Some(sg) = &ctx.config.sendgrid {
+    let mut router = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics));
+    if let Some(sg) = &settings.config.sendgrid {
         router = router.route(
             &sg.path,
             axum::routing::post(sendgrid_inbound).layer(DefaultBodyLimit::max(sg.max_body_bytes)),
         );
     }
-    if ctx.config.webhook.is_some() {
+    if settings.config.webhook.is_some() {
         router = router.route("/alert", get(webhook).post(webhook));
     }
     router
@@ -250,6 +256,17 @@ async fn healthz(State(ctx): State<Arc<HttpContext>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
+async fn metrics(State(ctx): State<Arc<HttpContext>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ctx.metrics.render(),
+    )
+        .into_response()
+}
+
 /// Compares secrets in constant time.
 fn same_secret(given: &str, expected: &str) -> bool {
     given.as_bytes().ct_eq(expected.as_bytes()).into()
@@ -273,18 +290,24 @@ async fn webhook(
         })?;
         params.extend(form);
     }
-    let expected = ctx.secrets.webhook_token.as_deref().unwrap_or_default();
+    let settings = ctx.live.load_full();
+    let expected = settings
+        .secrets
+        .webhook_token
+        .as_deref()
+        .unwrap_or_default();
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     let given = bearer.or(params.get("token").map(String::as_str));
     if !given.is_some_and(|t| !expected.is_empty() && same_secret(t, expected)) {
+        ctx.metrics.reject("webhook", "token");
         warn!(peer = ?peer, "/alert: missing or wrong token; refused with 401");
         return Err(HttpError::unauthorized("missing or wrong token", "Bearer"));
     }
     let tels = params.get("tels").map(String::as_str).unwrap_or_default();
-    let numbers = route::resolve_numbers(&ctx.config, tels).map_err(|unknown| {
+    let numbers = route::resolve_numbers(&settings.config, tels).map_err(|unknown| {
         HttpError::new(
             StatusCode::BAD_REQUEST,
             format!(
@@ -346,6 +369,7 @@ async fn webhook(
     match stored {
         Ok(Inserted { id, .. }) => {
             ctx.wake.notify_one();
+            ctx.metrics.receive("webhook");
             info!(alert = id, peer = ?peer, numbers = ?numbers, "/alert accepted and stored");
             Ok(
                 axum::Json(
@@ -355,6 +379,7 @@ async fn webhook(
             )
         }
         Err(e) => {
+            ctx.metrics.reject("webhook", "store");
             error!(peer = ?peer, error = %e, "/alert: cannot store the alert; answered 503");
             Err(HttpError::unavailable())
         }
@@ -368,10 +393,12 @@ async fn sendgrid_inbound(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let Some(sg) = ctx.config.sendgrid.as_ref() else {
+    let settings = ctx.live.load_full();
+    let Some(sg) = settings.config.sendgrid.as_ref() else {
         return Err(HttpError::new(StatusCode::NOT_FOUND, "not found"));
     };
-    authenticate_sendgrid(sg, &ctx.secrets, &headers, &body).inspect_err(|e| {
+    authenticate_sendgrid(sg, &settings.secrets, &headers, &body).inspect_err(|e| {
+        ctx.metrics.reject("sendgrid", if e.status == StatusCode::UNAUTHORIZED { "auth" } else { "signature" });
         warn!(peer = ?peer, status = e.status.as_u16(), reason = %e.reason, "SendGrid request refused");
     })?;
     let boundary = headers
@@ -387,7 +414,7 @@ async fn sendgrid_inbound(
     })?;
     let inbound = sendgrid::from_fields(&fields)
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let rejected = refusal(&ctx.config, sg, &inbound);
+    let rejected = refusal(&settings.config, sg, &inbound);
     let message_id = inbound.message_id.clone();
     let envelope = inbound.envelope.clone();
     let stored = ctx
@@ -398,7 +425,7 @@ async fn sendgrid_inbound(
             envelope: inbound.envelope,
             raw: inbound.raw,
             dedup_id: inbound.message_id,
-            rejected: rejected.clone(),
+            rejected: rejected.as_ref().map(|r| r.reason.clone()),
             ..NewAlert::default()
         })
         .await;
@@ -407,19 +434,25 @@ async fn sendgrid_inbound(
             id,
             duplicate: true,
         }) => {
+            ctx.metrics.reject("sendgrid", "duplicate");
             info!(alert = id, peer = ?peer, message_id = ?message_id, "SendGrid delivered this Message-ID before; stored once");
         }
         Ok(Inserted { id, .. }) => match &rejected {
-            Some(reason) => warn!(
-                alert = id, peer = ?peer, from = ?envelope.mail_from, rcpt = ?envelope.rcpt_to, reason = %reason,
+            Some(reason) => {
+                ctx.metrics.reject("sendgrid", reason.kind);
+                warn!(
+                alert = id, peer = ?peer, from = ?envelope.mail_from, rcpt = ?envelope.rcpt_to, reason = %reason.reason,
                 "SendGrid mail recorded as rejected; nobody is called"
-            ),
+                )
+            }
             None => {
                 ctx.wake.notify_one();
+                ctx.metrics.receive("sendgrid");
                 info!(alert = id, peer = ?peer, from = ?envelope.mail_from, rcpt = ?envelope.rcpt_to, message_id = ?message_id, "SendGrid mail accepted and stored");
             }
         },
         Err(e) => {
+            ctx.metrics.reject("sendgrid", "store");
             error!(peer = ?peer, error = %e, "cannot store a SendGrid mail; answered 503 so SendGrid retries");
             return Err(HttpError::unavailable());
         }
@@ -482,12 +515,23 @@ fn authenticate_sendgrid(
     Ok(())
 }
 
+/// Why a SendGrid mail must not ring anyone.
+#[derive(Debug, Clone)]
+struct Refused {
+    /// The metric label.
+    kind: &'static str,
+    reason: String,
+}
+
 /// Why a SendGrid mail must not ring anyone, if it must not.
-fn refusal(config: &Config, sg: &Sendgrid, inbound: &Inbound) -> Option<String> {
+fn refusal(config: &Config, sg: &Sendgrid, inbound: &Inbound) -> Option<Refused> {
     if let Some(allowed) = &config.smtp.recipients
         && !inbound.envelope.rcpt_to.iter().any(|r| allowed.matches(r))
     {
-        return Some("no envelope recipient is allowed by [smtp] recipients".into());
+        return Some(Refused {
+            kind: "recipient",
+            reason: "no envelope recipient is allowed by [smtp] recipients".into(),
+        });
     }
     if sg.require_spf
         && !inbound
@@ -495,16 +539,22 @@ fn refusal(config: &Config, sg: &Sendgrid, inbound: &Inbound) -> Option<String> 
             .as_deref()
             .is_some_and(|s| s.eq_ignore_ascii_case("pass"))
     {
-        return Some(format!(
-            "SPF {} (require_spf = true)",
-            inbound.spf.as_deref().unwrap_or("missing")
-        ));
+        return Some(Refused {
+            kind: "spf",
+            reason: format!(
+                "SPF {} (require_spf = true)",
+                inbound.spf.as_deref().unwrap_or("missing")
+            ),
+        });
     }
     if sg.require_dkim && !sendgrid::dkim_passed(inbound.dkim.as_deref()) {
-        return Some(format!(
-            "DKIM {} (require_dkim = true)",
-            inbound.dkim.as_deref().unwrap_or("missing")
-        ));
+        return Some(Refused {
+            kind: "dkim",
+            reason: format!(
+                "DKIM {} (require_dkim = true)",
+                inbound.dkim.as_deref().unwrap_or("missing")
+            ),
+        });
     }
     None
 }

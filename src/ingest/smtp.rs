@@ -35,8 +35,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use crate::alert::Envelope;
-use crate::config::{AddressPatterns, Config};
-use crate::ingest::tls::Tls;
+use crate::config::AddressPatterns;
+use crate::metrics::Metrics;
+use crate::settings::{Live, Settings};
 use crate::store::{Inserted, NewAlert, Store};
 
 /// The longest command line accepted outside DATA (RFC 5321 asks for 512).
@@ -53,15 +54,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// What every SMTP connection shares.
 #[derive(Debug)]
 pub struct Context {
-    pub config: Arc<Config>,
+    /// The settings in force; each connection takes the version current when it opens.
+    pub live: Live,
     pub store: Store,
     /// Notified after each stored alert, so the dispatcher routes it at once.
     pub wake: Arc<Notify>,
-    /// The STARTTLS certificate, when configured.
-    pub tls: Option<Arc<Tls>>,
-    /// AUTH user → password.
-    pub passwords: std::collections::BTreeMap<String, String>,
     pub guard: Arc<Guard>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Per-address bookkeeping: open connections and recent failed AUTH attempts.
@@ -164,8 +163,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let smtp = &ctx.config.smtp;
-    let slots = Arc::new(Semaphore::new(smtp.max_connections));
+    // The total cap is fixed at start; everything else follows reloads.
+    let slots = Arc::new(Semaphore::new(ctx.live.load().config.smtp.max_connections));
     loop {
         let (mut stream, peer) = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -180,6 +179,8 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let settings = ctx.live.load_full();
+        let smtp = &settings.config.smtp;
         let refusal = match (
             Arc::clone(&slots).try_acquire_owned(),
             ctx.guard.admit(
@@ -191,8 +192,9 @@ pub async fn serve(
             (Ok(permit), Ok(ticket)) => {
                 let ctx = Arc::clone(&ctx);
                 let shutdown = shutdown.clone();
+                let settings = Arc::clone(&settings);
                 tracker.spawn(async move {
-                    if let Err(e) = handle(stream, peer, &ctx, &shutdown).await {
+                    if let Err(e) = handle(stream, peer, &ctx, settings, &shutdown).await {
                         debug!(%peer, error = %e, "SMTP connection ended with an error");
                     }
                     drop((permit, ticket));
@@ -200,14 +202,17 @@ pub async fn serve(
                 continue;
             }
             (Err(_), _) => {
+                ctx.metrics.reject("smtp", "too_many_connections");
                 warn!(%peer, limit = smtp.max_connections, "too many SMTP connections; refusing one");
                 "421 4.7.0 too many connections, try again later"
             }
             (_, Err(Refusal::TooManyFromAddress)) => {
+                ctx.metrics.reject("smtp", "too_many_connections");
                 warn!(%peer, limit = smtp.max_connections_per_ip, "too many SMTP connections from one address; refusing one");
                 "421 4.7.0 too many connections from your address, try again later"
             }
             (_, Err(Refusal::ShutOut)) => {
+                ctx.metrics.reject("smtp", "shut_out");
                 warn!(%peer, "address shut out after failed AUTH attempts; refusing a connection");
                 "421 4.7.0 too many failed authentications from your address, try again later"
             }
@@ -269,18 +274,20 @@ pub async fn handle<S>(
     stream: S,
     peer: SocketAddr,
     ctx: &Context,
+    settings: Arc<Settings>,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let smtp = &ctx.config.smtp;
+    let smtp = &settings.config.smtp;
     let mut builder = SessionBuilder::new(smtp.hostname.clone());
-    if ctx.tls.is_some() {
+    if settings.tls.is_some() {
         builder.enable_start_tls();
     }
     let mut conn = Conn {
         ctx,
+        settings: Arc::clone(&settings),
         peer,
         session: builder.build(
             peer.ip(),
@@ -301,7 +308,9 @@ where
     let Ending::StartTls(stream) = conn.dialogue(stream, shutdown).await? else {
         return Ok(());
     };
-    let Some(tls) = &ctx.tls else { return Ok(()) };
+    let Some(tls) = &settings.tls else {
+        return Ok(());
+    };
     let tls_stream =
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
             Ok(Ok(s)) => s,
@@ -316,6 +325,8 @@ where
 /// The state of one connection across STARTTLS.
 struct Conn<'a> {
     ctx: &'a Context,
+    /// The settings this connection started with.
+    settings: Arc<Settings>,
     peer: SocketAddr,
     session: mailin::Session<Policy>,
     envelope: Envelope,
@@ -350,7 +361,8 @@ impl Conn<'_> {
         line: &mut Vec<u8>,
         shutdown: &CancellationToken,
     ) -> std::io::Result<Input> {
-        let smtp = &self.ctx.config.smtp;
+        let settings = Arc::clone(&self.settings);
+        let smtp = &settings.config.smtp;
         let host = &smtp.hostname;
         let now = Instant::now();
         if now >= self.deadline {
@@ -387,7 +399,8 @@ impl Conn<'_> {
         stream: S,
         shutdown: &CancellationToken,
     ) -> Result<Ending<S>, SessionError> {
-        let smtp = &self.ctx.config.smtp;
+        let settings = Arc::clone(&self.settings);
+        let smtp = &settings.config.smtp;
         let (read, mut write) = tokio::io::split(stream);
         let mut reader = BufReader::with_capacity(8 * 1024, read);
         let mut line = Vec::with_capacity(256);
@@ -437,7 +450,7 @@ impl Conn<'_> {
                     }
                     continue;
                 }
-                b"STAR" if self.ctx.tls.is_some() && !self.tls => {
+                b"STAR" if self.settings.tls.is_some() && !self.tls => {
                     let response = self.session.process(&command);
                     if response.action == Action::UpgradeTls {
                         reply(&mut write, "220 2.0.0 ready to start TLS").await?;
@@ -483,6 +496,7 @@ impl Conn<'_> {
                     return Ok(Ending::Closed);
                 }
                 Data::TooBig => {
+                    self.ctx.metrics.reject("smtp", "size");
                     warn!(peer = %self.peer, from = ?envelope.mail_from, limit = smtp.max_message_bytes, "message too big; refused with 552");
                     reply(&mut write, &too_big(smtp.max_message_bytes)).await?;
                 }
@@ -512,10 +526,12 @@ impl Conn<'_> {
         match stored {
             Ok(Inserted { id, .. }) => {
                 self.ctx.wake.notify_one();
+                self.ctx.metrics.receive("smtp");
                 info!(alert = id, %peer, from = ?envelope.mail_from, rcpt = ?envelope.rcpt_to, bytes, tls = self.tls, user = ?self.user, "mail accepted and stored");
                 format!("250 2.0.0 queued as alert {id}")
             }
             Err(e) => {
+                self.ctx.metrics.reject("smtp", "store");
                 error!(%peer, from = ?envelope.mail_from, error = %e, "cannot store a mail; answered 451 so the sender retries");
                 "451 4.3.0 cannot store the message right now, try again later".into()
             }
@@ -524,24 +540,32 @@ impl Conn<'_> {
 
     /// `MAIL FROM`: our checks, then mailin's sequencing. `Err` is a reply of our own.
     fn mail(&mut self, command: &[u8]) -> Result<Response, String> {
-        let smtp = &self.ctx.config.smtp;
+        let settings = Arc::clone(&self.settings);
+        let smtp = &settings.config.smtp;
         let Some(mail) = parse_mail_from(command) else {
             return Err("501 5.5.4 syntax: MAIL FROM:<address> [SIZE=n]".into());
         };
+        let refuse = |reason: &'static str, reply: String| {
+            self.ctx.metrics.reject("smtp", reason);
+            Err(reply)
+        };
         if mail.size.is_some_and(|s| s > smtp.max_message_bytes as u64) {
-            return Err(too_big(smtp.max_message_bytes));
+            return refuse("size", too_big(smtp.max_message_bytes));
         }
         if smtp.require_tls && !self.tls {
-            return Err("530 5.7.0 must issue a STARTTLS command first".into());
+            return refuse(
+                "tls_required",
+                "530 5.7.0 must issue a STARTTLS command first".into(),
+            );
         }
         if smtp.require_auth && self.user.is_none() {
-            return Err("530 5.7.0 authentication required".into());
+            return refuse("auth_required", "530 5.7.0 authentication required".into());
         }
         if let Some(senders) = &smtp.senders {
             let from = mail.address.as_deref().unwrap_or("");
             if !senders.matches(from) {
                 warn!(peer = %self.peer, from, "sender refused: not in [smtp] senders");
-                return Err("550 5.7.1 sender not accepted here".into());
+                return refuse("sender", "550 5.7.1 sender not accepted here".into());
             }
         }
         if !self.greeted {
@@ -578,6 +602,7 @@ impl Conn<'_> {
         if response.code == 250 {
             self.envelope.rcpt_to.push(address);
         } else if response.code == 550 {
+            self.ctx.metrics.reject("smtp", "recipient");
             warn!(peer = %self.peer, rcpt = %address, "recipient refused: not in [smtp] recipients");
         }
         Ok(response)
@@ -585,17 +610,18 @@ impl Conn<'_> {
 
     /// Our EHLO answer: mailin's lacks SIZE, and AUTH is ours.
     fn ehlo_reply(&self) -> String {
-        let smtp = &self.ctx.config.smtp;
+        let settings = Arc::clone(&self.settings);
+        let smtp = &settings.config.smtp;
         let mut lines = vec![
             format!("{} greets you", smtp.hostname),
             "8BITMIME".into(),
             "ENHANCEDSTATUSCODES".into(),
         ];
         lines.push(format!("SIZE {}", smtp.max_message_bytes));
-        if self.ctx.tls.is_some() && !self.tls {
+        if self.settings.tls.is_some() && !self.tls {
             lines.push("STARTTLS".into());
         }
-        if self.tls && !self.ctx.passwords.is_empty() {
+        if self.tls && !self.settings.secrets.smtp_passwords.is_empty() {
             lines.push("AUTH PLAIN LOGIN".into());
         }
         let last = lines.len() - 1;
@@ -614,8 +640,9 @@ impl Conn<'_> {
         write: &mut W,
         shutdown: &CancellationToken,
     ) -> Result<String, SessionError> {
-        let smtp = &self.ctx.config.smtp;
-        if self.ctx.passwords.is_empty() {
+        let settings = Arc::clone(&self.settings);
+        let smtp = &settings.config.smtp;
+        if self.settings.secrets.smtp_passwords.is_empty() {
             return Ok("503 5.5.1 AUTH is not offered here".into());
         }
         if !self.tls {
@@ -688,9 +715,9 @@ impl Conn<'_> {
         let Some((user, pass)) = credentials else {
             return Ok("501 5.5.2 authentication cancelled or malformed".into());
         };
-        let ok = self
-            .ctx
-            .passwords
+        let ok = settings
+            .secrets
+            .smtp_passwords
             .get(&user)
             .is_some_and(|expected| bool::from(pass.as_bytes().ct_eq(expected.as_bytes())));
         if ok {
@@ -702,6 +729,7 @@ impl Conn<'_> {
             .ctx
             .guard
             .auth_failed(self.peer.ip(), smtp.max_auth_failures);
+        self.ctx.metrics.reject("smtp", "auth_failed");
         warn!(peer = %self.peer, user = %user, shut_out, "SMTP AUTH failed");
         if shut_out {
             return Ok(format!(

@@ -149,7 +149,11 @@ fn regression_a_non_character_in_the_subject_is_not_sent_to_twilio() {
 
 #[test]
 fn regression_hostile_language_and_voice_fall_back_to_the_defaults() {
-    for (language, voice) in [("", "\u{fffe}"), (&*" ".repeat(3000), &*"¡".repeat(3000)), ("ja-JP\"><Hangup/>", "x")] {
+    for (language, voice) in [
+        ("", "\u{fffe}"),
+        (&*" ".repeat(3000), &*"¡".repeat(3000)),
+        ("ja-JP\"><Hangup/>", "x"),
+    ] {
         let alert = DirectAlert {
             numbers: vec!["+15005550001".into()],
             message: "db down".into(),
@@ -159,6 +163,12 @@ fn regression_hostile_language_and_voice_fall_back_to_the_defaults() {
         };
         let d = route::direct(&CONFIG, "webhook", &alert);
         assert_eq!(d.language, "en-US");
-        check_twiml(&twiml::call(&d.message, &d.language, &d.voice, &twiml::room_name("0123456789abcdef"))).unwrap();
+        check_twiml(&twiml::call(
+            &d.message,
+            &d.language,
+            &d.voice,
+            &twiml::room_name("0123456789abcdef"),
+        ))
+        .unwrap();
     }
 }

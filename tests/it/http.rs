@@ -495,10 +495,20 @@ fn the_alert_webhook_takes_forms_and_queries_with_a_token() {
     );
     assert_eq!(status, 400);
     assert!(text.contains("0312345678, nobody"), "{text}");
-        let (status, _, text) = request("POST", &url, &[form.clone(), bearer.clone()], b"tels=alice&message=x&voice=Polly%20Joanna%22".to_vec());
+    let (status, _, text) = request(
+        "POST",
+        &url,
+        &[form.clone(), bearer.clone()],
+        b"tels=alice&message=x&voice=Polly%20Joanna%22".to_vec(),
+    );
     assert_eq!(status, 400);
     assert!(text.contains("invalid `voice`"), "{text}");
-    let (status, _, text) = request("POST", &url, &[form.clone(), bearer.clone()], b"tels=alice".to_vec());
+    let (status, _, text) = request(
+        "POST",
+        &url,
+        &[form.clone(), bearer.clone()],
+        b"tels=alice".to_vec(),
+    );
     assert_eq!(status, 400);
     assert!(text.contains("message"), "{text}");
     assert!(incidents(dir.path()).is_empty());

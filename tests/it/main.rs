@@ -9,4 +9,5 @@ mod fake_twilio;
 mod fuzz;
 mod harness;
 mod http;
+mod ops;
 mod source_files;
