@@ -342,12 +342,18 @@ async fn place_call(
     let deadline = job
         .created_at
         .saturating_add(i64::try_from(t.retry_for.as_millis()).unwrap_or(i64::MAX));
-    let mut attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
+    // Attempts made before this one (the first one may already be recorded).
+    let mut attempt = u32::try_from(job.attempts)
+        .unwrap_or(u32::MAX)
+        .saturating_sub(u32::from(job.sending_recorded));
+    let mut recorded = job.sending_recorded;
     loop {
         if shutdown.is_cancelled() {
             return;
         }
-        record(store, &job, CallUpdate::Sending).await;
+        if !std::mem::take(&mut recorded) {
+            record(store, &job, CallUpdate::Sending).await;
+        }
         let outcome = match caller {
             Caller::DryRun => {
                 info!(

@@ -11,7 +11,8 @@
 //! what lets a storm of mails be absorbed at thousands per second (group commit).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -176,6 +177,9 @@ pub struct CallJob {
     /// was sent (Unix milliseconds). Whether it reached Twilio must be checked before
     /// calling again.
     pub in_flight_since: Option<i64>,
+    /// The first attempt is already recorded as `sending` (calls opened by
+    /// [`Store::record_routings`] are, to save a commit before the first request).
+    pub sending_recorded: bool,
 }
 
 /// What the store did with a routed alert.
@@ -317,6 +321,13 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE alerts ADD COLUMN note TEXT;
     CREATE UNIQUE INDEX alerts_dedup_id ON alerts(source, dedup_id) WHERE dedup_id IS NOT NULL;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
+    // 4: calls per minute, so the hourly budget is a sum over at most 61 rows instead of
+    // a scan of every call of the last hour (which made storms slower as they grew).
+    "CREATE TABLE call_budget (minute INTEGER PRIMARY KEY, calls INTEGER NOT NULL);
+    INSERT INTO call_budget (minute, calls)
+        SELECT created_at / 60000, COUNT(*) FROM calls
+        WHERE status != 'refused' AND created_at > (CAST(strftime('%s', 'now') AS INTEGER) - 3600) * 1000
+        GROUP BY created_at / 60000;",
 ];
 
 /// The most jobs committed together; bounds the latency one batch adds.
@@ -376,11 +387,29 @@ impl Store {
                 |_| Ok(()),
             )?;
         }
+        // Checkpoints copy the WAL into the database file and fsync it: done by the
+        // committing connection they would stall a commit (and a 250) for milliseconds, so
+        // a second connection does them in the background instead.
+        conn.query_row("PRAGMA wal_autocheckpoint = 0", [], |_| Ok(()))?;
+        let checkpointer = Connection::open(path).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        checkpointer.busy_timeout(Duration::from_secs(5))?;
+        let running = Arc::new(AtomicBool::new(true));
         let (jobs, queue) = mpsc::channel::<Job>();
+        let writer_running = Arc::clone(&running);
         std::thread::Builder::new()
             .name("mailcall-store".into())
-            .spawn(move || writer(conn, queue))
+            .spawn(move || {
+                writer(conn, queue);
+                writer_running.store(false, Ordering::Relaxed);
+            })
             .map_err(|e| StoreError::Commit(format!("cannot start the store thread: {e}")))?;
+        std::thread::Builder::new()
+            .name("mailcall-checkpoint".into())
+            .spawn(move || checkpoint(&checkpointer, &running))
+            .map_err(|e| StoreError::Commit(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(Store {
             jobs,
             path: path.to_path_buf(),
@@ -587,6 +616,7 @@ impl Store {
                     attempts: r.get(6)?,
                     received_at: None,
                     in_flight_since: (r.get::<_, String>(7)? == "sending").then_some(r.get(8)?),
+                    sending_recorded: false,
                 })
             })?;
             rows.collect()
@@ -821,15 +851,20 @@ fn record_routing(
         new.twiml
     ])?;
     let incident_id = c.last_insert_rowid();
+    // The budget window is the current minute and the 60 before it.
+    let minute = now.div_euclid(60_000);
     let mut used: i64 = c
-        .prepare_cached("SELECT COUNT(*) FROM calls WHERE created_at > ?1 AND status != 'refused'")?
-        .query_row([now - 3_600_000], |r| r.get(0))?;
+        .prepare_cached("SELECT COALESCE(SUM(calls), 0) FROM call_budget WHERE minute >= ?1")?
+        .query_row([minute - 60], |r| r.get(0))?;
+    let used_before = used;
     let (mut calls, mut refused) = (Vec::new(), Vec::new());
     for number in &decision.numbers {
         let within = used < i64::from(max_calls_per_hour);
+        // A call within the budget is recorded as being sent right away: the dispatcher
+        // sends its first request as soon as this commits.
         let (status, error) = if within {
             used += 1;
-            ("pending", None)
+            ("sending", None)
         } else {
             (
                 "refused",
@@ -839,10 +874,10 @@ fn record_routing(
             )
         };
         c.prepare_cached(
-            "INSERT INTO calls (incident_id, number, created_at, status, error, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?3)",
+            "INSERT INTO calls (incident_id, number, created_at, status, error, updated_at, attempts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?3, ?6)",
         )?
-        .execute(params![incident_id, number, now, status, error])?;
+        .execute(params![incident_id, number, now, status, error, i64::from(within)])?;
         if within {
             calls.push(CallJob {
                 call_id: c.last_insert_rowid(),
@@ -851,13 +886,23 @@ fn record_routing(
                 number: number.clone(),
                 twiml: new.twiml.clone(),
                 created_at: now,
-                attempts: 0,
+                attempts: 1,
                 received_at: None,
                 in_flight_since: None,
+                sending_recorded: true,
             });
         } else {
             refused.push(number.clone());
         }
+    }
+    if used > used_before {
+        c.prepare_cached(
+            "INSERT INTO call_budget (minute, calls) VALUES (?1, ?2)
+             ON CONFLICT (minute) DO UPDATE SET calls = calls + excluded.calls",
+        )?
+        .execute(params![minute, used - used_before])?;
+        c.prepare_cached("DELETE FROM call_budget WHERE minute < ?1")?
+            .execute([minute - 120])?;
     }
     mark("call", Some(incident_id))?;
     Ok(Routed::Opened {
@@ -888,6 +933,20 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         tx.commit()?;
     }
     Ok(())
+}
+
+/// How often the WAL is checkpointed into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// The checkpoint thread: a passive checkpoint twice a second (it never blocks the
+/// writer), until the writer thread has stopped.
+fn checkpoint(conn: &Connection, running: &AtomicBool) {
+    while running.load(Ordering::Relaxed) {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "WAL checkpoint failed; will try again");
+        }
+    }
 }
 
 /// The writer thread: batches queued jobs into one transaction each.
