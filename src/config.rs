@@ -897,8 +897,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             placeholders.extend(re.capture_names().flatten());
         }
         let action = match (&r.call, r.drop.as_ref().map(|d| (*d.get_ref(), d.span()))) {
-            (Some(call), Some((true, span))) => {
-                let _ = call;
+            (Some(_), Some((true, span))) => {
                 p.push(span, format!("rule `{name}` has both `call` and `drop = true`; a rule either calls or drops"));
                 RuleAction::Drop
             }

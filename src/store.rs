@@ -32,6 +32,15 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     #[error(
+        "cannot create {path}: {source}; check the directory's permissions, or set [state] path"
+    )]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no store at {path} yet: the daemon creates it when it first starts")]
+    Missing { path: PathBuf },
+    #[error(
         "store {path} is corrupt or not a mailcall database ({detail}); move it aside to start with an empty store, or restore a backup"
     )]
     Corrupt { path: PathBuf, detail: String },
@@ -70,9 +79,9 @@ impl DaemonLock {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             let _ = std::fs::create_dir_all(dir);
         }
-        let open_error = |e: std::io::Error| StoreError::Open {
+        let open_error = |source: std::io::Error| StoreError::Io {
             path: path.clone(),
-            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            source,
         };
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -342,9 +351,9 @@ impl Store {
     /// Opens (creating if missing) and migrates the store, then starts its writer thread.
     pub fn open(path: &Path, max_bytes: Option<u64>) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
-                path: path.to_path_buf(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
             })?;
         }
         let conn = Connection::open(path).map_err(|source| StoreError::Open {
@@ -672,9 +681,8 @@ impl Store {
     /// daemon has the store open.
     pub fn incidents(path: &Path, limit: usize) -> Result<Vec<IncidentReport>, StoreError> {
         if !path.exists() {
-            return Err(StoreError::Open {
+            return Err(StoreError::Missing {
                 path: path.to_path_buf(),
-                source: rusqlite::Error::InvalidPath(path.to_path_buf()),
             });
         }
         let c = Connection::open_with_flags(
