@@ -141,6 +141,8 @@ pub struct Twilio {
     /// The first retry delay; later ones double up to `retry_max_delay`.
     pub retry_initial_delay: Duration,
     pub retry_max_delay: Duration,
+    /// Pace call requests on our side (accounts with a low calls-per-second limit).
+    pub calls_per_second: Option<f64>,
 }
 
 /// Values a rule inherits when it does not set its own.
@@ -150,6 +152,8 @@ pub struct Defaults {
     pub voice: String,
     pub message: Template,
     pub cooldown: Duration,
+    /// Also send each called number an SMS with the subject and the incident id.
+    pub sms: bool,
 }
 
 /// One `[[rule]]`.
@@ -168,6 +172,8 @@ pub struct Rule {
     pub dedup_key: Option<Template>,
     /// Zero turns deduplication off for this rule.
     pub cooldown: Duration,
+    /// Also send each called number an SMS summary.
+    pub sms: bool,
 }
 
 /// What a matching rule does.
@@ -434,6 +440,7 @@ struct RawTwilio {
     request_timeout: Option<Spanned<String>>,
     retry_initial_delay: Option<Spanned<String>>,
     retry_max_delay: Option<Spanned<String>>,
+    calls_per_second: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -443,6 +450,7 @@ struct RawDefaults {
     voice: Option<Spanned<String>>,
     message: Option<Spanned<String>>,
     cooldown: Option<Spanned<String>>,
+    sms: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -460,6 +468,7 @@ struct RawRule {
     voice: Option<Spanned<String>>,
     dedup_key: Option<Spanned<String>>,
     cooldown: Option<Spanned<String>>,
+    sms: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -809,6 +818,16 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             "retry_max_delay",
             Duration::from_secs(60),
         ),
+        calls_per_second: rt.calls_per_second.as_ref().map(|c| {
+            let v = *c.get_ref();
+            if !(v > 0.0 && v <= 1000.0) {
+                p.push(
+                    c.span(),
+                    format!("`calls_per_second` = {v} must be above 0 and at most 1000"),
+                );
+            }
+            v
+        }),
     };
 
     // [defaults]
@@ -833,6 +852,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             "cooldown",
             Duration::from_secs(15 * 60),
         ),
+        sms: raw.defaults.sms.unwrap_or(false),
     };
 
     // [contacts] and [groups]
@@ -945,6 +965,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
                 .unwrap_or_else(|| defaults.voice.clone()),
             dedup_key,
             cooldown: p.duration(r.cooldown.as_ref(), "cooldown", defaults.cooldown),
+            sms: r.sms.unwrap_or(defaults.sms),
         });
     }
 

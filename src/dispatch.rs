@@ -62,6 +62,37 @@ pub struct Dispatcher {
     pub shutdown: CancellationToken,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    /// When the next paced call request may leave (`[twilio] calls_per_second`).
+    pub pacer: Pacer,
+}
+
+/// Hands out send times for call requests, in the order calls are spawned: with
+/// `calls_per_second`, one slot per `1/cps` for the whole daemon; without it, calls of
+/// one incident are only staggered by a millisecond each, so their requests leave in the
+/// order the rule lists the numbers (Twilio queues calls beyond the account's rate in
+/// request order) without waiting for one to be answered before the next.
+#[derive(Debug, Default)]
+pub struct Pacer {
+    next: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Pacer {
+    /// The earliest time call number `position` (0-based, within its incident) may be sent.
+    fn slot(&self, calls_per_second: Option<f64>, position: usize) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let stagger =
+            now + Duration::from_millis(u64::try_from(position).unwrap_or(u64::MAX).min(1000));
+        let Some(cps) = calls_per_second else {
+            return stagger;
+        };
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = next.map_or(now, |n| n.max(now));
+        *next = Some(slot + Duration::from_secs_f64(1.0 / cps));
+        slot
+    }
 }
 
 impl Dispatcher {
@@ -99,8 +130,10 @@ impl Dispatcher {
                         "resuming calls left unfinished by the last run"
                     );
                 }
+                let cps = self.live.load().config.twilio.calls_per_second;
                 for job in self.reconcile(jobs).await {
-                    self.spawn_call(job);
+                    let not_before = self.pacer.slot(cps, 0);
+                    self.spawn_call(job, not_before);
                 }
             }
             Err(e) => error!(error = %e, "cannot read unfinished calls from the store"),
@@ -305,11 +338,15 @@ impl Dispatcher {
                             "CALL BUDGET EXHAUSTED: these numbers are NOT called; raise [limits] max_calls_per_hour if this is a real incident"
                         );
                     }
-                    for job in calls {
-                        self.spawn_call(CallJob {
-                            received_at: Some(received_at),
-                            ..job
-                        });
+                    for (position, job) in calls.into_iter().enumerate() {
+                        let not_before = self.pacer.slot(config.twilio.calls_per_second, position);
+                        self.spawn_call(
+                            CallJob {
+                                received_at: Some(received_at),
+                                ..job
+                            },
+                            not_before,
+                        );
                     }
                 }
             }
@@ -317,14 +354,20 @@ impl Dispatcher {
         all_recorded
     }
 
-    fn spawn_call(&self, job: CallJob) {
+    fn spawn_call(&self, job: CallJob, not_before: tokio::time::Instant) {
         let caller = self.caller.clone();
         let store = self.store.clone();
         let settings = self.live.load_full();
         let shutdown = self.shutdown.clone();
         let metrics = Arc::clone(&self.metrics);
         self.calls.spawn(async move {
-            place_call(job, &caller, &store, &settings.config, &metrics, &shutdown).await
+            tokio::select! {
+                // Not sent yet: it stays in the store and is placed after the restart.
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep_until(not_before) => {
+                    place_call(job, &caller, &store, &settings.config, &metrics, &shutdown).await;
+                }
+            }
         });
     }
 }
@@ -369,6 +412,9 @@ async fn place_call(
                     },
                 )
                 .await;
+                if let Some(text) = &job.sms {
+                    info!(incident = job.incident_id, number = %job.number, text, "dry-run: would send this SMS");
+                }
                 return;
             }
             Caller::Twilio(client) => {
@@ -391,6 +437,9 @@ async fn place_call(
                 info!(incident = job.incident_id, rule = %job.rule, number = %job.number, sid = %sid, "call placed");
                 metrics.calls_placed.inc();
                 canary_result(metrics, &job, None);
+                if let (Some(text), Caller::Twilio(client)) = (&job.sms, caller) {
+                    send_sms(client, store, &job, &t.from, text).await;
+                }
                 record(
                     store,
                     &job,
@@ -472,6 +521,31 @@ async fn place_call(
     }
 }
 
+/// Sends the SMS summary of a placed call (one attempt: the call is what matters) and
+/// records the outcome in the call's history.
+async fn send_sms(client: &twilio::Client, store: &Store, job: &CallJob, from: &str, text: &str) {
+    let result = match client.send_sms(&job.number, from, text).await {
+        Outcome::Placed { sid } => {
+            info!(incident = job.incident_id, number = %job.number, sid = %sid, "SMS summary sent");
+            Ok(sid)
+        }
+        Outcome::Permanent { code, message, .. } => {
+            warn!(incident = job.incident_id, number = %job.number, twilio_code = code, error = %message, "SMS summary not sent");
+            Err(match code {
+                Some(code) => format!("error {code}: {message}"),
+                None => message,
+            })
+        }
+        Outcome::Retry { reason, .. } => {
+            warn!(incident = job.incident_id, number = %job.number, error = %reason, "SMS summary not sent");
+            Err(reason)
+        }
+    };
+    if let Err(e) = store.record_sms(job.call_id, result).await {
+        error!(incident = job.incident_id, error = %e, "cannot record the SMS summary");
+    }
+}
+
 /// Accounts for a canary call's outcome (`error` is `None` when Twilio accepted it).
 fn canary_result(metrics: &Metrics, job: &CallJob, error: Option<&str>) {
     if job.rule != "canary" {
@@ -538,6 +612,7 @@ pub fn error_hint(code: Option<i64>) -> &'static str {
             "the caller ID ([twilio] from) is not a number of this Twilio account"
         }
         Some(20404) => "the account SID is wrong, or api_base points at the wrong place",
+        Some(10004) => "the account's concurrent-call limit is reached; retrying until calls end",
         _ => "see https://www.twilio.com/docs/api/errors",
     }
 }

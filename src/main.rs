@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use mailcall::alert::{Alert, DirectAlert, Envelope};
 use mailcall::config::{Config, ConfigError};
 use mailcall::dispatch::Caller;
-use mailcall::dispatch::Dispatcher;
+use mailcall::dispatch::{Dispatcher, Pacer};
 use mailcall::health::Health;
 use mailcall::ingest::Secrets;
 use mailcall::metrics::Metrics;
@@ -302,6 +302,7 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
                     shutdown: CancellationToken::new(),
                     health: Arc::new(Health::default()),
                     metrics,
+                    pacer: Pacer::default(),
                 };
                 dispatcher.run_once().await;
                 calls.close();

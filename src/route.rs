@@ -27,6 +27,10 @@ pub struct Decision {
     /// Alerts with the same key within `cooldown` belong to one incident.
     pub dedup_key: String,
     pub cooldown: Duration,
+    /// Also text each called number (`sms = true`).
+    pub sms: bool,
+    /// The alert's subject (a direct alert's message), for the SMS summary.
+    pub subject: String,
 }
 
 /// The three outcomes of routing.
@@ -65,6 +69,8 @@ pub fn route(config: &Config, alert: &Alert) -> Decision {
         voice: config.defaults.voice.clone(),
         dedup_key: String::new(),
         cooldown: config.defaults.cooldown,
+        sms: false,
+        subject: alert.subject.clone(),
     }
 }
 
@@ -98,6 +104,8 @@ pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
         voice,
         dedup_key,
         cooldown: config.defaults.cooldown,
+        sms: config.defaults.sms,
+        subject: alert.message.clone(),
     }
 }
 
@@ -202,6 +210,8 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
         voice: rule.voice.clone(),
         dedup_key,
         cooldown: rule.cooldown,
+        sms: rule.sms,
+        subject: alert.subject.clone(),
     }
 }
 

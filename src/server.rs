@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 use crate::alert::DirectAlert;
 use crate::config::Config;
-use crate::dispatch::{Caller, Dispatcher};
+use crate::dispatch::{Caller, Dispatcher, Pacer};
 use crate::health::Health;
 use crate::ingest::http;
 use crate::ingest::smtp;
@@ -86,6 +86,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         health: Arc::clone(&health),
         metrics: Arc::clone(&metrics),
+        pacer: Pacer::default(),
     });
     tasks.spawn(dispatcher.run());
 

@@ -189,6 +189,15 @@ pub struct CallJob {
     /// The first attempt is already recorded as `sending` (calls opened by
     /// [`Store::record_routings`] are, to save a commit before the first request).
     pub sending_recorded: bool,
+    /// The SMS summary to send once the call is placed (`sms = true`).
+    pub sms: Option<String>,
+}
+
+/// The SMS summary of an incident.
+pub fn sms_text(incident_id: i64, subject: &str) -> String {
+    let text = format!("mailcall incident #{incident_id}: {subject}");
+    // Twilio takes up to 1,600 characters.
+    text.chars().take(1600).collect()
 }
 
 /// What the store did with a routed alert.
@@ -337,6 +346,9 @@ const MIGRATIONS: &[&str] = &[
         SELECT created_at / 60000, COUNT(*) FROM calls
         WHERE status != 'refused' AND created_at > (CAST(strftime('%s', 'now') AS INTEGER) - 3600) * 1000
         GROUP BY created_at / 60000;",
+    // 5: what the SMS summary needs, kept with the incident so resumed calls still send it.
+    "ALTER TABLE incidents ADD COLUMN subject TEXT NOT NULL DEFAULT '';
+    ALTER TABLE incidents ADD COLUMN sms INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The most jobs committed together; bounds the latency one batch adds.
@@ -610,7 +622,7 @@ impl Store {
     pub async fn unfinished_calls(&self) -> Result<Vec<CallJob>, StoreError> {
         self.run(|c| {
             let mut stmt = c.prepare_cached(
-                "SELECT c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts, c.status, c.updated_at
+                "SELECT c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts, c.status, c.updated_at, i.sms, i.subject
                  FROM calls c JOIN incidents i ON i.id = c.incident_id
                  WHERE c.status IN ('pending', 'sending', 'retrying') ORDER BY c.id",
             )?;
@@ -626,9 +638,28 @@ impl Store {
                     received_at: None,
                     in_flight_since: (r.get::<_, String>(7)? == "sending").then_some(r.get(8)?),
                     sending_recorded: false,
+                    sms: r.get::<_, bool>(9)?.then(|| sms_text(r.get(1).unwrap_or_default(), &r.get::<_, String>(10).unwrap_or_default())),
                 })
             })?;
             rows.collect()
+        })
+        .await
+    }
+
+    /// Records the SMS summary sent (or not) for a call, in its attempt history.
+    pub async fn record_sms(
+        &self,
+        call_id: i64,
+        result: Result<String, String>,
+    ) -> Result<(), StoreError> {
+        self.run(move |c| {
+            let (outcome, sid, error) = match result {
+                Ok(sid) => ("sms", Some(sid), None),
+                Err(e) => ("sms-failed", None, Some(e)),
+            };
+            c.prepare_cached("INSERT INTO call_attempts (call_id, at, outcome, error, sid) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![call_id, now_ms(), outcome, error, sid])
+                .map(|_| ())
         })
         .await
     }
@@ -845,8 +876,8 @@ fn record_routing(
         }
     }
     c.prepare_cached(
-        "INSERT INTO incidents (public_id, opened_at, rule, dedup_key, message, language, voice, twiml, last_alert_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2)",
+        "INSERT INTO incidents (public_id, opened_at, rule, dedup_key, message, language, voice, twiml, last_alert_at, subject, sms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2, ?9, ?10)",
     )?
     .execute(params![
         new.public_id,
@@ -856,7 +887,9 @@ fn record_routing(
         decision.message,
         decision.language,
         decision.voice,
-        new.twiml
+        new.twiml,
+        decision.subject,
+        decision.sms
     ])?;
     let incident_id = c.last_insert_rowid();
     // The budget window is the current minute and the 60 before it.
@@ -898,6 +931,9 @@ fn record_routing(
                 received_at: None,
                 in_flight_since: None,
                 sending_recorded: true,
+                sms: decision
+                    .sms
+                    .then(|| sms_text(incident_id, &decision.subject)),
             });
         } else {
             refused.push(number.clone());
@@ -1010,6 +1046,8 @@ mod tests {
             voice: "Polly.Joanna".into(),
             dedup_key: key.into(),
             cooldown,
+            sms: false,
+            subject: "s".into(),
         }
     }
 

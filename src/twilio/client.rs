@@ -272,6 +272,43 @@ fn parse_rfc2822(s: &str) -> Option<i64> {
     i64::try_from(secs).ok()
 }
 
+/// Twilio error codes that come with a 4xx status but are worth retrying.
+const RETRYABLE_CODE_10004: i64 = 10004;
+const RETRYABLE_CODE_22005: i64 = 22005;
+
+impl Client {
+    /// `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`: one SMS.
+    pub async fn send_sms(&self, to: &str, from: &str, body: &str) -> Outcome {
+        let url = format!(
+            "{}/2010-04-01/Accounts/{}/Messages.json",
+            self.api_base, self.credentials.account_sid
+        );
+        let response = self
+            .http
+            .post(&url)
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .form(&[("To", to), ("From", from), ("Body", body)])
+            .send()
+            .await;
+        match response {
+            Err(e) => Outcome::Retry {
+                after: None,
+                reason: describe_transport_error(&e),
+            },
+            Ok(r) => {
+                let status = r.status().as_u16();
+                match r.bytes().await {
+                    Ok(body) => classify(status, None, &body),
+                    Err(e) => Outcome::Retry {
+                        after: None,
+                        reason: describe_transport_error(&e),
+                    },
+                }
+            }
+        }
+    }
+}
+
 /// Turns a Twilio HTTP answer into an [`Outcome`].
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
     if (200..300).contains(&status) {
@@ -290,7 +327,12 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outc
             .trim()
             .to_string()
     });
-    if status == 429 || status >= 500 {
+    // 10004 (the account's concurrent-call limit) and 22005 are 4xx answers that clear
+    // by themselves: retry them like a 429.
+    if status == 429
+        || status >= 500
+        || matches!(code, Some(RETRYABLE_CODE_10004 | RETRYABLE_CODE_22005))
+    {
         let reason = match code {
             Some(code) => format!("HTTP {status}, Twilio error {code}: {message}"),
             None => format!("HTTP {status}: {message}"),
@@ -419,6 +461,13 @@ mod tests {
             classify(503, None, b"<html>down</html>"),
             Outcome::Retry { after: None, .. }
         ));
+        for code in [10004, 22005] {
+            let body = format!(r#"{{"code":{code},"message":"limit reached"}}"#);
+            assert!(
+                matches!(classify(400, None, body.as_bytes()), Outcome::Retry { ref reason, .. } if reason.contains(&code.to_string())),
+                "{code} must be retried"
+            );
+        }
         assert!(matches!(
             classify(401, None, b""),
             Outcome::Permanent {

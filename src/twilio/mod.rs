@@ -4,6 +4,7 @@
 //! (form encoding, Basic auth, E.164, the 4,000-character `Twiml` limit) live here.
 
 pub mod client;
+pub mod signature;
 pub mod twiml;
 
 pub use client::{CallRequest, Client, CredentialError, Credentials, Outcome};

@@ -289,3 +289,105 @@ voice = "Polly.Mizuki"
     );
     assert!(call.twiml.chars().count() <= 4000);
 }
+
+#[test]
+fn sms_summaries_go_to_every_called_number_when_asked_for() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let rules = "[[rule]]\nname = \"texted\"\nsubject = 'db'\ncall = [\"oncall\"]\nsms = true\n\
+                 [[rule]]\nname = \"quiet\"\ncall = [\"carol\"]\n";
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
+    let mut smtp = daemon.smtp();
+    assert_eq!(
+        smtp.send(
+            "m@example.com",
+            &["a@example.com"],
+            &mail("db1 is DOWN", "x")
+        )
+        .0,
+        250
+    );
+    assert_eq!(
+        smtp.send(
+            "m@example.com",
+            &["a@example.com"],
+            &mail("web1 is DOWN", "x")
+        )
+        .0,
+        250
+    );
+    twilio.wait_until(Duration::from_secs(10), |c| c.len() == 3);
+    daemon.wait_for_log("SMS summary sent", Duration::from_secs(5));
+    let list = crate::harness::wait_incidents(dir.path(), Duration::from_secs(5), |l| {
+        l.iter()
+            .flat_map(|i| i["calls"].as_array().unwrap())
+            .flat_map(|c| c["history"].as_array().unwrap())
+            .filter(|h| h["outcome"] == "sms")
+            .count()
+            == 2
+    });
+    let texted = list.iter().find(|i| i["rule"] == "texted").unwrap();
+    let mut messages = twilio.messages();
+    messages.sort_by(|a, b| a.to.cmp(&b.to));
+    assert_eq!(
+        messages.len(),
+        2,
+        "only the sms = true rule texts: {messages:?}"
+    );
+    assert_eq!(
+        (messages[0].to.as_str(), messages[1].to.as_str()),
+        ("+15005550001", "+15005550002")
+    );
+    for m in &messages {
+        assert_eq!(m.from, "+15005550006");
+        assert_eq!(
+            m.body,
+            format!("mailcall incident #{}: db1 is DOWN", texted["id"])
+        );
+    }
+}
+
+#[test]
+fn calls_per_second_paces_requests_in_the_order_the_rule_lists_them() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let cfg = config(
+        Some(&twilio),
+        "[[rule]]\nname = \"all\"\ncall = [\"carol\", \"+15005550009\", \"alice\", \"bob\"]\n",
+    )
+    .replace(
+        "ring_seconds = 25\n",
+        "ring_seconds = 25\ncalls_per_second = 5\n",
+    );
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    assert_eq!(
+        daemon
+            .smtp()
+            .send(
+                "m@example.com",
+                &["a@example.com"],
+                &mail("db1 is DOWN", "x")
+            )
+            .0,
+        250
+    );
+    let mut calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 4);
+    calls.sort_by_key(|c| c.at);
+    let order: Vec<&str> = calls.iter().map(|c| c.to.as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "+15005550003",
+            "+15005550009",
+            "+15005550001",
+            "+15005550002"
+        ]
+    );
+    for pair in calls.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= Duration::from_millis(180),
+            "requests {gap:?} apart at 5 calls per second"
+        );
+    }
+}

@@ -68,9 +68,18 @@ impl Reply {
     }
 }
 
+/// One accepted `Messages.json` request.
+#[derive(Debug, Clone)]
+pub struct MessageRecord {
+    pub to: String,
+    pub from: String,
+    pub body: String,
+}
+
 #[derive(Default)]
 struct Inner {
     calls: Vec<CallRecord>,
+    messages: Vec<MessageRecord>,
     /// Answers to give, per `To` number, before answering 201.
     script: HashMap<String, VecDeque<Reply>>,
     /// Answers for every number, while non-empty (Twilio being down).
@@ -98,6 +107,10 @@ impl FakeTwilio {
             .route(
                 "/2010-04-01/Accounts/{account}/Calls.json",
                 post(create_call).get(list_calls),
+            )
+            .route(
+                "/2010-04-01/Accounts/{account}/Messages.json",
+                post(create_message),
             )
             .with_state(Arc::clone(&inner));
         let listener = runtime
@@ -137,6 +150,11 @@ impl FakeTwilio {
     /// Every request so far.
     pub fn calls(&self) -> Vec<CallRecord> {
         self.inner.lock().unwrap().calls.clone()
+    }
+
+    /// Every SMS accepted.
+    pub fn messages(&self) -> Vec<MessageRecord> {
+        self.inner.lock().unwrap().messages.clone()
     }
 
     /// Requests answered 201.
@@ -430,6 +448,48 @@ fn record_call(
         created: std::time::SystemTime::now(),
     });
     response
+}
+
+/// `POST Messages.json`: an SMS, checked like a call (auth, form, E.164, length).
+async fn create_message(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path(account): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = authenticate(&account, &headers) {
+        return response;
+    }
+    let form = serde_urlencoded_pairs(&body);
+    let (to, from) = (
+        form.get("To").cloned().unwrap_or_default(),
+        form.get("From").cloned().unwrap_or_default(),
+    );
+    if !is_e164(&to) || !is_e164(&from) {
+        return twilio_error(400, 21211, "Invalid 'To' or 'From' Phone Number", None);
+    }
+    let text = form.get("Body").cloned().unwrap_or_default();
+    if text.is_empty() || text.chars().count() > 1600 {
+        return twilio_error(
+            400,
+            21617,
+            "The concatenated message body exceeds the 1600 character limit",
+            None,
+        );
+    }
+    let mut inner = inner.lock().unwrap();
+    inner.next_sid += 1;
+    let sid = format!("SM{:032x}", inner.next_sid);
+    inner.messages.push(MessageRecord {
+        to,
+        from,
+        body: text,
+    });
+    (
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({"sid": sid, "status": "queued"})),
+    )
+        .into_response()
 }
 
 /// `GET Calls.json?To=&From=`: the calls created, newest first, as Twilio lists them.
