@@ -154,6 +154,10 @@ pub struct Defaults {
     pub cooldown: Duration,
     /// Also send each called number an SMS with the subject and the incident id.
     pub sms: bool,
+    /// How long a round of calls has to get someone into the bridge before the next.
+    pub round_interval: Duration,
+    /// Rounds of calls at most (the first one included).
+    pub rounds: u32,
 }
 
 /// One `[[rule]]`.
@@ -174,6 +178,8 @@ pub struct Rule {
     pub cooldown: Duration,
     /// Also send each called number an SMS summary.
     pub sms: bool,
+    pub round_interval: Duration,
+    pub rounds: u32,
 }
 
 /// What a matching rule does.
@@ -451,6 +457,8 @@ struct RawDefaults {
     message: Option<Spanned<String>>,
     cooldown: Option<Spanned<String>>,
     sms: Option<bool>,
+    round_interval: Option<Spanned<String>>,
+    rounds: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -469,6 +477,8 @@ struct RawRule {
     dedup_key: Option<Spanned<String>>,
     cooldown: Option<Spanned<String>>,
     sms: Option<bool>,
+    round_interval: Option<Spanned<String>>,
+    rounds: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -545,6 +555,18 @@ impl Problemset {
         }
         dedup_in_order(&mut numbers);
         numbers
+    }
+
+    fn rounds(&mut self, value: Option<&Spanned<u32>>) -> Option<u32> {
+        let value = value?;
+        let n = *value.get_ref();
+        if !(1..=10).contains(&n) {
+            self.push(
+                value.span(),
+                format!("`rounds` = {n} must be between 1 and 10"),
+            );
+        }
+        Some(n.clamp(1, 10))
     }
 
     fn language(&mut self, value: Option<&Spanned<String>>) -> Option<String> {
@@ -853,6 +875,12 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             Duration::from_secs(15 * 60),
         ),
         sms: raw.defaults.sms.unwrap_or(false),
+        round_interval: p.duration(
+            raw.defaults.round_interval.as_ref(),
+            "round_interval",
+            Duration::from_secs(180),
+        ),
+        rounds: p.rounds(raw.defaults.rounds.as_ref()).unwrap_or(3),
     };
 
     // [contacts] and [groups]
@@ -966,6 +994,12 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             dedup_key,
             cooldown: p.duration(r.cooldown.as_ref(), "cooldown", defaults.cooldown),
             sms: r.sms.unwrap_or(defaults.sms),
+            round_interval: p.duration(
+                r.round_interval.as_ref(),
+                "round_interval",
+                defaults.round_interval,
+            ),
+            rounds: p.rounds(r.rounds.as_ref()).unwrap_or(defaults.rounds),
         });
     }
 

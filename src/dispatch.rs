@@ -16,9 +16,10 @@
 //! calls to that number since the request was sent; only when there is none (or Twilio
 //! cannot be asked) is it placed again, since ringing twice beats not ringing at all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::Instant;
 
 use rand::Rng;
 use tokio::sync::Notify;
@@ -32,8 +33,15 @@ use crate::health::Health;
 use crate::metrics::{CallError, Metrics, Outcome as CanaryOutcome, Routing};
 use crate::route::{self, Action};
 use crate::settings::Live;
-use crate::store::{CallJob, CallUpdate, NewIncident, PendingAlert, Routed, Store, now_ms};
+use crate::store::{
+    CallJob, CallUpdate, DueRound, NewIncident, PendingAlert, RoundEnd, Routed, Store, now_ms,
+};
 use crate::twilio::{self, CallRequest, Outcome, twiml};
+
+/// How often the watcher looks at rounds and answerers.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How often one call's answerer is asked for.
+const CHECK_CALL_EVERY: Duration = Duration::from_secs(2);
 
 /// Alerts routed per store transaction.
 const BATCH: usize = 256;
@@ -118,6 +126,170 @@ impl Dispatcher {
     pub async fn run_once(&self) {
         self.resume().await;
         self.drain().await;
+    }
+
+    /// Rounds until someone is in the bridge, and voicemail handling, by polling Twilio:
+    /// each second, incidents whose round is up are checked for a human in their
+    /// conference (someone there: no more rounds; nobody: everyone is called again, up
+    /// to `rounds`), and placed calls are asked who answered (a machine gets a short
+    /// voicemail and is hung up on, and does not count as reaching anyone).
+    pub async fn watch(self: Arc<Self>) {
+        let mut checked: HashMap<i64, Instant> = HashMap::new();
+        let mut postponed: HashMap<i64, Instant> = HashMap::new();
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = tokio::time::sleep(WATCH_EVERY) => {}
+            }
+            if let Caller::Twilio(client) = &self.caller {
+                self.check_answerers(client, &mut checked).await;
+            }
+            let due = match self.store.due_rounds(now_ms()).await {
+                Ok(due) => due,
+                Err(e) => {
+                    error!(error = %e, "cannot read the incidents whose round is up");
+                    continue;
+                }
+            };
+            for round in due {
+                if postponed
+                    .get(&round.incident_id)
+                    .is_some_and(|until| Instant::now() < *until)
+                {
+                    continue;
+                }
+                let reached = match self.someone_in_bridge(&round).await {
+                    Ok(reached) => reached,
+                    Err(e) => {
+                        warn!(incident = round.incident_id, error = %e, "cannot tell who is in the bridge; asking again in 10 s");
+                        postponed
+                            .insert(round.incident_id, Instant::now() + Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                self.finish_round(&round, reached).await;
+            }
+        }
+    }
+
+    /// Is a person (not a voicemail) in the incident's conference? Dry runs never are.
+    async fn someone_in_bridge(&self, round: &DueRound) -> Result<bool, String> {
+        let Caller::Twilio(client) = &self.caller else {
+            return Ok(false);
+        };
+        for sid in client
+            .conference_calls(&twiml::room_name(&round.public_id))
+            .await?
+        {
+            // A participant whose call cannot be read counts as a person: better no
+            // further round than calling people out of a live bridge.
+            if !client.get_call(&sid).await.is_ok_and(|info| info.machine()) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    async fn finish_round(&self, round: &DueRound, reached: bool) {
+        let settings = self.live.load_full();
+        let max = settings.config.limits.max_calls_per_hour;
+        let (incident, of) = (round.incident_id, round.rounds);
+        match self.store.finish_round(incident, reached, max).await {
+            Ok(RoundEnd::Reached { round }) => info!(
+                incident,
+                round, "someone is in the bridge: no further rounds"
+            ),
+            Ok(RoundEnd::Unanswered { rounds }) => error!(
+                incident,
+                rounds,
+                "NOBODY JOINED THE BRIDGE after every round of calls; the incident is unanswered"
+            ),
+            Ok(RoundEnd::NextRound {
+                round,
+                calls,
+                refused,
+            }) => {
+                warn!(
+                    incident,
+                    round,
+                    of,
+                    calls = calls.len(),
+                    "nobody joined the bridge: calling everyone again"
+                );
+                self.metrics.budget_refusals.inc_by(refused.len() as u64);
+                if !refused.is_empty() {
+                    error!(incident, refused = ?refused, "CALL BUDGET EXHAUSTED: these numbers are NOT called this round");
+                }
+                for (position, job) in calls.into_iter().enumerate() {
+                    let not_before = self
+                        .pacer
+                        .slot(settings.config.twilio.calls_per_second, position);
+                    self.spawn_call(job, not_before);
+                }
+            }
+            Err(e) => {
+                error!(incident, error = %e, "cannot record the end of a round; will try again")
+            }
+        }
+    }
+
+    /// Asks Twilio who answered the calls of running rounds (each at most every
+    /// [`CHECK_CALL_EVERY`]); an answering machine gets the voicemail TwiML.
+    async fn check_answerers(&self, client: &twilio::Client, checked: &mut HashMap<i64, Instant>) {
+        let ring = Duration::from_secs(u64::from(self.live.load().config.twilio.ring_seconds));
+        let since = now_ms().saturating_sub(
+            i64::try_from((ring + Duration::from_secs(120)).as_millis()).unwrap_or(i64::MAX),
+        );
+        let calls = match self.store.calls_to_check(since).await {
+            Ok(calls) => calls,
+            Err(e) => {
+                error!(error = %e, "cannot read the calls to check");
+                return;
+            }
+        };
+        checked.retain(|id, _| calls.iter().any(|c| c.call_id == *id));
+        for call in calls {
+            let Some(sid) = call.sid.as_deref() else {
+                continue;
+            };
+            if checked
+                .get(&call.call_id)
+                .is_some_and(|at| at.elapsed() < CHECK_CALL_EVERY)
+            {
+                continue;
+            }
+            checked.insert(call.call_id, Instant::now());
+            let info = match client.get_call(sid).await {
+                Ok(info) => info,
+                Err(e) => {
+                    warn!(incident = call.incident_id, number = %call.number, error = %e, "cannot read a call's status");
+                    continue;
+                }
+            };
+            let Some(answered_by) = info.answered_by.clone() else {
+                continue;
+            };
+            if let Err(e) = self
+                .store
+                .set_answered_by(call.call_id, answered_by.clone())
+                .await
+            {
+                error!(error = %e, "cannot record who answered a call");
+            }
+            if info.machine() {
+                let voicemail = twiml::voicemail(&call.message, &call.language, &call.voice);
+                match client.update_call(sid, &voicemail).await {
+                    Ok(()) => {
+                        info!(incident = call.incident_id, number = %call.number, answered_by, "voicemail answered: left a message; not counted as reached")
+                    }
+                    Err(e) => {
+                        warn!(incident = call.incident_id, number = %call.number, error = %e, "voicemail answered, but the message could not be left")
+                    }
+                }
+            } else {
+                info!(incident = call.incident_id, number = %call.number, answered_by, "call answered");
+            }
+        }
     }
 
     /// Resumes the calls the last run left unfinished.
@@ -428,6 +600,8 @@ async fn place_call(
                         from: &t.from,
                         twiml: &job.twiml,
                         timeout_secs: t.ring_seconds,
+                        // Polling tells voicemail from a person (see `watch`).
+                        machine_detection: true,
                     })
                     .await
             }

@@ -31,6 +31,9 @@ pub struct Decision {
     pub sms: bool,
     /// The alert's subject (a direct alert's message), for the SMS summary.
     pub subject: String,
+    /// Rounds of calls until someone is in the bridge, and the time each one gets.
+    pub rounds: u32,
+    pub round_interval: Duration,
 }
 
 /// The three outcomes of routing.
@@ -71,6 +74,8 @@ pub fn route(config: &Config, alert: &Alert) -> Decision {
         cooldown: config.defaults.cooldown,
         sms: false,
         subject: alert.subject.clone(),
+        rounds: config.defaults.rounds,
+        round_interval: config.defaults.round_interval,
     }
 }
 
@@ -106,6 +111,8 @@ pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
         cooldown: config.defaults.cooldown,
         sms: config.defaults.sms,
         subject: alert.message.clone(),
+        rounds: config.defaults.rounds,
+        round_interval: config.defaults.round_interval,
     }
 }
 
@@ -212,6 +219,8 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
         cooldown: rule.cooldown,
         sms: rule.sms,
         subject: alert.subject.clone(),
+        rounds: rule.rounds,
+        round_interval: rule.round_interval,
     }
 }
 

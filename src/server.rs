@@ -88,6 +88,7 @@ pub async fn run(
         metrics: Arc::clone(&metrics),
         pacer: Pacer::default(),
     });
+    tasks.spawn(Arc::clone(&dispatcher).watch());
     tasks.spawn(dispatcher.run());
 
     if let Some(listener) = listeners.http {

@@ -147,6 +147,42 @@ pub struct NewAlert {
     pub rejected: Option<String>,
 }
 
+/// An incident whose round is up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueRound {
+    pub incident_id: i64,
+    pub public_id: String,
+    pub round: i64,
+    pub rounds: i64,
+}
+
+/// How a round ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoundEnd {
+    /// Someone is in the bridge: no more rounds.
+    Reached { round: i64 },
+    /// Nobody joined: these calls start round `round`.
+    NextRound {
+        round: i64,
+        calls: Vec<CallJob>,
+        refused: Vec<String>,
+    },
+    /// Nobody joined in any of the `rounds` rounds.
+    Unanswered { rounds: i64 },
+}
+
+/// A placed call whose answerer is still to be found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallToCheck {
+    pub call_id: i64,
+    pub incident_id: i64,
+    pub sid: Option<String>,
+    pub number: String,
+    pub message: String,
+    pub language: String,
+    pub voice: String,
+}
+
 /// What [`Store::insert_alert`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Inserted {
@@ -235,7 +271,21 @@ pub struct IncidentReport {
     pub rule: String,
     pub dedup_key: String,
     pub alert_count: i64,
+    /// `open` (rounds going on), `reached`, `unanswered` or `resolved`.
+    pub status: String,
+    /// Each round of calls and how it ended.
+    pub rounds: Vec<RoundReport>,
     pub calls: Vec<CallReport>,
+}
+
+/// One round of calls of an incident.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RoundReport {
+    pub round: i64,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+    /// `None` while the round goes on.
+    pub outcome: Option<String>,
 }
 
 /// One number of an incident.
@@ -248,6 +298,10 @@ pub struct CallReport {
     pub error_code: Option<i64>,
     pub error: Option<String>,
     pub attempts: i64,
+    /// The round this call belongs to.
+    pub round: i64,
+    /// Twilio's `answered_by` (`human`, `machine_start`, …), once known.
+    pub answered_by: Option<String>,
     /// Every attempt's outcome, oldest first.
     pub history: Vec<AttemptReport>,
 }
@@ -349,6 +403,22 @@ const MIGRATIONS: &[&str] = &[
     // 5: what the SMS summary needs, kept with the incident so resumed calls still send it.
     "ALTER TABLE incidents ADD COLUMN subject TEXT NOT NULL DEFAULT '';
     ALTER TABLE incidents ADD COLUMN sms INTEGER NOT NULL DEFAULT 0;",
+    // 6: rounds of calls until someone is in the bridge, and what answered each call.
+    "ALTER TABLE incidents ADD COLUMN status TEXT NOT NULL DEFAULT 'open';
+    ALTER TABLE incidents ADD COLUMN round INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE incidents ADD COLUMN rounds INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE incidents ADD COLUMN round_interval_ms INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE incidents ADD COLUMN next_round_at INTEGER;
+    CREATE INDEX incidents_next_round ON incidents(next_round_at) WHERE next_round_at IS NOT NULL;
+    ALTER TABLE calls ADD COLUMN round INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE calls ADD COLUMN answered_by TEXT;
+    CREATE TABLE rounds (
+        incident_id INTEGER NOT NULL REFERENCES incidents(id),
+        round INTEGER NOT NULL,
+        started_at INTEGER NOT NULL,
+        outcome TEXT,
+        PRIMARY KEY (incident_id, round)
+    );",
 ];
 
 /// The most jobs committed together; bounds the latency one batch adds.
@@ -646,6 +716,109 @@ impl Store {
         .await
     }
 
+    /// Incidents whose current round's time is up.
+    pub async fn due_rounds(&self, now: i64) -> Result<Vec<DueRound>, StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, public_id, round, rounds FROM incidents
+                 WHERE next_round_at IS NOT NULL AND next_round_at <= ?1 AND status = 'open' ORDER BY next_round_at",
+            )?;
+            let rows = stmt.query_map([now], |r| {
+                Ok(DueRound {
+                    incident_id: r.get(0)?,
+                    public_id: r.get(1)?,
+                    round: r.get(2)?,
+                    rounds: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Closes the incident's current round: `reached` ends the calling; otherwise the
+    /// next round calls everyone again (within the budget), or, after the last round,
+    /// the incident is marked unanswered.
+    pub async fn finish_round(
+        &self,
+        incident_id: i64,
+        reached: bool,
+        max_calls_per_hour: u32,
+    ) -> Result<RoundEnd, StoreError> {
+        self.run(move |c| {
+            let now = now_ms();
+            let (round, rounds, interval, rule, twiml, sms, subject): (i64, i64, i64, String, String, bool, String) = c.query_row(
+                "SELECT round, rounds, round_interval_ms, rule, twiml, sms, subject FROM incidents WHERE id = ?1",
+                [incident_id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
+            )?;
+            let outcome = if reached { "reached: someone is in the bridge" } else { "nobody joined" };
+            c.execute("UPDATE rounds SET outcome = ?3 WHERE incident_id = ?1 AND round = ?2", params![incident_id, round, outcome])?;
+            if reached || round >= rounds {
+                let status = if reached { "reached" } else { "unanswered" };
+                c.execute("UPDATE incidents SET status = ?2, next_round_at = NULL WHERE id = ?1", params![incident_id, status])?;
+                return Ok(if reached { RoundEnd::Reached { round } } else { RoundEnd::Unanswered { rounds } });
+            }
+            let next = round + 1;
+            // Everyone of the incident again, in the order first called.
+            let numbers: Vec<String> = c
+                .prepare_cached("SELECT number FROM calls WHERE incident_id = ?1 GROUP BY number ORDER BY MIN(id)")?
+                .query_map([incident_id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            c.execute(
+                "UPDATE incidents SET round = ?2, next_round_at = ?3 WHERE id = ?1",
+                params![incident_id, next, now.saturating_add(interval)],
+            )?;
+            c.execute("INSERT INTO rounds (incident_id, round, started_at) VALUES (?1, ?2, ?3)", params![incident_id, next, now])?;
+            let target = CallTarget { incident_id, rule, twiml, sms: sms.then(|| sms_text(incident_id, &subject)), round: next };
+            let (calls, refused) = insert_calls(c, &target, &numbers, now, max_calls_per_hour)?;
+            Ok(RoundEnd::NextRound { round: next, calls, refused })
+        })
+        .await
+    }
+
+    /// Placed calls of open incidents' current rounds whose answerer is not known yet,
+    /// placed since `since` (Unix milliseconds).
+    pub async fn calls_to_check(&self, since: i64) -> Result<Vec<CallToCheck>, StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.id, c.incident_id, c.sid, c.number, i.message, i.language, i.voice
+                 FROM calls c JOIN incidents i ON i.id = c.incident_id
+                 WHERE i.status = 'open' AND c.round = i.round AND c.status = 'placed'
+                   AND c.answered_by IS NULL AND c.created_at > ?1",
+            )?;
+            let rows = stmt.query_map([since], |r| {
+                Ok(CallToCheck {
+                    call_id: r.get(0)?,
+                    incident_id: r.get(1)?,
+                    sid: r.get(2)?,
+                    number: r.get(3)?,
+                    message: r.get(4)?,
+                    language: r.get(5)?,
+                    voice: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Records who (or what) answered a call, as Twilio's `answered_by` says.
+    pub async fn set_answered_by(
+        &self,
+        call_id: i64,
+        answered_by: String,
+    ) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.execute(
+                "UPDATE calls SET answered_by = ?2 WHERE id = ?1",
+                params![call_id, answered_by],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
     /// Records the SMS summary sent (or not) for a call, in its attempt history.
     pub async fn record_sms(
         &self,
@@ -772,11 +945,85 @@ pub fn rfc3339(unix_ms: i64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// What the calls of one round share.
+struct CallTarget {
+    incident_id: i64,
+    rule: String,
+    twiml: String,
+    sms: Option<String>,
+    round: i64,
+}
+
+/// Inserts a round's calls, recorded as being sent right away (the dispatcher sends the
+/// first request as soon as this commits), within the hourly budget; the numbers beyond
+/// it are recorded as refused. Returns the calls to place and the refused numbers.
+fn insert_calls(
+    c: &Connection,
+    target: &CallTarget,
+    numbers: &[String],
+    now: i64,
+    max_calls_per_hour: u32,
+) -> rusqlite::Result<(Vec<CallJob>, Vec<String>)> {
+    // The budget window is the current minute and the 60 before it.
+    let minute = now.div_euclid(60_000);
+    let mut used: i64 = c
+        .prepare_cached("SELECT COALESCE(SUM(calls), 0) FROM call_budget WHERE minute >= ?1")?
+        .query_row([minute - 60], |r| r.get(0))?;
+    let used_before = used;
+    let (mut calls, mut refused) = (Vec::new(), Vec::new());
+    for number in numbers {
+        let within = used < i64::from(max_calls_per_hour);
+        let (status, error) = if within {
+            used += 1;
+            ("sending", None)
+        } else {
+            (
+                "refused",
+                Some(format!(
+                    "over the call budget of {max_calls_per_hour} calls per hour"
+                )),
+            )
+        };
+        c.prepare_cached(
+            "INSERT INTO calls (incident_id, number, created_at, status, error, updated_at, attempts, round)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?3, ?6, ?7)",
+        )?
+        .execute(params![target.incident_id, number, now, status, error, i64::from(within), target.round])?;
+        if within {
+            calls.push(CallJob {
+                call_id: c.last_insert_rowid(),
+                incident_id: target.incident_id,
+                rule: target.rule.clone(),
+                number: number.clone(),
+                twiml: target.twiml.clone(),
+                created_at: now,
+                attempts: 1,
+                received_at: None,
+                in_flight_since: None,
+                sending_recorded: true,
+                sms: target.sms.clone(),
+            });
+        } else {
+            refused.push(number.clone());
+        }
+    }
+    if used > used_before {
+        c.prepare_cached(
+            "INSERT INTO call_budget (minute, calls) VALUES (?1, ?2)
+             ON CONFLICT (minute) DO UPDATE SET calls = calls + excluded.calls",
+        )?
+        .execute(params![minute, used - used_before])?;
+        c.prepare_cached("DELETE FROM call_budget WHERE minute < ?1")?
+            .execute([minute - 120])?;
+    }
+    Ok((calls, refused))
+}
+
 /// Incident reports with their calls and attempts; `filter` follows `FROM incidents`
 /// and takes one parameter.
 fn reports(c: &Connection, filter: &str, param: i64) -> rusqlite::Result<Vec<IncidentReport>> {
     let mut stmt = c.prepare(&format!(
-        "SELECT id, public_id, opened_at, rule, dedup_key, alert_count FROM incidents {filter}"
+        "SELECT id, public_id, opened_at, rule, dedup_key, alert_count, status FROM incidents {filter}"
     ))?;
     let mut incidents = stmt
         .query_map([param], |r| {
@@ -788,13 +1035,29 @@ fn reports(c: &Connection, filter: &str, param: i64) -> rusqlite::Result<Vec<Inc
                 rule: r.get(3)?,
                 dedup_key: r.get(4)?,
                 alert_count: r.get(5)?,
+                status: r.get(6)?,
+                rounds: Vec::new(),
                 calls: Vec::new(),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut calls = c.prepare(
-            "SELECT number, status, sid, error_code, error, attempts, id FROM calls WHERE incident_id = ?1 ORDER BY id",
+            "SELECT number, status, sid, error_code, error, attempts, id, round, answered_by FROM calls WHERE incident_id = ?1 ORDER BY id",
         )?;
+    let mut rounds = c.prepare(
+        "SELECT round, started_at, outcome FROM rounds WHERE incident_id = ?1 ORDER BY round",
+    )?;
+    for incident in &mut incidents {
+        incident.rounds = rounds
+            .query_map([incident.id], |r| {
+                Ok(RoundReport {
+                    round: r.get(0)?,
+                    started_at: rfc3339(r.get(1)?),
+                    outcome: r.get(2)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+    }
     let mut attempts = c.prepare(
             "SELECT at, outcome, error_code, error, sid FROM call_attempts WHERE call_id = ?1 ORDER BY id",
         )?;
@@ -808,6 +1071,8 @@ fn reports(c: &Connection, filter: &str, param: i64) -> rusqlite::Result<Vec<Inc
                     error_code: r.get(3)?,
                     error: r.get(4)?,
                     attempts: r.get(5)?,
+                    round: r.get(7)?,
+                    answered_by: r.get(8)?,
                     history: Vec::new(),
                 })
                 .map(|report| (report, r.get::<_, i64>(6)))
@@ -876,8 +1141,9 @@ fn record_routing(
         }
     }
     c.prepare_cached(
-        "INSERT INTO incidents (public_id, opened_at, rule, dedup_key, message, language, voice, twiml, last_alert_at, subject, sms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2, ?9, ?10)",
+        "INSERT INTO incidents (public_id, opened_at, rule, dedup_key, message, language, voice, twiml, last_alert_at, subject, sms,
+                                rounds, round_interval_ms, next_round_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?2, ?9, ?10, ?11, ?12, ?13)",
     )?
     .execute(params![
         new.public_id,
@@ -889,65 +1155,24 @@ fn record_routing(
         decision.voice,
         new.twiml,
         decision.subject,
-        decision.sms
+        decision.sms,
+        decision.rounds,
+        ms(decision.round_interval),
+        now.saturating_add(ms(decision.round_interval))
     ])?;
     let incident_id = c.last_insert_rowid();
-    // The budget window is the current minute and the 60 before it.
-    let minute = now.div_euclid(60_000);
-    let mut used: i64 = c
-        .prepare_cached("SELECT COALESCE(SUM(calls), 0) FROM call_budget WHERE minute >= ?1")?
-        .query_row([minute - 60], |r| r.get(0))?;
-    let used_before = used;
-    let (mut calls, mut refused) = (Vec::new(), Vec::new());
-    for number in &decision.numbers {
-        let within = used < i64::from(max_calls_per_hour);
-        // A call within the budget is recorded as being sent right away: the dispatcher
-        // sends its first request as soon as this commits.
-        let (status, error) = if within {
-            used += 1;
-            ("sending", None)
-        } else {
-            (
-                "refused",
-                Some(format!(
-                    "over the call budget of {max_calls_per_hour} calls per hour"
-                )),
-            )
-        };
-        c.prepare_cached(
-            "INSERT INTO calls (incident_id, number, created_at, status, error, updated_at, attempts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?3, ?6)",
-        )?
-        .execute(params![incident_id, number, now, status, error, i64::from(within)])?;
-        if within {
-            calls.push(CallJob {
-                call_id: c.last_insert_rowid(),
-                incident_id,
-                rule: decision.rule.clone().unwrap_or_default(),
-                number: number.clone(),
-                twiml: new.twiml.clone(),
-                created_at: now,
-                attempts: 1,
-                received_at: None,
-                in_flight_since: None,
-                sending_recorded: true,
-                sms: decision
-                    .sms
-                    .then(|| sms_text(incident_id, &decision.subject)),
-            });
-        } else {
-            refused.push(number.clone());
-        }
-    }
-    if used > used_before {
-        c.prepare_cached(
-            "INSERT INTO call_budget (minute, calls) VALUES (?1, ?2)
-             ON CONFLICT (minute) DO UPDATE SET calls = calls + excluded.calls",
-        )?
-        .execute(params![minute, used - used_before])?;
-        c.prepare_cached("DELETE FROM call_budget WHERE minute < ?1")?
-            .execute([minute - 120])?;
-    }
+    c.prepare_cached("INSERT INTO rounds (incident_id, round, started_at) VALUES (?1, 1, ?2)")?
+        .execute(params![incident_id, now])?;
+    let target = CallTarget {
+        incident_id,
+        rule: decision.rule.clone().unwrap_or_default(),
+        twiml: new.twiml.clone(),
+        sms: decision
+            .sms
+            .then(|| sms_text(incident_id, &decision.subject)),
+        round: 1,
+    };
+    let (calls, refused) = insert_calls(c, &target, &decision.numbers, now, max_calls_per_hour)?;
     mark("call", Some(incident_id))?;
     Ok(Routed::Opened {
         incident_id,
@@ -1048,6 +1273,8 @@ mod tests {
             cooldown,
             sms: false,
             subject: "s".into(),
+            rounds: 1,
+            round_interval: Duration::from_secs(60),
         }
     }
 

@@ -100,6 +100,45 @@ pub struct CallRequest<'a> {
     pub from: &'a str,
     pub twiml: &'a str,
     pub timeout_secs: u32,
+    /// Ask Twilio to tell a machine from a human (`MachineDetection=Enable`).
+    pub machine_detection: bool,
+}
+
+/// What polling learns about a call.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CallInfo {
+    pub status: String,
+    /// `human`, `machine_start`, `machine_end_beep`, `fax`, `unknown`…; absent until known.
+    pub answered_by: Option<String>,
+}
+
+impl CallInfo {
+    /// Did an answering machine (or a fax) pick up?
+    pub fn machine(&self) -> bool {
+        self.answered_by
+            .as_deref()
+            .is_some_and(|a| a.starts_with("machine") || a == "fax")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ConferenceList {
+    conferences: Vec<Sid>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ParticipantList {
+    participants: Vec<Participant>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Sid {
+    sid: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Participant {
+    call_sid: String,
 }
 
 /// What became of one request, classified for the retry loop.
@@ -176,12 +215,15 @@ impl Client {
             self.api_base, self.credentials.account_sid
         );
         let timeout = call.timeout_secs.to_string();
-        let form = [
+        let mut form = vec![
             ("To", call.to),
             ("From", call.from),
             ("Twiml", call.twiml),
             ("Timeout", timeout.as_str()),
         ];
+        if call.machine_detection {
+            form.push(("MachineDetection", "Enable"));
+        }
         let response = self
             .http
             .post(&url)
@@ -277,6 +319,90 @@ const RETRYABLE_CODE_10004: i64 = 10004;
 const RETRYABLE_CODE_22005: i64 = 22005;
 
 impl Client {
+    fn url(&self, path: &str) -> String {
+        format!(
+            "{}/2010-04-01/Accounts/{}/{path}",
+            self.api_base, self.credentials.account_sid
+        )
+    }
+
+    /// A GET of a JSON resource; any failure is a message for the log.
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<T, String> {
+        let response = self
+            .http
+            .get(self.url(path))
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .query(query)
+            .send()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        if !status.is_success() {
+            return Err(format!(
+                "HTTP {status} from {path}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ));
+        }
+        serde_json::from_slice(&body).map_err(|e| format!("unreadable answer from {path}: {e}"))
+    }
+
+    /// `GET Calls/{sid}.json`: the call's status and who answered.
+    pub async fn get_call(&self, sid: &str) -> Result<CallInfo, String> {
+        self.get_json(&format!("Calls/{sid}.json"), &[]).await
+    }
+
+    /// `POST Calls/{sid}.json` with new inline TwiML: redirects a live call.
+    pub async fn update_call(&self, sid: &str, twiml: &str) -> Result<(), String> {
+        let response = self
+            .http
+            .post(self.url(&format!("Calls/{sid}.json")))
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .form(&[("Twiml", twiml)])
+            .send()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            let body = response.bytes().await.unwrap_or_default();
+            Err(format!(
+                "HTTP {status} updating call {sid}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ))
+        }
+    }
+
+    /// The calls in the conference room `room` while it is in progress (none if it
+    /// is not).
+    pub async fn conference_calls(&self, room: &str) -> Result<Vec<String>, String> {
+        let list: ConferenceList = self
+            .get_json(
+                "Conferences.json",
+                &[("FriendlyName", room), ("Status", "in-progress")],
+            )
+            .await?;
+        let mut calls = Vec::new();
+        for conference in list.conferences {
+            let participants: ParticipantList = self
+                .get_json(
+                    &format!("Conferences/{}/Participants.json", conference.sid),
+                    &[],
+                )
+                .await?;
+            calls.extend(participants.participants.into_iter().map(|p| p.call_sid));
+        }
+        Ok(calls)
+    }
+
     /// `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`: one SMS.
     pub async fn send_sms(&self, to: &str, from: &str, body: &str) -> Outcome {
         let url = format!(

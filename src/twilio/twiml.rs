@@ -33,6 +33,17 @@ pub fn call(text: &str, language: &str, voice: &str, room: &str) -> String {
     )
 }
 
+/// What an answering machine hears before mailcall hangs up: the alert, once.
+pub fn voicemail(text: &str, language: &str, voice: &str) -> String {
+    let text = fit(text, language, voice);
+    format!(
+        "<Response><Say language=\"{}\" voice=\"{}\">This is mailcall. {}</Say><Hangup/></Response>",
+        escape(language),
+        escape(voice),
+        escape(text)
+    )
+}
+
 /// The longest prefix of `text` that [`call`] can speak within Twilio's limits.
 pub fn fit<'a>(text: &'a str, language: &str, voice: &str) -> &'a str {
     let overhead = call("", language, voice, &"x".repeat(ROOM_NAME_LEN))

@@ -76,10 +76,37 @@ pub struct MessageRecord {
     pub body: String,
 }
 
+/// How a scripted number answers its calls.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Twilio's `answered_by`: `human`, `machine_start`, …
+    pub answered_by: &'static str,
+    /// Whether the call ends up in the conference room its TwiML dials.
+    pub joins: bool,
+}
+
+/// A call the fake keeps state for.
+#[derive(Debug, Clone)]
+struct LiveCall {
+    answered_by: Option<&'static str>,
+    room: String,
+    in_room: bool,
+}
+
+/// A `POST Calls/{sid}.json` the fake received.
+#[derive(Debug, Clone)]
+pub struct CallUpdate {
+    pub sid: String,
+    pub twiml: String,
+}
+
 #[derive(Default)]
 struct Inner {
     calls: Vec<CallRecord>,
     messages: Vec<MessageRecord>,
+    answers: HashMap<String, Answer>,
+    live: HashMap<String, LiveCall>,
+    updates: Vec<CallUpdate>,
     /// Answers to give, per `To` number, before answering 201.
     script: HashMap<String, VecDeque<Reply>>,
     /// Answers for every number, while non-empty (Twilio being down).
@@ -111,6 +138,18 @@ impl FakeTwilio {
             .route(
                 "/2010-04-01/Accounts/{account}/Messages.json",
                 post(create_message),
+            )
+            .route(
+                "/2010-04-01/Accounts/{account}/Calls/{sid}",
+                axum::routing::get(get_call).post(update_call),
+            )
+            .route(
+                "/2010-04-01/Accounts/{account}/Conferences.json",
+                axum::routing::get(list_conferences),
+            )
+            .route(
+                "/2010-04-01/Accounts/{account}/Conferences/{sid}/Participants.json",
+                axum::routing::get(list_participants),
             )
             .with_state(Arc::clone(&inner));
         let listener = runtime
@@ -150,6 +189,16 @@ impl FakeTwilio {
     /// Every request so far.
     pub fn calls(&self) -> Vec<CallRecord> {
         self.inner.lock().unwrap().calls.clone()
+    }
+
+    /// How calls to `to` are answered from now on (default: nobody answers).
+    pub fn answer(&self, to: &str, answer: Answer) {
+        self.inner.lock().unwrap().answers.insert(to.into(), answer);
+    }
+
+    /// Every `POST Calls/{sid}.json` (live call updates).
+    pub fn updates(&self) -> Vec<CallUpdate> {
+        self.inner.lock().unwrap().updates.clone()
     }
 
     /// Every SMS accepted.
@@ -407,6 +456,7 @@ fn record_call(
     };
     let mut inner = inner.lock().unwrap();
     let to = form["To"].clone();
+    let answer = inner.answers.get(&to).cloned();
     let reply = inner
         .global
         .pop_front()
@@ -416,6 +466,26 @@ fn record_call(
         Reply::Created => {
             inner.next_sid += 1;
             let sid = format!("CA{:032x}", inner.next_sid);
+            let twiml = form.get("Twiml").cloned().unwrap_or_default();
+            let room = CallRecord {
+                to: String::new(),
+                from: String::new(),
+                twiml,
+                timeout: String::new(),
+                at,
+                status: 0,
+                sid: None,
+                created: std::time::SystemTime::now(),
+            }
+            .room();
+            inner.live.insert(
+                sid.clone(),
+                LiveCall {
+                    answered_by: answer.as_ref().map(|a| a.answered_by),
+                    in_room: answer.as_ref().is_some_and(|a| a.joins),
+                    room,
+                },
+            );
             let body = serde_json::json!({
                 "sid": sid, "account_sid": ACCOUNT_SID, "to": to, "from": form["From"],
                 "status": "queued", "answered_by": null,
@@ -490,6 +560,105 @@ async fn create_message(
         axum::Json(serde_json::json!({"sid": sid, "status": "queued"})),
     )
         .into_response()
+}
+
+/// `GET Calls/{sid}.json`: status and who answered.
+async fn get_call(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path((account, sid)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authenticate(&account, &headers) {
+        return response;
+    }
+    let sid = sid.trim_end_matches(".json");
+    let inner = inner.lock().unwrap();
+    match inner.live.get(sid) {
+        Some(call) => axum::Json(serde_json::json!({
+            "sid": sid,
+            "status": if call.answered_by.is_some() { "in-progress" } else { "ringing" },
+            "answered_by": call.answered_by,
+        }))
+        .into_response(),
+        None => twilio_error(404, 20404, "The requested resource was not found", None),
+    }
+}
+
+/// `POST Calls/{sid}.json` with `Twiml`: redirects the call; one that no longer dials
+/// the conference leaves it.
+async fn update_call(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path((account, sid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = authenticate(&account, &headers) {
+        return response;
+    }
+    let sid = sid.trim_end_matches(".json").to_string();
+    let twiml = serde_urlencoded_pairs(&body)
+        .get("Twiml")
+        .cloned()
+        .unwrap_or_default();
+    if let Err(e) = well_formed(&twiml) {
+        return twilio_error(400, 12100, &format!("Document parse failure: {e}"), None);
+    }
+    let mut inner = inner.lock().unwrap();
+    let Some(call) = inner.live.get_mut(&sid) else {
+        return twilio_error(404, 20404, "The requested resource was not found", None);
+    };
+    call.in_room = call.in_room && twiml.contains("<Conference");
+    inner.updates.push(CallUpdate {
+        sid: sid.clone(),
+        twiml,
+    });
+    axum::Json(serde_json::json!({"sid": sid, "status": "in-progress"})).into_response()
+}
+
+/// `GET Conferences.json?FriendlyName=&Status=in-progress`: a room is in progress
+/// while someone is in it.
+async fn list_conferences(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path(account): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authenticate(&account, &headers) {
+        return response;
+    }
+    let inner = inner.lock().unwrap();
+    let name = query.get("FriendlyName").cloned().unwrap_or_default();
+    let live = inner.live.values().any(|c| c.in_room && c.room == name);
+    let conferences: Vec<serde_json::Value> = if live
+        && query.get("Status").is_none_or(|s| s == "in-progress")
+    {
+        vec![
+            serde_json::json!({"sid": format!("CF{name}"), "friendly_name": name, "status": "in-progress"}),
+        ]
+    } else {
+        vec![]
+    };
+    axum::Json(serde_json::json!({"conferences": conferences})).into_response()
+}
+
+/// `GET Conferences/{sid}/Participants.json`.
+async fn list_participants(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path((account, conference)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(response) = authenticate(&account, &headers) {
+        return response;
+    }
+    let room = conference.trim_start_matches("CF");
+    let inner = inner.lock().unwrap();
+    let participants: Vec<serde_json::Value> = inner
+        .live
+        .iter()
+        .filter(|(_, c)| c.in_room && c.room == room)
+        .map(|(sid, _)| serde_json::json!({"call_sid": sid, "conference_sid": conference}))
+        .collect();
+    axum::Json(serde_json::json!({"participants": participants})).into_response()
 }
 
 /// `GET Calls.json?To=&From=`: the calls created, newest first, as Twilio lists them.

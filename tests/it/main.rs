@@ -1,6 +1,7 @@
 //! One integration test binary: the real `mailcall` executable, real SMTP over loopback
 //! sockets, and a fake Twilio that checks requests the way Twilio does.
 
+mod bridge;
 mod cli;
 mod core;
 mod durability;
