@@ -189,6 +189,9 @@ pub enum RuleAction {
     Call(Vec<String>),
     /// Call nobody.
     Drop,
+    /// Close the open incident with the same dedup key (a recovery): no further rounds,
+    /// and the message is spoken to whoever is in the bridge.
+    Resolve,
 }
 
 /// The durable store.
@@ -471,6 +474,7 @@ struct RawRule {
     body: Option<Spanned<String>>,
     call: Option<Spanned<Vec<Spanned<String>>>>,
     drop: Option<Spanned<bool>>,
+    resolve: Option<Spanned<bool>>,
     message: Option<Spanned<String>>,
     language: Option<Spanned<String>>,
     voice: Option<Spanned<String>>,
@@ -944,20 +948,28 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         for re in [&from, &to, &subject, &body].into_iter().flatten() {
             placeholders.extend(re.capture_names().flatten());
         }
-        let action = match (&r.call, r.drop.as_ref().map(|d| (*d.get_ref(), d.span()))) {
-            (Some(_), Some((true, span))) => {
-                p.push(span, format!("rule `{name}` has both `call` and `drop = true`; a rule either calls or drops"));
+        let drop = r.drop.as_ref().filter(|d| *d.get_ref());
+        let resolve = r.resolve.as_ref().filter(|d| *d.get_ref());
+        let action = match (&r.call, drop, resolve) {
+            (Some(_), Some(flag), _)
+            | (Some(_), None, Some(flag))
+            | (None, Some(_), Some(flag)) => {
+                p.push(
+                    flag.span(),
+                    format!("rule `{name}` mixes `call`, `drop = true` and `resolve = true`; a rule does one of them"),
+                );
                 RuleAction::Drop
             }
-            (None, Some((true, _))) => RuleAction::Drop,
-            (None, _) => {
+            (None, Some(_), None) => RuleAction::Drop,
+            (None, None, Some(_)) => RuleAction::Resolve,
+            (None, None, None) => {
                 p.push(
                     r.name.span(),
                     format!("rule `{name}` has neither `call` nor `drop = true`; say whom to call, e.g. call = [\"oncall\"]"),
                 );
                 RuleAction::Drop
             }
-            (Some(call), _) => {
+            (Some(call), None, None) => {
                 if call.get_ref().is_empty() {
                     p.push(call.span(), format!("rule `{name}` has an empty `call` list; name a contact, group or number, or use drop = true"));
                 }
@@ -971,6 +983,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         };
         let message = match &r.message {
             Some(m) => p.template(m, "message", &placeholders),
+            None if action == RuleAction::Resolve => Template::parse("Resolved. {subject}").ok(),
             None => Some(defaults.message.clone()),
         };
         let dedup_key = r
@@ -1333,11 +1346,31 @@ mod tests {
     }
 
     #[test]
+    fn a_rule_calls_drops_or_resolves() {
+        let ok = format!("{MINIMAL}[[rule]]\nname = \"up\"\nsubject = 'UP'\nresolve = true\n");
+        let c = Config::parse(Path::new("r.toml"), &ok).unwrap();
+        assert_eq!(c.rules[0].action, RuleAction::Resolve);
+        assert_eq!(c.rules[0].message.to_string(), "Resolved. {subject}");
+        let got = problems(&format!(
+            "{MINIMAL}[[rule]]\nname = \"x\"\ncall = [\"+15005550001\"]\nresolve = true\n"
+        ));
+        assert!(got[0].contains("a rule does one of them"), "{got:?}");
+        let got = problems(&format!("{MINIMAL}[defaults]\nrounds = 0\n"));
+        assert!(
+            got[0].contains("`rounds` = 0 must be between 1 and 10"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
     fn call_and_drop_together_is_an_error() {
         let got = problems(&format!(
             "{MINIMAL}[[rule]]\nname = \"x\"\ncall = [\"+15005550001\"]\ndrop = true\n"
         ));
-        assert!(got[0].contains("both `call` and `drop = true`"), "{got:?}");
+        assert!(
+            got[0].contains("mixes `call`, `drop = true` and `resolve = true`"),
+            "{got:?}"
+        );
     }
 
     #[test]

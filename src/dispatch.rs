@@ -456,10 +456,10 @@ impl Dispatcher {
             let rule = decision.rule.as_deref().unwrap_or("-");
             let action = match &result {
                 Err(_) => None,
-                Ok(Routed::NotCalled) if decision.action == Action::None => Some("none"),
-                Ok(Routed::NotCalled) => Some("drop"),
+                Ok(Routed::NotCalled) => Some(decision.action.as_str()),
                 Ok(Routed::Deduplicated { .. }) => Some("deduplicated"),
                 Ok(Routed::Opened { .. }) => Some("call"),
+                Ok(Routed::Resolved { .. }) => Some("resolve"),
             };
             if let Some(action) = action {
                 self.metrics
@@ -477,6 +477,20 @@ impl Dispatcher {
                 Ok(Routed::NotCalled) if decision.action == Action::None => warn!(
                     alert = alert_id, source, message_id, from = %alert.from, subject = %alert.subject,
                     action = "none", "unrouted: no rule matches this mail; nobody is called"
+                ),
+                Ok(Routed::Resolved {
+                    incident_id,
+                    public_id,
+                }) => {
+                    info!(
+                        alert = alert_id, source, message_id, from = %alert.from, rule, action = "resolve",
+                        incident = incident_id, dedup_key = %decision.dedup_key, "incident resolved: no further rounds"
+                    );
+                    self.announce_resolution(incident_id, public_id, &decision);
+                }
+                Ok(Routed::NotCalled) if decision.action == Action::Resolve => info!(
+                    alert = alert_id, source, message_id, rule, dedup_key = %decision.dedup_key,
+                    "resolve: no open incident with this dedup key"
                 ),
                 Ok(Routed::NotCalled) => info!(
                     alert = alert_id, source, message_id, from = %alert.from, rule, action = "drop",
@@ -524,6 +538,36 @@ impl Dispatcher {
             }
         }
         all_recorded
+    }
+
+    /// Speaks the resolve message to whoever is in the bridge: each participant's call is
+    /// redirected to hear it and rejoin the room (no public URL needed).
+    fn announce_resolution(&self, incident_id: i64, public_id: String, decision: &route::Decision) {
+        let Caller::Twilio(client) = self.caller.clone() else {
+            return;
+        };
+        let room = twiml::room_name(&public_id);
+        let announcement = twiml::announce(
+            &decision.message,
+            &decision.language,
+            &decision.voice,
+            &room,
+        );
+        self.calls.spawn(async move {
+            let participants = match client.conference_calls(&room).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(incident = incident_id, error = %e, "cannot tell who is in the bridge to announce the resolution");
+                    return;
+                }
+            };
+            for sid in participants {
+                match client.update_call(&sid, &announcement).await {
+                    Ok(()) => info!(incident = incident_id, call = %sid, "resolution announced in the bridge"),
+                    Err(e) => warn!(incident = incident_id, call = %sid, error = %e, "cannot announce the resolution to a participant"),
+                }
+            }
+        });
     }
 
     fn spawn_call(&self, job: CallJob, not_before: tokio::time::Instant) {

@@ -42,6 +42,8 @@ pub struct Decision {
 pub enum Action {
     Call,
     Drop,
+    /// Closes the open incident with the same dedup key.
+    Resolve,
     /// No rule matched: nobody is called and the mail is logged as unrouted.
     None,
 }
@@ -51,6 +53,7 @@ impl Action {
         match self {
             Action::Call => "call",
             Action::Drop => "drop",
+            Action::Resolve => "resolve",
             Action::None => "none",
         }
     }
@@ -207,6 +210,7 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
     let (action, numbers) = match &rule.action {
         RuleAction::Call(numbers) => (Action::Call, numbers.clone()),
         RuleAction::Drop => (Action::Drop, Vec::new()),
+        RuleAction::Resolve => (Action::Resolve, Vec::new()),
     };
     Decision {
         rule: Some(rule.name.clone()),

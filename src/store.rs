@@ -247,8 +247,10 @@ pub enum Routed {
     },
     /// Recorded on an incident opened within the cooldown; nobody is called.
     Deduplicated { incident_id: i64, alert_count: i64 },
-    /// Dropped by a rule, or matched by none.
+    /// Dropped by a rule, or matched by none (or a resolve with nothing open to close).
     NotCalled,
+    /// A resolve rule closed this incident: no further rounds.
+    Resolved { incident_id: i64, public_id: String },
 }
 
 /// What an incident needs besides the routing decision, prepared by the dispatcher
@@ -1111,6 +1113,30 @@ fn record_routing(
         )?
         .execute(params![alert_id, decision.rule, action, incident_id])
     };
+    if decision.action == Action::Resolve {
+        let open: Option<(i64, String)> = c
+            .prepare_cached(
+                "SELECT id, public_id FROM incidents WHERE dedup_key = ?1 AND status IN ('open', 'reached')
+                 ORDER BY opened_at DESC LIMIT 1",
+            )?
+            .query_row([&decision.dedup_key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((incident_id, public_id)) = open else {
+            mark("resolve", None)?;
+            return Ok(Routed::NotCalled);
+        };
+        c.prepare_cached("UPDATE incidents SET status = 'resolved', next_round_at = NULL, last_alert_at = ?2 WHERE id = ?1")?
+            .execute(params![incident_id, now])?;
+        c.prepare_cached(
+            "UPDATE rounds SET outcome = 'resolved' WHERE incident_id = ?1 AND outcome IS NULL",
+        )?
+        .execute([incident_id])?;
+        mark("resolve", Some(incident_id))?;
+        return Ok(Routed::Resolved {
+            incident_id,
+            public_id,
+        });
+    }
     if decision.action != Action::Call {
         mark(decision.action.as_str(), None)?;
         return Ok(Routed::NotCalled);

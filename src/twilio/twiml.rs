@@ -23,8 +23,17 @@ pub fn room_name(incident_public_id: &str) -> String {
 
 /// The TwiML of an alert call: the message said twice, then the incident's conference.
 pub fn call(text: &str, language: &str, voice: &str, room: &str) -> String {
+    say_then_join(text, language, voice, room, 2)
+}
+
+/// TwiML for someone already in the bridge: the message once, then back into the room.
+pub fn announce(text: &str, language: &str, voice: &str, room: &str) -> String {
+    say_then_join(fit(text, language, voice), language, voice, room, 1)
+}
+
+fn say_then_join(text: &str, language: &str, voice: &str, room: &str, times: u8) -> String {
     format!(
-        "<Response><Say language=\"{}\" voice=\"{}\" loop=\"2\">{}</Say>\
+        "<Response><Say language=\"{}\" voice=\"{}\" loop=\"{times}\">{}</Say>\
          <Dial><Conference beep=\"true\" startConferenceOnEnter=\"true\" endConferenceOnExit=\"false\">{}</Conference></Dial></Response>",
         escape(language),
         escape(voice),

@@ -166,3 +166,116 @@ fn a_voicemail_gets_a_message_and_does_not_count_as_reached() {
     assert_eq!(bob_row["answered_by"], "machine_start");
     daemon.wait_for_log("voicemail answered: left a message", Duration::from_secs(1));
 }
+
+const RESOLVING: &str = "[defaults]\nround_interval = \"1500ms\"\nrounds = 3\n\
+    [[rule]]\nname = \"recovery\"\nsubject = '(?P<host>\\S+) is UP'\nresolve = true\ndedup_key = \"{host}\"\n\
+    [[rule]]\nname = \"down\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\", \"bob\"]\ndedup_key = \"{host}\"\n";
+
+#[test]
+fn a_resolve_mail_stops_the_rounds() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), RESOLVING), false);
+    let mut smtp = daemon.smtp();
+    assert_eq!(
+        smtp.send(
+            "m@example.com",
+            &["a@example.com"],
+            &mail("db1 is DOWN", "x")
+        )
+        .0,
+        250
+    );
+    twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
+    assert_eq!(
+        smtp.send("m@example.com", &["a@example.com"], &mail("db1 is UP", "x"))
+            .0,
+        250
+    );
+    let list = wait_incidents(dir.path(), Duration::from_secs(10), |l| {
+        l[0]["status"] == "resolved"
+    });
+    assert_eq!(outcomes(&list[0]), ["resolved"]);
+    assert_eq!(list[0]["alert_count"], 1);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(twilio.calls().len(), 2, "no rounds after the resolution");
+    daemon.wait_for_log(
+        "incident resolved: no further rounds",
+        Duration::from_secs(1),
+    );
+    // A recovery for something that is not open resolves nothing.
+    assert_eq!(
+        smtp.send(
+            "m@example.com",
+            &["a@example.com"],
+            &mail("web9 is UP", "x")
+        )
+        .0,
+        250
+    );
+    daemon.wait_for_log(
+        "resolve: no open incident with this dedup key",
+        Duration::from_secs(5),
+    );
+}
+
+#[test]
+fn a_resolution_is_announced_to_whoever_is_in_the_bridge() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    twilio.answer(
+        "+15005550001",
+        Answer {
+            answered_by: "human",
+            joins: true,
+        },
+    );
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), RESOLVING), false);
+    let mut smtp = daemon.smtp();
+    assert_eq!(
+        smtp.send(
+            "m@example.com",
+            &["a@example.com"],
+            &mail("db1 is DOWN", "x")
+        )
+        .0,
+        250
+    );
+    let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
+    let alice = calls.iter().find(|c| c.to == "+15005550001").unwrap();
+    let bob = calls
+        .iter()
+        .find(|c| c.to == "+15005550002")
+        .unwrap()
+        .sid
+        .clone()
+        .unwrap();
+    assert_eq!(
+        smtp.send("m@example.com", &["a@example.com"], &mail("db1 is UP", "x"))
+            .0,
+        250
+    );
+    daemon.wait_for_log(
+        "resolution announced in the bridge",
+        Duration::from_secs(10),
+    );
+    let updates = twilio.updates();
+    let to_alice: Vec<_> = updates
+        .iter()
+        .filter(|u| Some(&u.sid) == alice.sid.as_ref())
+        .collect();
+    assert_eq!(to_alice.len(), 1, "{updates:?}");
+    let twiml = &to_alice[0].twiml;
+    assert!(
+        twiml.contains("loop=\"1\">Resolved. db1 is UP</Say>"),
+        "{twiml}"
+    );
+    assert!(
+        twiml.contains(&format!(">{}</Conference>", alice.room())),
+        "back into the same room: {twiml}"
+    );
+    assert!(
+        !updates.iter().any(|u| u.sid == bob),
+        "bob never joined: {updates:?}"
+    );
+}
