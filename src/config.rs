@@ -48,6 +48,8 @@ pub struct Config {
     pub webhook: Option<Webhook>,
     /// The scheduled test call; `None`: none.
     pub canary: Option<Canary>,
+    /// Dial-in: the PIN callers not listed in `[contacts]` must enter.
+    pub bridge_pin: Option<String>,
 }
 
 /// A scheduled end-to-end test call through the whole pipeline.
@@ -143,6 +145,9 @@ pub struct Twilio {
     pub retry_max_delay: Duration,
     /// Pace call requests on our side (accounts with a low calls-per-second limit).
     pub calls_per_second: Option<f64>,
+    /// Where Twilio reaches our HTTP server (callbacks, press-1, dial-in); without it
+    /// mailcall works by polling.
+    pub public_url: Option<String>,
 }
 
 /// Values a rule inherits when it does not set its own.
@@ -382,6 +387,13 @@ struct RawConfig {
     sendgrid: Option<Spanned<RawSendgrid>>,
     webhook: Option<RawWebhook>,
     canary: Option<RawCanary>,
+    bridge: Option<RawBridge>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBridge {
+    pin: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -450,6 +462,7 @@ struct RawTwilio {
     retry_initial_delay: Option<Spanned<String>>,
     retry_max_delay: Option<Spanned<String>>,
     calls_per_second: Option<Spanned<f64>>,
+    public_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -844,6 +857,13 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             "retry_max_delay",
             Duration::from_secs(60),
         ),
+        public_url: rt.public_url.as_ref().map(|u| {
+            let url = u.get_ref().trim_end_matches('/');
+            if !(url.starts_with("https://") || url.starts_with("http://")) || url.contains('?') {
+                p.push(u.span(), format!("`public_url` must be the http(s) URL Twilio reaches mailcall at, such as \"https://alerts.example.com\", not `{}`", u.get_ref()));
+            }
+            url.to_string()
+        }),
         calls_per_second: rt.calls_per_second.as_ref().map(|c| {
             let v = *c.get_ref();
             if !(v > 0.0 && v <= 1000.0) {
@@ -1118,6 +1138,19 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         }
     });
 
+    let bridge_pin = raw.bridge.as_ref().and_then(|b| b.pin.as_ref()).map(|pin| {
+        if !(4..=12).contains(&pin.get_ref().len())
+            || !pin.get_ref().bytes().all(|b| b.is_ascii_digit())
+        {
+            p.push(pin.span(), "`pin` must be 4 to 12 digits");
+        }
+        pin.get_ref().clone()
+    });
+    if let Some(url) = &raw.twilio.get_ref().public_url
+        && http.is_none()
+    {
+        p.push(url.span(), "`public_url` needs the HTTP server that Twilio calls back; add [http] listen = \"127.0.0.1:8025\"");
+    }
     let canary = raw.canary.as_ref().map(|c| {
         let every = p.duration(Some(&c.every), "every", Duration::from_secs(86_400));
         if every < Duration::from_secs(60) {
@@ -1158,6 +1191,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         sendgrid,
         webhook,
         canary,
+        bridge_pin,
     })
 }
 

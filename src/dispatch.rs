@@ -141,7 +141,10 @@ impl Dispatcher {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(WATCH_EVERY) => {}
             }
-            if let Caller::Twilio(client) = &self.caller {
+            // With a public URL, pressing 1 tells a person from a voicemail.
+            if let Caller::Twilio(client) = &self.caller
+                && self.live.load().config.twilio.public_url.is_none()
+            {
                 self.check_answerers(client, &mut checked).await;
             }
             let due = match self.store.due_rounds(now_ms()).await {
@@ -419,15 +422,22 @@ impl Dispatcher {
                 }
             };
             let public_id = new_public_id();
-            let new = NewIncident {
-                twiml: twiml::call(
+            let twiml = match &config.twilio.public_url {
+                // Press 1 to join: only a person who chose to is in the bridge.
+                Some(base) => twiml::gather_call(
+                    &decision.message,
+                    &decision.language,
+                    &decision.voice,
+                    &format!("{base}/twilio/gather?room={public_id}"),
+                ),
+                None => twiml::call(
                     &decision.message,
                     &decision.language,
                     &decision.voice,
                     &twiml::room_name(&public_id),
                 ),
-                public_id,
             };
+            let new = NewIncident { twiml, public_id };
             alerts.push((
                 pending.id,
                 pending.received_at,
@@ -540,13 +550,33 @@ impl Dispatcher {
         all_recorded
     }
 
-    /// Speaks the resolve message to whoever is in the bridge: each participant's call is
-    /// redirected to hear it and rejoin the room (no public URL needed).
+    /// Speaks the resolve message to whoever is in the bridge: with a public URL as a
+    /// conference announcement (Twilio fetches the TwiML from us); without one, each
+    /// participant's call is redirected to hear it and rejoin the room.
     fn announce_resolution(&self, incident_id: i64, public_id: String, decision: &route::Decision) {
         let Caller::Twilio(client) = self.caller.clone() else {
             return;
         };
         let room = twiml::room_name(&public_id);
+        if let Some(base) = self.live.load().config.twilio.public_url.clone() {
+            let query =
+                serde_urlencoded::to_string([("text", &decision.message)]).unwrap_or_default();
+            let url = format!("{base}/twilio/announce?{query}");
+            self.calls.spawn(async move {
+                match client.conferences(&room).await {
+                    Ok(sids) => {
+                        for sid in sids {
+                            match client.announce(&sid, &url).await {
+                                Ok(()) => info!(incident = incident_id, conference = %sid, "resolution announced in the bridge"),
+                                Err(e) => warn!(incident = incident_id, error = %e, "cannot announce the resolution"),
+                            }
+                        }
+                    }
+                    Err(e) => warn!(incident = incident_id, error = %e, "cannot find the bridge to announce the resolution"),
+                }
+            });
+            return;
+        }
         let announcement = twiml::announce(
             &decision.message,
             &decision.language,
@@ -644,8 +674,14 @@ async fn place_call(
                         from: &t.from,
                         twiml: &job.twiml,
                         timeout_secs: t.ring_seconds,
-                        // Polling tells voicemail from a person (see `watch`).
-                        machine_detection: true,
+                        // Polling tells voicemail from a person (see `watch`); with a
+                        // public URL a person presses 1 instead.
+                        machine_detection: t.public_url.is_none(),
+                        status_callback: t
+                            .public_url
+                            .as_ref()
+                            .map(|base| format!("{base}/twilio/status"))
+                            .as_deref(),
                     })
                     .await
             }

@@ -76,6 +76,10 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let calls = TaskTracker::new();
     let health = Arc::new(Health::default());
+    let twilio = match &caller {
+        Caller::Twilio(client) => Some(client.clone()),
+        Caller::DryRun => None,
+    };
 
     let dispatcher = Arc::new(Dispatcher {
         live: Arc::clone(&live),
@@ -107,6 +111,7 @@ pub async fn run(
             wake: Arc::clone(&wake),
             health: Arc::clone(&health),
             metrics: Arc::clone(&metrics),
+            twilio,
         }));
         tasks.spawn(http::serve(
             listener,

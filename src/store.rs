@@ -762,9 +762,13 @@ impl Store {
                 return Ok(if reached { RoundEnd::Reached { round } } else { RoundEnd::Unanswered { rounds } });
             }
             let next = round + 1;
-            // Everyone of the incident again, in the order first called.
+            // Everyone of the incident again, in the order first called, but those who
+            // declined (pressed 9).
             let numbers: Vec<String> = c
-                .prepare_cached("SELECT number FROM calls WHERE incident_id = ?1 GROUP BY number ORDER BY MIN(id)")?
+                .prepare_cached(
+                    "SELECT number FROM calls WHERE incident_id = ?1 GROUP BY number
+                     HAVING SUM(answered_by IS 'declined') = 0 ORDER BY MIN(id)",
+                )?
                 .query_map([incident_id], |r| r.get(0))?
                 .collect::<rusqlite::Result<_>>()?;
             c.execute(
@@ -801,6 +805,74 @@ impl Store {
                 })
             })?;
             rows.collect()
+        })
+        .await
+    }
+
+    /// The call Twilio knows as `sid`: `(call id, incident id, number)`.
+    pub async fn call_by_sid(&self, sid: &str) -> Result<Option<(i64, i64, String)>, StoreError> {
+        let sid = sid.to_string();
+        self.run(move |c| {
+            c.prepare_cached("SELECT id, incident_id, number FROM calls WHERE sid = ?1")?
+                .query_row([sid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+        })
+        .await
+    }
+
+    /// An incident by its public id (the room name): `(id, status)`.
+    pub async fn incident_by_public_id(
+        &self,
+        public_id: &str,
+    ) -> Result<Option<(i64, String)>, StoreError> {
+        let public_id = public_id.to_string();
+        self.run(move |c| {
+            c.prepare_cached("SELECT id, status FROM incidents WHERE public_id = ?1")?
+                .query_row([public_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .await
+    }
+
+    /// The newest incident still open or reached, for dial-in: `(id, public id)`.
+    pub async fn newest_open_incident(&self) -> Result<Option<(i64, String)>, StoreError> {
+        self.run(|c| {
+            c.prepare_cached(
+                "SELECT id, public_id FROM incidents WHERE status IN ('open', 'reached') ORDER BY opened_at DESC, id DESC LIMIT 1",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+        })
+        .await
+    }
+
+    /// Someone is in the bridge (a join callback): the incident is reached, no more rounds.
+    pub async fn mark_reached(&self, incident_id: i64) -> Result<bool, StoreError> {
+        self.run(move |c| {
+            let changed = c.execute(
+                "UPDATE incidents SET status = 'reached', next_round_at = NULL WHERE id = ?1 AND status = 'open'",
+                [incident_id],
+            )?;
+            if changed == 1 {
+                c.execute(
+                    "UPDATE rounds SET outcome = 'reached: someone is in the bridge' WHERE incident_id = ?1 AND outcome IS NULL",
+                    [incident_id],
+                )?;
+            }
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    /// Adds a Twilio callback's news to a call's history (`outcome` such as
+    /// `status:completed`, `pressed 1`, `declined`).
+    pub async fn call_event(&self, call_id: i64, outcome: String) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.prepare_cached(
+                "INSERT INTO call_attempts (call_id, at, outcome) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![call_id, now_ms(), outcome])
+            .map(|_| ())
         })
         .await
     }

@@ -50,6 +50,8 @@ pub struct HttpContext {
     pub wake: Arc<Notify>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    /// For conference announcements (`None` in a dry run).
+    pub twilio: Option<crate::twilio::Client>,
 }
 
 /// The routes this configuration enables.
@@ -66,6 +68,9 @@ pub fn app(ctx: Arc<HttpContext>) -> Router {
             &sg.path,
             axum::routing::post(sendgrid_inbound).layer(DefaultBodyLimit::max(sg.max_body_bytes)),
         );
+    }
+    if settings.config.twilio.public_url.is_some() {
+        router = router.merge(crate::ingest::callbacks::routes());
     }
     if settings.config.webhook.is_some() {
         router = router.route("/alert", get(webhook).post(webhook));
@@ -109,7 +114,7 @@ pub struct HttpError {
 }
 
 impl HttpError {
-    fn new(status: StatusCode, reason: impl Into<String>) -> HttpError {
+    pub(crate) fn new(status: StatusCode, reason: impl Into<String>) -> HttpError {
         HttpError {
             status,
             reason: reason.into(),

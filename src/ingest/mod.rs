@@ -1,6 +1,7 @@
 //! The ways alerts come in. Each one stores the alert durably before it acknowledges
 //! it, then wakes the dispatcher; none of them routes or calls anyone itself.
 
+pub mod callbacks;
 pub mod http;
 pub mod sendgrid;
 pub mod smtp;
@@ -15,6 +16,8 @@ pub struct Secrets {
     pub webhook_token: Option<String>,
     /// SMTP AUTH user → password.
     pub smtp_passwords: std::collections::BTreeMap<String, String>,
+    /// The Twilio auth token, which signs Twilio's callbacks (with `public_url`).
+    pub twilio_auth_token: Option<String>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -60,6 +63,13 @@ impl Secrets {
                 .iter()
                 .map(|(user, var)| Ok((user.clone(), read("[smtp.users]", var)?)))
                 .collect::<Result<_, MissingSecret>>()?,
+            twilio_auth_token: match &config.twilio.public_url {
+                Some(_) => Some(read(
+                    "[twilio] public_url (to verify Twilio's signatures)",
+                    "TWILIO_AUTH_TOKEN",
+                )?),
+                None => None,
+            },
         })
     }
 }

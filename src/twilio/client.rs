@@ -102,6 +102,8 @@ pub struct CallRequest<'a> {
     pub timeout_secs: u32,
     /// Ask Twilio to tell a machine from a human (`MachineDetection=Enable`).
     pub machine_detection: bool,
+    /// Where Twilio reports the call's progress (`StatusCallback`), with a public URL.
+    pub status_callback: Option<&'a str>,
 }
 
 /// What polling learns about a call.
@@ -223,6 +225,13 @@ impl Client {
         ];
         if call.machine_detection {
             form.push(("MachineDetection", "Enable"));
+        }
+        if let Some(url) = call.status_callback {
+            form.extend([
+                ("StatusCallback", url),
+                ("StatusCallbackEvent", "answered completed"),
+                ("StatusCallbackMethod", "POST"),
+            ]);
         }
         let response = self
             .http
@@ -381,17 +390,44 @@ impl Client {
         }
     }
 
-    /// The calls in the conference room `room` while it is in progress (none if it
-    /// is not).
-    pub async fn conference_calls(&self, room: &str) -> Result<Vec<String>, String> {
+    /// `POST Conferences/{sid}.json` with `AnnounceUrl`: Twilio fetches TwiML from the
+    /// URL and plays it to everyone in the conference.
+    pub async fn announce(&self, conference_sid: &str, announce_url: &str) -> Result<(), String> {
+        let response = self
+            .http
+            .post(self.url(&format!("Conferences/{conference_sid}.json")))
+            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
+            .form(&[("AnnounceUrl", announce_url), ("AnnounceMethod", "POST")])
+            .send()
+            .await
+            .map_err(|e| describe_transport_error(&e))?;
+        let status = response.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "HTTP {status} announcing into conference {conference_sid}"
+            ))
+        }
+    }
+
+    /// The conference SIDs of room `room` while it is in progress.
+    pub async fn conferences(&self, room: &str) -> Result<Vec<String>, String> {
         let list: ConferenceList = self
             .get_json(
                 "Conferences.json",
                 &[("FriendlyName", room), ("Status", "in-progress")],
             )
             .await?;
+        Ok(list.conferences.into_iter().map(|c| c.sid).collect())
+    }
+
+    /// The calls in the conference room `room` while it is in progress (none if it
+    /// is not).
+    pub async fn conference_calls(&self, room: &str) -> Result<Vec<String>, String> {
         let mut calls = Vec::new();
-        for conference in list.conferences {
+        for sid in self.conferences(room).await? {
+            let conference = Sid { sid };
             let participants: ParticipantList = self
                 .get_json(
                     &format!("Conferences/{}/Participants.json", conference.sid),

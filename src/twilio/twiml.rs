@@ -42,6 +42,88 @@ fn say_then_join(text: &str, language: &str, voice: &str, room: &str, times: u8)
     )
 }
 
+/// With a public URL: the alert and a prompt inside `<Gather numDigits="1">` posting to
+/// `action` (press 1 to join, 9 to decline), asked twice; no key means goodbye.
+pub fn gather_call(text: &str, language: &str, voice: &str, action: &str) -> String {
+    let render = |t: &str| {
+        let say = format!(
+            "<Say language=\"{}\" voice=\"{}\">{}</Say><Say language=\"{}\" voice=\"{}\">{PROMPT}</Say>",
+            escape(language),
+            escape(voice),
+            escape(t),
+            escape(language),
+            escape(voice)
+        );
+        let gather = format!(
+            "<Gather numDigits=\"1\" timeout=\"8\" action=\"{}\" method=\"POST\">{say}</Gather>",
+            escape(action)
+        );
+        format!(
+            "<Response>{gather}{gather}<Say language=\"{}\" voice=\"{}\">Goodbye.</Say><Hangup/></Response>",
+            escape(language),
+            escape(voice)
+        )
+    };
+    // The text appears twice: each copy gets half of what is left.
+    let overhead = render("").chars().count();
+    let budget = MAX_TWIML_CHARS.saturating_sub(overhead) / 2;
+    render(speech::cap(text, MAX_SAY_BYTES, budget))
+}
+
+const PROMPT: &str = "Press 1 to join the incident bridge. Press 9 to decline.";
+
+/// Into the conference, with join and leave reported to `status_callback`.
+pub fn join(
+    greeting: &str,
+    language: &str,
+    voice: &str,
+    room: &str,
+    status_callback: &str,
+) -> String {
+    format!(
+        "<Response><Say language=\"{}\" voice=\"{}\">{}</Say><Dial><Conference beep=\"true\" startConferenceOnEnter=\"true\" \
+         endConferenceOnExit=\"false\" statusCallback=\"{}\" statusCallbackEvent=\"join leave\">{}</Conference></Dial></Response>",
+        escape(language),
+        escape(voice),
+        escape(greeting),
+        escape(status_callback),
+        escape(room)
+    )
+}
+
+/// Says `text`, then hangs up.
+pub fn say_and_hang_up(text: &str, language: &str, voice: &str) -> String {
+    format!(
+        "<Response><Say language=\"{}\" voice=\"{}\">{}</Say><Hangup/></Response>",
+        escape(language),
+        escape(voice),
+        escape(text)
+    )
+}
+
+/// Asks a caller for the bridge PIN, posting the digits to `action`.
+pub fn gather_pin(digits: usize, action: &str, language: &str, voice: &str) -> String {
+    format!(
+        "<Response><Gather numDigits=\"{digits}\" timeout=\"10\" action=\"{}\" method=\"POST\"><Say language=\"{}\" voice=\"{}\">\
+         Enter the bridge PIN.</Say></Gather><Say language=\"{}\" voice=\"{}\">Goodbye.</Say><Hangup/></Response>",
+        escape(action),
+        escape(language),
+        escape(voice),
+        escape(language),
+        escape(voice)
+    )
+}
+
+/// An announcement into a conference (`AnnounceUrl`): `text`, once.
+pub fn say(text: &str, language: &str, voice: &str) -> String {
+    format!(
+        "<Response><Say language=\"{}\" voice=\"{}\">{}</Say></Response>",
+        escape(language),
+        escape(voice),
+        escape(text)
+    )
+}
+
 /// What an answering machine hears before mailcall hangs up: the alert, once.
 pub fn voicemail(text: &str, language: &str, voice: &str) -> String {
     let text = fit(text, language, voice);
@@ -124,6 +206,32 @@ mod tests {
              <Dial><Conference beep=\"true\" startConferenceOnEnter=\"true\" endConferenceOnExit=\"false\">\
              mailcall-0123456789abcdef</Conference></Dial></Response>"
         );
+    }
+
+    #[test]
+    fn gather_calls_ask_twice_and_always_fit() {
+        let t = gather_call(
+            "db & down",
+            "en-US",
+            "Polly.Joanna",
+            "https://x/twilio/gather?room=r&a=1",
+        );
+        assert_eq!(t.matches("<Gather numDigits=\"1\"").count(), 2);
+        assert!(t.contains("action=\"https://x/twilio/gather?room=r&amp;a=1\""));
+        assert!(t.ends_with("<Hangup/></Response>"));
+        for text in ["&".repeat(5000), "停".repeat(5000)] {
+            assert!(
+                gather_call(
+                    &text,
+                    "ja-JP",
+                    "Polly.Mizuki",
+                    "https://alerts.example.com/twilio/gather?room=0123456789abcdef"
+                )
+                .chars()
+                .count()
+                    <= MAX_TWIML_CHARS
+            );
+        }
     }
 
     #[test]

@@ -279,3 +279,312 @@ fn a_resolution_is_announced_to_whoever_is_in_the_bridge() {
         "bob never joined: {updates:?}"
     );
 }
+
+const PUBLIC: &str = "https://alerts.example.com";
+
+/// A daemon with a public URL (callbacks on its HTTP server) and a dial-in PIN.
+fn public_daemon(twilio: &FakeTwilio) -> (Daemon, tempfile::TempDir) {
+    let dir = workdir();
+    let cfg = config(
+        Some(twilio),
+        &format!("[http]\nlisten = \"127.0.0.1:0\"\n[bridge]\npin = \"4321\"\n{ROUNDS}"),
+    )
+    .replace(
+        "ring_seconds = 25\n",
+        &format!("ring_seconds = 25\npublic_url = \"{PUBLIC}\"\n"),
+    );
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    (daemon, dir)
+}
+
+/// POSTs a Twilio callback to the daemon, signed (or not) as Twilio signs it.
+fn callback(
+    daemon: &Daemon,
+    path_and_query: &str,
+    params: &[(&str, &str)],
+    signed: bool,
+) -> (u16, String) {
+    let pairs: Vec<(String, String)> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let signature = if signed {
+        mailcall::twilio::signature::sign(
+            crate::fake_twilio::AUTH_TOKEN,
+            &format!("{PUBLIC}{path_and_query}"),
+            &pairs,
+        )
+    } else {
+        "bm90IGEgc2lnbmF0dXJl".to_string()
+    };
+    let url = format!("http://{}{path_and_query}", daemon.http.unwrap());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .post(url)
+            .header("X-Twilio-Signature", signature)
+            .form(&pairs)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    })
+}
+
+/// The `action` of the first `<Gather>` in a TwiML document, as a path and query.
+fn gather_action(twiml: &str) -> String {
+    let start = twiml.find("action=\"").unwrap() + 8;
+    let url = &twiml[start..start + twiml[start..].find('"').unwrap()];
+    url.replace("&amp;", "&")
+        .strip_prefix(PUBLIC)
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn press_1_joins_press_9_declines_and_forged_callbacks_are_refused() {
+    let twilio = FakeTwilio::start();
+    let (daemon, dir) = public_daemon(&twilio);
+    assert_eq!(
+        daemon
+            .smtp()
+            .send(
+                "m@example.com",
+                &["a@example.com"],
+                &mail("db1 is DOWN", "x")
+            )
+            .0,
+        250
+    );
+    let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
+    let (alice, bob) = (
+        calls.iter().find(|c| c.to == "+15005550001").unwrap(),
+        calls.iter().find(|c| c.to == "+15005550002").unwrap(),
+    );
+    assert_eq!(
+        alice.twiml.matches("<Gather numDigits=\"1\"").count(),
+        2,
+        "{}",
+        alice.twiml
+    );
+    assert!(alice.twiml.contains("Press 1 to join the incident bridge"));
+    let action = gather_action(&alice.twiml);
+    let room = action.rsplit('=').next().unwrap().to_string();
+
+    // A forged or unsigned press-1 changes nothing.
+    let (status, _) = callback(
+        &daemon,
+        &action,
+        &[("CallSid", alice.sid.as_deref().unwrap()), ("Digits", "1")],
+        false,
+    );
+    assert_eq!(status, 403);
+
+    // Bob presses 9: declined, and not called in the next round.
+    let (status, twiml) = callback(
+        &daemon,
+        &action,
+        &[("CallSid", bob.sid.as_deref().unwrap()), ("Digits", "9")],
+        true,
+    );
+    assert_eq!(status, 200);
+    assert!(
+        twiml.contains("Declined.") && twiml.contains("<Hangup/>"),
+        "{twiml}"
+    );
+    let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 3);
+    assert_eq!(
+        calls[2].to, "+15005550001",
+        "round 2 calls only those who did not decline"
+    );
+
+    // Alice presses 1: into the bridge, with joins reported back.
+    let alice2 = calls[2].sid.clone().unwrap();
+    let (status, twiml) = callback(
+        &daemon,
+        &action,
+        &[("CallSid", &alice2), ("Digits", "1")],
+        true,
+    );
+    assert_eq!(status, 200);
+    assert!(
+        twiml.contains(&format!(
+            "statusCallback=\"{PUBLIC}/twilio/conference?room={room}\""
+        )),
+        "{twiml}"
+    );
+    assert!(
+        twiml.contains(&format!(">mailcall-{room}</Conference>")),
+        "{twiml}"
+    );
+
+    // Twilio reports her joining: the incident is reached and everyone hears who joined.
+    let join = format!("/twilio/conference?room={room}");
+    let params = [
+        ("CallSid", alice2.as_str()),
+        ("ConferenceSid", "CF0001"),
+        ("StatusCallbackEvent", "participant-join"),
+    ];
+    assert_eq!(callback(&daemon, &join, &params, false).0, 403);
+    assert_eq!(callback(&daemon, &join, &params, true).0, 200);
+    let list = wait_incidents(dir.path(), Duration::from_secs(5), |l| {
+        l[0]["status"] == "reached"
+    });
+    let history: Vec<String> = list[0]["calls"][1]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["outcome"].as_str().unwrap().to_string())
+        .collect();
+    assert!(history.contains(&"declined".to_string()), "{history:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while twilio.announcements().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no announcement");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (conference, url) = twilio.announcements()[0].clone();
+    assert_eq!(conference, "CF0001");
+    let announce_path = url.strip_prefix(PUBLIC).unwrap();
+    let (status, twiml) = callback(&daemon, announce_path, &[], true);
+    assert_eq!(status, 200);
+    assert!(twiml.contains(">alice joined.</Say>"), "{twiml}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        twilio.calls().len(),
+        3,
+        "no further rounds after someone joined"
+    );
+}
+
+#[test]
+fn dial_in_from_a_contact_joins_the_newest_incident_and_strangers_need_the_pin() {
+    let twilio = FakeTwilio::start();
+    let (daemon, _dir) = public_daemon(&twilio);
+    let (_, twiml) = callback(
+        &daemon,
+        "/twilio/voice",
+        &[("From", "+15005550003"), ("CallSid", "CAin1")],
+        true,
+    );
+    assert!(twiml.contains("There is no open incident."), "{twiml}");
+    assert_eq!(
+        daemon
+            .smtp()
+            .send(
+                "m@example.com",
+                &["a@example.com"],
+                &mail("db1 is DOWN", "x")
+            )
+            .0,
+        250
+    );
+    let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
+    let room = gather_action(&calls[0].twiml)
+        .rsplit('=')
+        .next()
+        .unwrap()
+        .to_string();
+
+    // Carol is a contact: straight into the bridge.
+    let (status, twiml) = callback(
+        &daemon,
+        "/twilio/voice",
+        &[("From", "+15005550003"), ("CallSid", "CAin2")],
+        true,
+    );
+    assert_eq!(status, 200);
+    assert!(
+        twiml.contains(&format!(">mailcall-{room}</Conference>")),
+        "{twiml}"
+    );
+    // A stranger is asked for the PIN; the wrong one is refused, the right one joins.
+    let (_, twiml) = callback(
+        &daemon,
+        "/twilio/voice",
+        &[("From", "+15559876543"), ("CallSid", "CAin3")],
+        true,
+    );
+    assert!(
+        twiml.contains("<Gather numDigits=\"4\"")
+            && twiml.contains(&format!("action=\"{PUBLIC}/twilio/pin\"")),
+        "{twiml}"
+    );
+    let (_, twiml) = callback(
+        &daemon,
+        "/twilio/pin",
+        &[("From", "+15559876543"), ("Digits", "1111")],
+        true,
+    );
+    assert!(
+        twiml.contains("Wrong PIN") && !twiml.contains("<Conference"),
+        "{twiml}"
+    );
+    let (_, twiml) = callback(
+        &daemon,
+        "/twilio/pin",
+        &[("From", "+15559876543"), ("Digits", "4321")],
+        true,
+    );
+    assert!(
+        twiml.contains(&format!(">mailcall-{room}</Conference>")),
+        "{twiml}"
+    );
+    // A forged dial-in is refused outright.
+    assert_eq!(
+        callback(&daemon, "/twilio/voice", &[("From", "+15005550003")], false).0,
+        403
+    );
+}
+
+#[test]
+fn with_a_public_url_the_resolution_is_a_conference_announcement() {
+    let twilio = FakeTwilio::start();
+    twilio.answer(
+        "+15005550001",
+        Answer {
+            answered_by: "human",
+            joins: true,
+        },
+    );
+    let dir = workdir();
+    let cfg = config(
+        Some(&twilio),
+        &format!("[http]\nlisten = \"127.0.0.1:0\"\n{RESOLVING}"),
+    )
+    .replace(
+        "ring_seconds = 25\n",
+        &format!("ring_seconds = 25\npublic_url = \"{PUBLIC}\"\n"),
+    );
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    let mut smtp = daemon.smtp();
+    assert_eq!(
+        smtp.send(
+            "m@example.com",
+            &["a@example.com"],
+            &mail("db1 is DOWN", "x")
+        )
+        .0,
+        250
+    );
+    twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
+    assert_eq!(
+        smtp.send("m@example.com", &["a@example.com"], &mail("db1 is UP", "x"))
+            .0,
+        250
+    );
+    daemon.wait_for_log(
+        "resolution announced in the bridge",
+        Duration::from_secs(10),
+    );
+    let (_, url) = twilio.announcements()[0].clone();
+    let (status, twiml) = callback(&daemon, url.strip_prefix(PUBLIC).unwrap(), &[], true);
+    assert_eq!(status, 200);
+    assert!(twiml.contains(">Resolved. db1 is UP</Say>"), "{twiml}");
+    assert!(
+        twilio.updates().is_empty(),
+        "no call redirects with a public URL"
+    );
+}

@@ -107,6 +107,7 @@ struct Inner {
     answers: HashMap<String, Answer>,
     live: HashMap<String, LiveCall>,
     updates: Vec<CallUpdate>,
+    announcements: Vec<(String, String)>,
     /// Answers to give, per `To` number, before answering 201.
     script: HashMap<String, VecDeque<Reply>>,
     /// Answers for every number, while non-empty (Twilio being down).
@@ -146,6 +147,10 @@ impl FakeTwilio {
             .route(
                 "/2010-04-01/Accounts/{account}/Conferences.json",
                 axum::routing::get(list_conferences),
+            )
+            .route(
+                "/2010-04-01/Accounts/{account}/Conferences/{sid}",
+                post(update_conference),
             )
             .route(
                 "/2010-04-01/Accounts/{account}/Conferences/{sid}/Participants.json",
@@ -199,6 +204,11 @@ impl FakeTwilio {
     /// Every `POST Calls/{sid}.json` (live call updates).
     pub fn updates(&self) -> Vec<CallUpdate> {
         self.inner.lock().unwrap().updates.clone()
+    }
+
+    /// Every conference announcement: `(conference sid, AnnounceUrl)`.
+    pub fn announcements(&self) -> Vec<(String, String)> {
+        self.inner.lock().unwrap().announcements.clone()
     }
 
     /// Every SMS accepted.
@@ -467,17 +477,28 @@ fn record_call(
             inner.next_sid += 1;
             let sid = format!("CA{:032x}", inner.next_sid);
             let twiml = form.get("Twiml").cloned().unwrap_or_default();
-            let room = CallRecord {
-                to: String::new(),
-                from: String::new(),
-                twiml,
-                timeout: String::new(),
-                at,
-                status: 0,
-                sid: None,
-                created: std::time::SystemTime::now(),
-            }
-            .room();
+            // Press-1 calls reach the room named in their <Gather action>: a scripted
+            // `joins` stands for pressing 1.
+            let room = if twiml.contains("<Conference") {
+                CallRecord {
+                    to: String::new(),
+                    from: String::new(),
+                    twiml,
+                    timeout: String::new(),
+                    at,
+                    status: 0,
+                    sid: None,
+                    created: std::time::SystemTime::now(),
+                }
+                .room()
+            } else {
+                twiml
+                    .split("room=")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .map(|id| format!("mailcall-{id}"))
+                    .unwrap_or_default()
+            };
             inner.live.insert(
                 sid.clone(),
                 LiveCall {
@@ -639,6 +660,32 @@ async fn list_conferences(
         vec![]
     };
     axum::Json(serde_json::json!({"conferences": conferences})).into_response()
+}
+
+/// `POST Conferences/{sid}.json` with `AnnounceUrl`.
+async fn update_conference(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    Path((account, sid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(response) = authenticate(&account, &headers) {
+        return response;
+    }
+    let form = serde_urlencoded_pairs(&body);
+    let Some(url) = form
+        .get("AnnounceUrl")
+        .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+    else {
+        return twilio_error(400, 21205, "AnnounceUrl must be an absolute URL", None);
+    };
+    let sid = sid.trim_end_matches(".json").to_string();
+    inner
+        .lock()
+        .unwrap()
+        .announcements
+        .push((sid.clone(), url.clone()));
+    axum::Json(serde_json::json!({"sid": sid, "status": "in-progress"})).into_response()
 }
 
 /// `GET Conferences/{sid}/Participants.json`.

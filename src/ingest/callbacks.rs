@@ -1,0 +1,338 @@
+//! Twilio's callbacks, served when `[twilio] public_url` is set: the answers of the
+//! press-1 prompt, call progress, conference joins and leaves, announcements, and
+//! dial-in to the bridge.
+//!
+//! Every request must carry a valid `X-Twilio-Signature` for the public URL it was sent
+//! to (keyed with the auth token); anything else gets 403 and changes nothing, since
+//! these endpoints decide who is in an incident bridge.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use subtle::ConstantTimeEq;
+use tracing::{info, warn};
+
+use crate::ingest::http::{HttpContext, HttpError};
+use crate::settings::Settings;
+use crate::twilio::{signature, twiml};
+
+/// The callback routes (under `/twilio/`).
+pub fn routes() -> Router<Arc<HttpContext>> {
+    Router::new()
+        .route("/twilio/gather", post(gather))
+        .route("/twilio/status", post(status))
+        .route("/twilio/conference", post(conference))
+        .route("/twilio/announce", post(announce))
+        .route("/twilio/voice", post(voice))
+        .route("/twilio/pin", post(pin))
+}
+
+/// A verified callback: the settings it was checked with and its POST parameters.
+struct Callback {
+    settings: Arc<Settings>,
+    params: HashMap<String, String>,
+}
+
+impl Callback {
+    fn param(&self, name: &str) -> &str {
+        self.params.get(name).map_or("", String::as_str)
+    }
+
+    fn base(&self) -> &str {
+        self.settings
+            .config
+            .twilio
+            .public_url
+            .as_deref()
+            .unwrap_or_default()
+    }
+
+    /// TwiML in the defaults' language and voice.
+    fn say_and_hang_up(&self, text: &str) -> Response {
+        let d = &self.settings.config.defaults;
+        xml(twiml::say_and_hang_up(text, &d.language, &d.voice))
+    }
+
+    /// Into the incident's bridge, with joins and leaves reported back.
+    fn join(&self, greeting: &str, public_id: &str) -> Response {
+        let d = &self.settings.config.defaults;
+        let callback = format!("{}/twilio/conference?room={public_id}", self.base());
+        xml(twiml::join(
+            greeting,
+            &d.language,
+            &d.voice,
+            &twiml::room_name(public_id),
+            &callback,
+        ))
+    }
+}
+
+/// Checks the signature over the public URL of this request and its form body.
+fn verify(
+    ctx: &HttpContext,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Callback, HttpError> {
+    let settings = ctx.live.load_full();
+    let (Some(base), Some(token)) = (
+        &settings.config.twilio.public_url,
+        &settings.secrets.twilio_auth_token,
+    ) else {
+        return Err(HttpError::new(StatusCode::NOT_FOUND, "not found"));
+    };
+    let url = format!(
+        "{base}{}",
+        uri.path_and_query().map_or(uri.path(), |p| p.as_str())
+    );
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).unwrap_or_default();
+    let given = headers
+        .get("x-twilio-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !signature::verify(token, &url, &pairs, given) {
+        ctx.metrics.reject("twilio", "signature");
+        warn!(url = %url, "Twilio callback with a missing or wrong X-Twilio-Signature; refused with 403");
+        return Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            "signature check failed",
+        ));
+    }
+    Ok(Callback {
+        settings,
+        params: pairs.into_iter().collect(),
+    })
+}
+
+fn xml(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/xml; charset=utf-8")], body).into_response()
+}
+
+/// Logs a store failure; the caller still answers Twilio (a live call is waiting).
+fn logged<T>(result: Result<T, crate::store::StoreError>) -> Option<T> {
+    result
+        .inspect_err(|e| warn!(error = %e, "cannot record a Twilio callback"))
+        .ok()
+}
+
+/// The press-1 prompt's answer: 1 joins the bridge, 9 declines for this incident.
+async fn gather(
+    State(ctx): State<Arc<HttpContext>>,
+    Query(query): Query<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let cb = match verify(&ctx, &uri, &headers, &body) {
+        Ok(cb) => cb,
+        Err(e) => return e.into_response(),
+    };
+    let room = query.get("room").cloned().unwrap_or_default();
+    let call = logged(ctx.store.call_by_sid(cb.param("CallSid")).await).flatten();
+    match cb.param("Digits") {
+        "1" => {
+            if let Some((call_id, incident, number)) = &call {
+                info!(incident, number = %number, "pressed 1: joining the bridge");
+                logged(ctx.store.call_event(*call_id, "pressed 1".into()).await);
+            }
+            cb.join("Joining the incident bridge.", &room)
+        }
+        "9" => {
+            if let Some((call_id, incident, number)) = &call {
+                info!(incident, number = %number, "pressed 9: declined; not called again for this incident");
+                logged(ctx.store.set_answered_by(*call_id, "declined".into()).await);
+                logged(ctx.store.call_event(*call_id, "declined".into()).await);
+            }
+            cb.say_and_hang_up("Declined. You will not be called again for this incident.")
+        }
+        _ => cb.say_and_hang_up("Goodbye."),
+    }
+}
+
+/// Call progress (`StatusCallback`): recorded in the call's history.
+async fn status(
+    State(ctx): State<Arc<HttpContext>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let cb = match verify(&ctx, &uri, &headers, &body) {
+        Ok(cb) => cb,
+        Err(e) => return e.into_response(),
+    };
+    if let Some((call_id, incident, number)) =
+        logged(ctx.store.call_by_sid(cb.param("CallSid")).await).flatten()
+    {
+        let status = cb.param("CallStatus").to_string();
+        info!(incident, number = %number, status = %status, "call progress");
+        logged(
+            ctx.store
+                .call_event(call_id, format!("status:{status}"))
+                .await,
+        );
+    }
+    xml("<Response/>".into())
+}
+
+/// Conference joins and leaves: a join means a person is in the bridge (they pressed 1
+/// or dialled in), so the incident is reached and everyone hears who joined.
+async fn conference(
+    State(ctx): State<Arc<HttpContext>>,
+    Query(query): Query<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let cb = match verify(&ctx, &uri, &headers, &body) {
+        Ok(cb) => cb,
+        Err(e) => return e.into_response(),
+    };
+    let room = query.get("room").cloned().unwrap_or_default();
+    let Some((incident, _)) = logged(ctx.store.incident_by_public_id(&room).await).flatten() else {
+        return xml("<Response/>".into());
+    };
+    let call = logged(ctx.store.call_by_sid(cb.param("CallSid")).await).flatten();
+    let number = call
+        .as_ref()
+        .map_or_else(|| cb.param("From").to_string(), |(_, _, n)| n.clone());
+    let who = cb
+        .settings
+        .config
+        .contacts
+        .iter()
+        .find(|(_, n)| **n == number)
+        .map_or_else(|| "A responder".to_string(), |(name, _)| name.clone());
+    match cb.param("StatusCallbackEvent") {
+        "participant-join" => {
+            if logged(ctx.store.mark_reached(incident).await).unwrap_or(false) {
+                info!(incident, "someone joined the bridge: no further rounds");
+            }
+            info!(incident, who = %who, "joined the bridge");
+            if let Some((call_id, _, _)) = call {
+                logged(
+                    ctx.store
+                        .call_event(call_id, "joined the bridge".into())
+                        .await,
+                );
+            }
+            if let Some(client) = ctx.twilio.clone() {
+                let conference_sid = cb.param("ConferenceSid").to_string();
+                let text = format!("{who} joined.");
+                let url = format!(
+                    "{}/twilio/announce?{}",
+                    cb.base(),
+                    serde_urlencoded::to_string([("text", &text)]).unwrap_or_default()
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = client.announce(&conference_sid, &url).await {
+                        warn!(incident, error = %e, "cannot announce who joined");
+                    }
+                });
+            }
+        }
+        "participant-leave" => {
+            info!(incident, who = %who, "left the bridge");
+            if let Some((call_id, _, _)) = call {
+                logged(
+                    ctx.store
+                        .call_event(call_id, "left the bridge".into())
+                        .await,
+                );
+            }
+        }
+        _ => {}
+    }
+    xml("<Response/>".into())
+}
+
+/// The TwiML Twilio plays into the conference for an announcement.
+async fn announce(
+    State(ctx): State<Arc<HttpContext>>,
+    Query(query): Query<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let cb = match verify(&ctx, &uri, &headers, &body) {
+        Ok(cb) => cb,
+        Err(e) => return e.into_response(),
+    };
+    let d = &cb.settings.config.defaults;
+    xml(twiml::say(
+        query.get("text").map_or("", String::as_str),
+        &d.language,
+        &d.voice,
+    ))
+}
+
+/// Dial-in: a call to the `from` number. Contacts join the newest open incident's
+/// bridge; anyone else needs the `[bridge] pin`, or is turned away.
+async fn voice(
+    State(ctx): State<Arc<HttpContext>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let cb = match verify(&ctx, &uri, &headers, &body) {
+        Ok(cb) => cb,
+        Err(e) => return e.into_response(),
+    };
+    let from = cb.param("From").to_string();
+    if cb.settings.config.contacts.values().any(|n| *n == from) {
+        info!(from = %from, "dial-in from a contact");
+        return join_newest(&ctx, &cb).await;
+    }
+    match &cb.settings.config.bridge_pin {
+        Some(pin) => {
+            info!(from = %from, "dial-in from an unknown number: asking for the PIN");
+            let d = &cb.settings.config.defaults;
+            xml(twiml::gather_pin(
+                pin.len(),
+                &format!("{}/twilio/pin", cb.base()),
+                &d.language,
+                &d.voice,
+            ))
+        }
+        None => {
+            warn!(from = %from, "dial-in from an unknown number: refused");
+            cb.say_and_hang_up("This number does not take calls.")
+        }
+    }
+}
+
+/// The PIN an unknown dial-in caller entered.
+async fn pin(
+    State(ctx): State<Arc<HttpContext>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let cb = match verify(&ctx, &uri, &headers, &body) {
+        Ok(cb) => cb,
+        Err(e) => return e.into_response(),
+    };
+    let expected = cb.settings.config.bridge_pin.clone().unwrap_or_default();
+    let right = !expected.is_empty()
+        && bool::from(cb.param("Digits").as_bytes().ct_eq(expected.as_bytes()));
+    if right {
+        info!(from = %cb.param("From"), "dial-in with the right PIN");
+        return join_newest(&ctx, &cb).await;
+    }
+    warn!(from = %cb.param("From"), "dial-in with a wrong PIN: refused");
+    cb.say_and_hang_up("Wrong PIN. Goodbye.")
+}
+
+async fn join_newest(ctx: &HttpContext, cb: &Callback) -> Response {
+    match logged(ctx.store.newest_open_incident().await).flatten() {
+        Some((id, public_id)) => {
+            cb.join(&format!("Joining the bridge of incident {id}."), &public_id)
+        }
+        None => cb.say_and_hang_up("There is no open incident. Goodbye."),
+    }
+}
