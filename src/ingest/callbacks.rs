@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use subtle::ConstantTimeEq;
@@ -36,12 +36,19 @@ pub fn routes() -> Router<Arc<HttpContext>> {
 /// A verified callback: the settings it was checked with and its POST parameters.
 struct Callback {
     settings: Arc<Settings>,
+    /// The POST parameters.
     params: HashMap<String, String>,
+    /// The query parameters of the callback URL (e.g. `room`).
+    query: HashMap<String, String>,
 }
 
 impl Callback {
     fn param(&self, name: &str) -> &str {
         self.params.get(name).map_or("", String::as_str)
+    }
+
+    fn query(&self, name: &str) -> &str {
+        self.query.get(name).map_or("", String::as_str)
     }
 
     fn base(&self) -> &str {
@@ -73,41 +80,52 @@ impl Callback {
     }
 }
 
-/// Checks the signature over the public URL of this request and its form body.
-fn verify(
-    ctx: &HttpContext,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Callback, HttpError> {
-    let settings = ctx.live.load_full();
-    let (Some(base), Some(token)) = (
-        &settings.config.twilio.public_url,
-        &settings.secrets.twilio_auth_token,
-    ) else {
-        return Err(HttpError::new(StatusCode::NOT_FOUND, "not found"));
-    };
-    let url = format!(
-        "{base}{}",
-        uri.path_and_query().map_or(uri.path(), |p| p.as_str())
-    );
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body).unwrap_or_default();
-    let given = headers
-        .get("x-twilio-signature")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    if !signature::verify(token, &url, &pairs, given) {
-        ctx.metrics.reject("twilio", "signature");
-        warn!(url = %url, "Twilio callback with a missing or wrong X-Twilio-Signature; refused with 403");
-        return Err(HttpError::new(
-            StatusCode::FORBIDDEN,
-            "signature check failed",
-        ));
+/// A callback is only extracted once its signature over the public URL of this request
+/// and its form body checks out; otherwise the handler never runs.
+impl FromRequest<Arc<HttpContext>> for Callback {
+    type Rejection = HttpError;
+
+    async fn from_request(
+        request: Request,
+        ctx: &Arc<HttpContext>,
+    ) -> Result<Self, Self::Rejection> {
+        let (parts, body) = request.into_parts();
+        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), ctx)
+            .await
+            .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "cannot read the body"))?;
+        let settings = ctx.live.load_full();
+        let (Some(base), Some(token)) = (
+            &settings.config.twilio.public_url,
+            &settings.secrets.twilio_auth_token,
+        ) else {
+            return Err(HttpError::new(StatusCode::NOT_FOUND, "not found"));
+        };
+        let uri = &parts.uri;
+        let url = format!(
+            "{base}{}",
+            uri.path_and_query().map_or(uri.path(), |p| p.as_str())
+        );
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+        let given = parts
+            .headers
+            .get("x-twilio-signature")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if !signature::verify(token, &url, &pairs, given) {
+            ctx.metrics.reject("twilio", "signature");
+            warn!(url = %url, "Twilio callback with a missing or wrong X-Twilio-Signature; refused with 403");
+            return Err(HttpError::new(
+                StatusCode::FORBIDDEN,
+                "signature check failed",
+            ));
+        }
+        let query = serde_urlencoded::from_str(uri.query().unwrap_or_default()).unwrap_or_default();
+        Ok(Callback {
+            settings,
+            params: pairs.into_iter().collect(),
+            query,
+        })
     }
-    Ok(Callback {
-        settings,
-        params: pairs.into_iter().collect(),
-    })
 }
 
 fn xml(body: String) -> Response {
@@ -122,18 +140,8 @@ fn logged<T>(result: Result<T, crate::store::StoreError>) -> Option<T> {
 }
 
 /// The press-1 prompt's answer: 1 joins the bridge, 9 declines for this incident.
-async fn gather(
-    State(ctx): State<Arc<HttpContext>>,
-    Query(query): Query<HashMap<String, String>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let cb = match verify(&ctx, &uri, &headers, &body) {
-        Ok(cb) => cb,
-        Err(e) => return e.into_response(),
-    };
-    let room = query.get("room").cloned().unwrap_or_default();
+async fn gather(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
+    let room = cb.query("room").to_string();
     let call = logged(ctx.store.call_by_sid(cb.param("CallSid")).await).flatten();
     match cb.param("Digits") {
         "1" => {
@@ -156,16 +164,7 @@ async fn gather(
 }
 
 /// Call progress (`StatusCallback`): recorded in the call's history.
-async fn status(
-    State(ctx): State<Arc<HttpContext>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let cb = match verify(&ctx, &uri, &headers, &body) {
-        Ok(cb) => cb,
-        Err(e) => return e.into_response(),
-    };
+async fn status(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
     if let Some((call_id, incident, number)) =
         logged(ctx.store.call_by_sid(cb.param("CallSid")).await).flatten()
     {
@@ -182,18 +181,8 @@ async fn status(
 
 /// Conference joins and leaves: a join means a person is in the bridge (they pressed 1
 /// or dialled in), so the incident is reached and everyone hears who joined.
-async fn conference(
-    State(ctx): State<Arc<HttpContext>>,
-    Query(query): Query<HashMap<String, String>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let cb = match verify(&ctx, &uri, &headers, &body) {
-        Ok(cb) => cb,
-        Err(e) => return e.into_response(),
-    };
-    let room = query.get("room").cloned().unwrap_or_default();
+async fn conference(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
+    let room = cb.query("room").to_string();
     let Some((incident, _)) = logged(ctx.store.incident_by_public_id(&room).await).flatten() else {
         return xml("<Response/>".into());
     };
@@ -252,37 +241,14 @@ async fn conference(
 }
 
 /// The TwiML Twilio plays into the conference for an announcement.
-async fn announce(
-    State(ctx): State<Arc<HttpContext>>,
-    Query(query): Query<HashMap<String, String>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let cb = match verify(&ctx, &uri, &headers, &body) {
-        Ok(cb) => cb,
-        Err(e) => return e.into_response(),
-    };
+async fn announce(cb: Callback) -> Response {
     let d = &cb.settings.config.defaults;
-    xml(twiml::say(
-        query.get("text").map_or("", String::as_str),
-        &d.language,
-        &d.voice,
-    ))
+    xml(twiml::say(cb.query("text"), &d.language, &d.voice))
 }
 
 /// Dial-in: a call to the `from` number. Contacts join the newest open incident's
 /// bridge; anyone else needs the `[bridge] pin`, or is turned away.
-async fn voice(
-    State(ctx): State<Arc<HttpContext>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let cb = match verify(&ctx, &uri, &headers, &body) {
-        Ok(cb) => cb,
-        Err(e) => return e.into_response(),
-    };
+async fn voice(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
     let from = cb.param("From").to_string();
     if cb.settings.config.contacts.values().any(|n| *n == from) {
         info!(from = %from, "dial-in from a contact");
@@ -307,16 +273,7 @@ async fn voice(
 }
 
 /// The PIN an unknown dial-in caller entered.
-async fn pin(
-    State(ctx): State<Arc<HttpContext>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let cb = match verify(&ctx, &uri, &headers, &body) {
-        Ok(cb) => cb,
-        Err(e) => return e.into_response(),
-    };
+async fn pin(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
     let expected = cb.settings.config.bridge_pin.clone().unwrap_or_default();
     let right = !expected.is_empty()
         && bool::from(cb.param("Digits").as_bytes().ct_eq(expected.as_bytes()));

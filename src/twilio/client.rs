@@ -267,9 +267,7 @@ impl Client {
         };
         classify(status.as_u16(), retry_after, &body)
     }
-}
 
-impl Client {
     /// The calls Twilio created to `to` from `from` no earlier than `since_ms` (Unix
     /// milliseconds, with a second of slack for Twilio's whole-second timestamps), oldest
     /// first, as `(sid, created at in Unix seconds)`. After a crash this tells whether a
@@ -280,28 +278,12 @@ impl Client {
         from: &str,
         since_ms: i64,
     ) -> Result<Vec<(String, i64)>, String> {
-        let url = format!(
-            "{}/2010-04-01/Accounts/{}/Calls.json",
-            self.api_base, self.credentials.account_sid
-        );
-        let response = self
-            .http
-            .get(&url)
-            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .query(&[("To", to), ("From", from), ("PageSize", "20")])
-            .send()
-            .await
-            .map_err(|e| describe_transport_error(&e))?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| describe_transport_error(&e))?;
-        if !status.is_success() {
-            return Err(format!("HTTP {status} listing calls"));
-        }
-        let list: CallList =
-            serde_json::from_slice(&body).map_err(|e| format!("unreadable call list: {e}"))?;
+        let list: CallList = self
+            .get_json(
+                "Calls.json",
+                &[("To", to), ("From", from), ("PageSize", "20")],
+            )
+            .await?;
         let since_secs = since_ms.div_euclid(1000) - 1;
         let mut calls: Vec<(String, i64)> = list
             .calls
@@ -312,22 +294,7 @@ impl Client {
         calls.sort_by_key(|(_, created)| *created);
         Ok(calls)
     }
-}
 
-/// Parses Twilio's RFC 2822 timestamps (`Tue, 24 Nov 2026 00:01:02 +0000`, always UTC)
-/// to Unix seconds.
-fn parse_rfc2822(s: &str) -> Option<i64> {
-    let gmt = s.trim().strip_suffix("+0000")?.trim_end();
-    let t = httpdate::parse_http_date(&format!("{gmt} GMT")).ok()?;
-    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
-    i64::try_from(secs).ok()
-}
-
-/// Twilio error codes that come with a 4xx status but are worth retrying.
-const RETRYABLE_CODE_10004: i64 = 10004;
-const RETRYABLE_CODE_22005: i64 = 22005;
-
-impl Client {
     fn url(&self, path: &str) -> String {
         format!(
             "{}/2010-04-01/Accounts/{}/{path}",
@@ -368,47 +335,41 @@ impl Client {
         self.get_json(&format!("Calls/{sid}.json"), &[]).await
     }
 
-    /// `POST Calls/{sid}.json` with new inline TwiML: redirects a live call.
-    pub async fn update_call(&self, sid: &str, twiml: &str) -> Result<(), String> {
+    /// A form POST whose answer only matters as success or failure.
+    async fn post_form(&self, path: &str, form: &[(&str, &str)]) -> Result<(), String> {
         let response = self
             .http
-            .post(self.url(&format!("Calls/{sid}.json")))
+            .post(self.url(path))
             .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .form(&[("Twiml", twiml)])
+            .form(form)
             .send()
             .await
             .map_err(|e| describe_transport_error(&e))?;
         let status = response.status();
         if status.is_success() {
-            Ok(())
-        } else {
-            let body = response.bytes().await.unwrap_or_default();
-            Err(format!(
-                "HTTP {status} updating call {sid}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            ))
+            return Ok(());
         }
+        let body = response.bytes().await.unwrap_or_default();
+        Err(format!(
+            "HTTP {status} from {path}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)])
+        ))
+    }
+
+    /// `POST Calls/{sid}.json` with new inline TwiML: redirects a live call.
+    pub async fn update_call(&self, sid: &str, twiml: &str) -> Result<(), String> {
+        self.post_form(&format!("Calls/{sid}.json"), &[("Twiml", twiml)])
+            .await
     }
 
     /// `POST Conferences/{sid}.json` with `AnnounceUrl`: Twilio fetches TwiML from the
     /// URL and plays it to everyone in the conference.
     pub async fn announce(&self, conference_sid: &str, announce_url: &str) -> Result<(), String> {
-        let response = self
-            .http
-            .post(self.url(&format!("Conferences/{conference_sid}.json")))
-            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .form(&[("AnnounceUrl", announce_url), ("AnnounceMethod", "POST")])
-            .send()
-            .await
-            .map_err(|e| describe_transport_error(&e))?;
-        let status = response.status();
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "HTTP {status} announcing into conference {conference_sid}"
-            ))
-        }
+        self.post_form(
+            &format!("Conferences/{conference_sid}.json"),
+            &[("AnnounceUrl", announce_url), ("AnnounceMethod", "POST")],
+        )
+        .await
     }
 
     /// The conference SIDs of room `room` while it is in progress.
@@ -470,6 +431,19 @@ impl Client {
         }
     }
 }
+
+/// Parses Twilio's RFC 2822 timestamps (`Tue, 24 Nov 2026 00:01:02 +0000`, always UTC)
+/// to Unix seconds.
+fn parse_rfc2822(s: &str) -> Option<i64> {
+    let gmt = s.trim().strip_suffix("+0000")?.trim_end();
+    let t = httpdate::parse_http_date(&format!("{gmt} GMT")).ok()?;
+    let secs = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    i64::try_from(secs).ok()
+}
+
+/// Twilio error codes that come with a 4xx status but are worth retrying.
+const RETRYABLE_CODE_10004: i64 = 10004;
+const RETRYABLE_CODE_22005: i64 = 22005;
 
 /// Turns a Twilio HTTP answer into an [`Outcome`].
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outcome {
