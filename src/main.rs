@@ -564,9 +564,18 @@ fn incidents(path: &Path, json: bool, limit: usize) -> anyhow::Result<()> {
         }
         writeln!(
             out,
-            "#{} {} rule {:?} key {:?} alerts {} room mailcall-{}",
-            i.id, i.opened_at, i.rule, i.dedup_key, i.alert_count, i.public_id
+            "#{} {} rule {:?} key {:?} alerts {} room mailcall-{} {}",
+            i.id, i.opened_at, i.rule, i.dedup_key, i.alert_count, i.public_id, i.status
         )?;
+        for r in &i.rounds {
+            writeln!(
+                out,
+                "  round {} {}: {}",
+                r.round,
+                r.started_at,
+                r.outcome.as_deref().unwrap_or("going on")
+            )?;
+        }
         for c in &i.calls {
             let detail = match (&c.sid, &c.error) {
                 (Some(sid), _) => sid.clone(),
