@@ -177,21 +177,9 @@ fn a_resolve_mail_stops_the_rounds() {
     let dir = workdir();
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), RESOLVING), false);
     let mut smtp = daemon.smtp();
-    assert_eq!(
-        smtp.send(
-            "m@example.com",
-            &["a@example.com"],
-            &mail("db1 is DOWN", "x")
-        )
-        .0,
-        250
-    );
+    smtp.alert("db1 is DOWN");
     twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
-    assert_eq!(
-        smtp.send("m@example.com", &["a@example.com"], &mail("db1 is UP", "x"))
-            .0,
-        250
-    );
+    smtp.alert("db1 is UP");
     let list = wait_incidents(dir.path(), Duration::from_secs(10), |l| {
         l[0]["status"] == "resolved"
     });
@@ -204,15 +192,7 @@ fn a_resolve_mail_stops_the_rounds() {
         Duration::from_secs(1),
     );
     // A recovery for something that is not open resolves nothing.
-    assert_eq!(
-        smtp.send(
-            "m@example.com",
-            &["a@example.com"],
-            &mail("web9 is UP", "x")
-        )
-        .0,
-        250
-    );
+    smtp.alert("web9 is UP");
     daemon.wait_for_log(
         "resolve: no open incident with this dedup key",
         Duration::from_secs(5),
@@ -232,15 +212,7 @@ fn a_resolution_is_announced_to_whoever_is_in_the_bridge() {
     );
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), RESOLVING), false);
     let mut smtp = daemon.smtp();
-    assert_eq!(
-        smtp.send(
-            "m@example.com",
-            &["a@example.com"],
-            &mail("db1 is DOWN", "x")
-        )
-        .0,
-        250
-    );
+    smtp.alert("db1 is DOWN");
     let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
     let alice = calls.iter().find(|c| c.to == "+15005550001").unwrap();
     let bob = calls
@@ -250,11 +222,7 @@ fn a_resolution_is_announced_to_whoever_is_in_the_bridge() {
         .sid
         .clone()
         .unwrap();
-    assert_eq!(
-        smtp.send("m@example.com", &["a@example.com"], &mail("db1 is UP", "x"))
-            .0,
-        250
-    );
+    smtp.alert("db1 is UP");
     daemon.wait_for_log(
         "resolution announced in the bridge",
         Duration::from_secs(10),
@@ -560,21 +528,9 @@ fn with_a_public_url_the_resolution_is_a_conference_announcement() {
     );
     let daemon = Daemon::start(dir.path(), &cfg, false);
     let mut smtp = daemon.smtp();
-    assert_eq!(
-        smtp.send(
-            "m@example.com",
-            &["a@example.com"],
-            &mail("db1 is DOWN", "x")
-        )
-        .0,
-        250
-    );
+    smtp.alert("db1 is DOWN");
     twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
-    assert_eq!(
-        smtp.send("m@example.com", &["a@example.com"], &mail("db1 is UP", "x"))
-            .0,
-        250
-    );
+    smtp.alert("db1 is UP");
     daemon.wait_for_log(
         "resolution announced in the bridge",
         Duration::from_secs(10),

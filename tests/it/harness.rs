@@ -314,6 +314,12 @@ impl SmtpClient {
         matches!(self.reader.read_line(&mut buf), Ok(0) | Err(_))
     }
 
+    /// Sends the standard test alert with `subject` and asserts it was accepted.
+    pub fn alert(&mut self, subject: &str) {
+        let (code, text) = self.send("m@example.com", &["a@example.com"], &mail(subject, "x"));
+        assert_eq!(code, 250, "alert {subject:?} refused: {text}");
+    }
+
     /// MAIL, RCPT…, DATA, the message (dot-stuffed), and the final reply code.
     pub fn send(&mut self, from: &str, to: &[&str], message: &[u8]) -> (u16, String) {
         let (code, text) = self.cmd(&format!("MAIL FROM:<{from}>"));
