@@ -688,9 +688,10 @@ async fn place_call(
         };
         match outcome {
             Outcome::Placed { sid } => {
-                info!(incident = job.incident_id, rule = %job.rule, number = %job.number, sid = %sid, "call placed");
+                // Counted before it is logged: whoever sees the log line sees the count.
                 metrics.calls_placed.inc();
                 canary_result(metrics, &job, None);
+                info!(incident = job.incident_id, rule = %job.rule, number = %job.number, sid = %sid, "call placed");
                 if let (Some(text), Caller::Twilio(client)) = (&job.sms, caller) {
                     send_sms(client, store, &job, &t.from, text).await;
                 }
@@ -710,17 +711,17 @@ async fn place_call(
                 code,
                 message,
             } => {
-                error!(
-                    incident = job.incident_id, rule = %job.rule, number = %job.number, http_status = status,
-                    twilio_code = code, error = %message, hint = error_hint(code),
-                    "call failed permanently; this number is not called"
-                );
                 metrics
                     .calls_failed
                     .get_or_create(&CallError {
                         code: code.map_or("none".into(), |c| c.to_string()),
                     })
                     .inc();
+                error!(
+                    incident = job.incident_id, rule = %job.rule, number = %job.number, http_status = status,
+                    twilio_code = code, error = %message, hint = error_hint(code),
+                    "call failed permanently; this number is not called"
+                );
                 canary_result(metrics, &job, Some(&message));
                 record(
                     store,

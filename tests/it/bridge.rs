@@ -50,7 +50,7 @@ fn rounds_call_everyone_again_until_someone_joins_then_stop() {
     );
     // Alice is in the bridge: round 2 ends reached, and no round 3 follows.
     let list = wait_incidents(dir.path(), Duration::from_secs(10), |l| {
-        l[0]["status"] == "reached"
+        l.first().is_some_and(|i| i["status"] == "reached")
     });
     assert_eq!(
         outcomes(&list[0]),
@@ -93,7 +93,7 @@ fn after_the_last_round_the_incident_is_unanswered() {
         250
     );
     let list = wait_incidents(dir.path(), Duration::from_secs(15), |l| {
-        l[0]["status"] == "unanswered"
+        l.first().is_some_and(|i| i["status"] == "unanswered")
     });
     assert_eq!(outcomes(&list[0]), ["nobody joined", "nobody joined"]);
     assert_eq!(twilio.calls().len(), 4);
@@ -155,7 +155,7 @@ fn a_voicemail_gets_a_message_and_does_not_count_as_reached() {
     );
     // A machine in the bridge is not a person: the next round still comes.
     let list = wait_incidents(dir.path(), Duration::from_secs(15), |l| {
-        l[0]["status"] == "unanswered"
+        l.first().is_some_and(|i| i["status"] == "unanswered")
     });
     let bob_row = list[0]["calls"]
         .as_array()
@@ -181,7 +181,7 @@ fn a_resolve_mail_stops_the_rounds() {
     twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
     smtp.alert("db1 is UP");
     let list = wait_incidents(dir.path(), Duration::from_secs(10), |l| {
-        l[0]["status"] == "resolved"
+        l.first().is_some_and(|i| i["status"] == "resolved")
     });
     assert_eq!(outcomes(&list[0]), ["resolved"]);
     assert_eq!(list[0]["alert_count"], 1);
@@ -399,7 +399,7 @@ fn press_1_joins_press_9_declines_and_forged_callbacks_are_refused() {
     assert_eq!(callback(&daemon, &join, &params, false).0, 403);
     assert_eq!(callback(&daemon, &join, &params, true).0, 200);
     let list = wait_incidents(dir.path(), Duration::from_secs(5), |l| {
-        l[0]["status"] == "reached"
+        l.first().is_some_and(|i| i["status"] == "reached")
     });
     let history: Vec<String> = list[0]["calls"][1]["history"]
         .as_array()

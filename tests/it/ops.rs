@@ -114,6 +114,7 @@ fn metrics_count_what_happened_and_secrets_stay_out_of_the_log() {
     twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
     daemon.wait_for_log("call failed permanently", Duration::from_secs(5));
     daemon.wait_for_log("call placed", Duration::from_secs(5));
+    daemon.wait_for_log("dropped by rule", Duration::from_secs(5));
 
     let base = format!("http://{}", daemon.http.unwrap());
     let m = scrape(&format!("{base}/metrics"));
