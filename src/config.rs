@@ -21,6 +21,10 @@ use toml::Spanned;
 
 use crate::template::Template;
 
+/// What stands where a rule name would for alerts that skip the rules (`/alert`,
+/// `mailcall call`, the canary); a rule of the same name would be mistaken for them.
+pub const RESERVED_RULE_NAMES: [&str; 3] = ["webhook", "cli", "canary"];
+
 /// The placeholders every template may use, whatever its rule captures.
 pub const BUILTIN_PLACEHOLDERS: [&str; 5] = ["subject", "from", "to", "body", "rule"];
 
@@ -954,6 +958,12 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
     let mut names = BTreeSet::new();
     for r in &raw.rules {
         let name = r.name.get_ref().clone();
+        if RESERVED_RULE_NAMES.contains(&name.as_str()) {
+            p.push(
+                r.name.span(),
+                format!("rule name `{name}` is reserved for alerts that come without a rule (webhook, cli, canary); rename the rule"),
+            );
+        }
         if !names.insert(name.clone()) {
             p.push(
                 r.name.span(),
@@ -1394,6 +1404,14 @@ mod tests {
             got[0].contains("`rounds` = 0 must be between 1 and 10"),
             "{got:?}"
         );
+    }
+
+    #[test]
+    fn rule_names_of_rule_less_alerts_are_reserved() {
+        let got = problems(&format!(
+            "{MINIMAL}[[rule]]\nname = \"canary\"\ndrop = true\n"
+        ));
+        assert!(got[0].contains("rule name `canary` is reserved"), "{got:?}");
     }
 
     #[test]
