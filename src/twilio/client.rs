@@ -15,8 +15,6 @@ pub struct Credentials {
     username: String,
     /// The auth token, or the API key secret. Never logged.
     password: String,
-    /// The auth token itself, when given: signed Twilio callbacks are keyed with it.
-    pub auth_token: Option<String>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -65,11 +63,10 @@ impl Credentials {
             };
         };
         match (key, secret, token) {
-            (Some(key), Some(secret), token) => Ok(Credentials {
+            (Some(key), Some(secret), _) => Ok(Credentials {
                 account_sid,
                 username: key,
                 password: secret,
-                auth_token: token,
             }),
             (Some(_), None, _) => Err(CredentialError::Partial(
                 "TWILIO_API_KEY",
@@ -82,8 +79,7 @@ impl Credentials {
             (None, None, Some(token)) => Ok(Credentials {
                 username: account_sid.clone(),
                 account_sid,
-                password: token.clone(),
-                auth_token: Some(token),
+                password: token,
             }),
             (None, None, None) => Err(CredentialError::Partial(
                 "TWILIO_ACCOUNT_SID",

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::fake_twilio::{Answer, FakeTwilio};
-use crate::harness::{Daemon, config, mail, wait_incidents, workdir};
+use crate::harness::{Daemon, config, wait_incidents, workdir};
 
 const ROUNDS: &str = "[defaults]\nround_interval = \"1500ms\"\nrounds = 3\n[[rule]]\nname = \"all\"\ncall = [\"alice\", \"bob\"]\n";
 
@@ -22,17 +22,7 @@ fn rounds_call_everyone_again_until_someone_joins_then_stop() {
     let twilio = FakeTwilio::start();
     let dir = workdir();
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), ROUNDS), false);
-    assert_eq!(
-        daemon
-            .smtp()
-            .send(
-                "m@example.com",
-                &["a@example.com"],
-                &mail("db1 is DOWN", "x")
-            )
-            .0,
-        250
-    );
+    daemon.smtp().alert("db1 is DOWN");
     // Round 1: nobody answers. Round 2 calls both again.
     twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
     twilio.answer(
@@ -81,17 +71,7 @@ fn after_the_last_round_the_incident_is_unanswered() {
     let dir = workdir();
     let rules = ROUNDS.replace("rounds = 3", "rounds = 2");
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), &rules), false);
-    assert_eq!(
-        daemon
-            .smtp()
-            .send(
-                "m@example.com",
-                &["a@example.com"],
-                &mail("db1 is DOWN", "x")
-            )
-            .0,
-        250
-    );
+    daemon.smtp().alert("db1 is DOWN");
     let list = wait_incidents(dir.path(), Duration::from_secs(15), |l| {
         l.first().is_some_and(|i| i["status"] == "unanswered")
     });
@@ -117,17 +97,7 @@ fn a_voicemail_gets_a_message_and_does_not_count_as_reached() {
         &config(Some(&twilio), &ROUNDS.replace("rounds = 3", "rounds = 2")),
         false,
     );
-    assert_eq!(
-        daemon
-            .smtp()
-            .send(
-                "m@example.com",
-                &["a@example.com"],
-                &mail("db1 is DOWN", "x")
-            )
-            .0,
-        250
-    );
+    daemon.smtp().alert("db1 is DOWN");
     let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
     let bob = calls
         .iter()
@@ -316,17 +286,7 @@ fn gather_action(twiml: &str) -> String {
 fn press_1_joins_press_9_declines_and_forged_callbacks_are_refused() {
     let twilio = FakeTwilio::start();
     let (daemon, dir) = public_daemon(&twilio);
-    assert_eq!(
-        daemon
-            .smtp()
-            .send(
-                "m@example.com",
-                &["a@example.com"],
-                &mail("db1 is DOWN", "x")
-            )
-            .0,
-        250
-    );
+    daemon.smtp().alert("db1 is DOWN");
     let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
     let (alice, bob) = (
         calls.iter().find(|c| c.to == "+15005550001").unwrap(),
@@ -438,17 +398,7 @@ fn dial_in_from_a_contact_joins_the_newest_incident_and_strangers_need_the_pin()
         true,
     );
     assert!(twiml.contains("There is no open incident."), "{twiml}");
-    assert_eq!(
-        daemon
-            .smtp()
-            .send(
-                "m@example.com",
-                &["a@example.com"],
-                &mail("db1 is DOWN", "x")
-            )
-            .0,
-        250
-    );
+    daemon.smtp().alert("db1 is DOWN");
     let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
     let room = gather_action(&calls[0].twiml)
         .rsplit('=')

@@ -344,17 +344,7 @@ fn calls_per_second_paces_requests_in_the_order_the_rule_lists_them() {
         "ring_seconds = 25\ncalls_per_second = 5\n",
     );
     let daemon = Daemon::start(dir.path(), &cfg, false);
-    assert_eq!(
-        daemon
-            .smtp()
-            .send(
-                "m@example.com",
-                &["a@example.com"],
-                &mail("db1 is DOWN", "x")
-            )
-            .0,
-        250
-    );
+    daemon.smtp().alert("db1 is DOWN");
     let mut calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 4);
     calls.sort_by_key(|c| c.at);
     let order: Vec<&str> = calls.iter().map(|c| c.to.as_str()).collect();

@@ -279,17 +279,7 @@ fn a_storm_of_1000_identical_alerts_rings_once() {
     });
     assert_eq!(list[0]["calls"].as_array().unwrap().len(), 2);
     // A differently cased, forwarded copy is the same problem.
-    assert_eq!(
-        daemon
-            .smtp()
-            .send(
-                "m@example.com",
-                &["a@example.com"],
-                &mail("Fwd: db1 is  down", "x")
-            )
-            .0,
-        250
-    );
+    daemon.smtp().alert("Fwd: db1 is  down");
     wait_incidents(dir.path(), Duration::from_secs(5), |l| {
         l.len() == 1 && l[0]["alert_count"] == 1001
     });
