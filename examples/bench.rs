@@ -27,6 +27,9 @@ use tokio::net::TcpStream;
 #[derive(Default)]
 struct Sink {
     arrivals: Mutex<HashMap<u64, Instant>>,
+    /// Each call gets its own SID, as from Twilio (mailcall refuses to record one SID
+    /// for two requests).
+    next_sid: std::sync::atomic::AtomicU64,
 }
 
 fn bench_id(body: &[u8]) -> Option<u64> {
@@ -44,9 +47,12 @@ async fn record(State(sink): State<Arc<Sink>>, body: Bytes) -> impl IntoResponse
     if let Some(id) = bench_id(&body) {
         sink.arrivals.lock().unwrap().entry(id).or_insert(now);
     }
+    let sid = sink
+        .next_sid
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     (
         StatusCode::CREATED,
-        r#"{"sid":"CA00000000000000000000000000000000","status":"queued"}"#,
+        format!(r#"{{"sid":"CA{sid:032x}","status":"queued"}}"#),
     )
 }
 

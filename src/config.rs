@@ -152,6 +152,9 @@ pub struct Twilio {
     /// Where Twilio reaches our HTTP server (callbacks, press-1, dial-in); without it
     /// mailcall works by polling.
     pub public_url: Option<String>,
+    /// How long after a request's window Twilio's call list may still lack the call it
+    /// created; only then is a request whose answer was lost sent again.
+    pub reconcile_grace: Duration,
 }
 
 /// Values a rule inherits when it does not set its own.
@@ -467,6 +470,7 @@ struct RawTwilio {
     retry_max_delay: Option<Spanned<String>>,
     calls_per_second: Option<Spanned<f64>>,
     public_url: Option<Spanned<String>>,
+    reconcile_grace: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -860,6 +864,11 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             rt.retry_max_delay.as_ref(),
             "retry_max_delay",
             Duration::from_secs(60),
+        ),
+        reconcile_grace: p.duration(
+            rt.reconcile_grace.as_ref(),
+            "reconcile_grace",
+            Duration::from_secs(30),
         ),
         public_url: rt.public_url.as_ref().map(|u| {
             let url = u.get_ref().trim_end_matches('/');

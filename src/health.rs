@@ -1,30 +1,77 @@
-//! Liveness of the daemon's parts, for `/healthz` (and later metrics and the watchdog).
+//! Liveness of the daemon's parts, for `/healthz`, `mailcall status` and the systemd
+//! watchdog.
 //!
-//! The parts report in (the dispatcher stamps a heartbeat on every loop, listeners flag
-//! when they run); [`Health::check`] adds a real write to the store, since a store that
-//! cannot commit means every new alert is refused with 451.
+//! Each dispatch worker stamps its own heartbeat on every pass of its loop (and a loop
+//! never waits on Twilio, so a stale heartbeat means a stuck worker, not a slow
+//! Twilio); listeners flag when they run; [`Health::check`] adds a real write to the
+//! store, since a store that cannot commit means every new alert is refused with 451.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use crate::store::{Store, now_ms};
 
-/// How stale the dispatcher's heartbeat may be before it counts as stuck.
-pub const DISPATCHER_STALE: Duration = Duration::from_secs(30);
+/// How stale a worker's heartbeat may be before it counts as stuck.
+pub const WORKER_STALE: Duration = Duration::from_secs(30);
+
+/// The dispatch workers, one job each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Worker {
+    /// Stored alerts → incidents and calls.
+    Router,
+    /// Waiting calls → requests to Twilio.
+    Placer,
+    /// Requests whose outcome is unknown → settled.
+    Reconciler,
+    /// Rounds, and who answered.
+    Rounds,
+}
+
+impl Worker {
+    pub const ALL: [Worker; 4] = [
+        Worker::Router,
+        Worker::Placer,
+        Worker::Reconciler,
+        Worker::Rounds,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Worker::Router => "router",
+            Worker::Placer => "placer",
+            Worker::Reconciler => "reconciler",
+            Worker::Rounds => "rounds",
+        }
+    }
+}
 
 /// Shared liveness flags.
 #[derive(Debug, Default)]
 pub struct Health {
-    dispatcher_beat: AtomicI64,
+    /// Unix milliseconds of each worker's last beat; 0 for a worker that does not run
+    /// in this process (e.g. the placer of a dry run).
+    beats: [AtomicI64; Worker::ALL.len()],
     smtp_running: AtomicBool,
 }
 
-/// The outcome of a health check.
+/// One worker's liveness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct WorkerReport {
+    pub ok: bool,
+    /// Milliseconds since its last heartbeat.
+    pub age_ms: i64,
+}
+
+/// The outcome of a health check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
     pub store: bool,
+    /// Every running dispatch worker's heartbeat is fresh.
     pub dispatcher: bool,
     pub smtp: bool,
+    /// Each running worker, by name.
+    pub workers: BTreeMap<&'static str, WorkerReport>,
 }
 
 impl Report {
@@ -34,13 +81,35 @@ impl Report {
 }
 
 impl Health {
-    /// Called by the dispatcher on every pass of its loop.
-    pub fn dispatcher_beat(&self) {
-        self.dispatcher_beat.store(now_ms(), Ordering::Relaxed);
+    /// Called by a worker on every pass of its loop.
+    pub fn beat(&self, worker: Worker) {
+        self.beats[worker as usize].store(now_ms(), Ordering::Relaxed);
     }
 
     pub fn set_smtp_running(&self, running: bool) {
         self.smtp_running.store(running, Ordering::Relaxed);
+    }
+
+    /// The workers running here and their liveness.
+    pub fn workers(&self) -> BTreeMap<&'static str, WorkerReport> {
+        let now = now_ms();
+        let stale = i64::try_from(WORKER_STALE.as_millis()).unwrap_or(i64::MAX);
+        Worker::ALL
+            .iter()
+            .filter_map(|w| {
+                let beat = self.beats[*w as usize].load(Ordering::Relaxed);
+                (beat > 0).then(|| {
+                    let age_ms = now.saturating_sub(beat).max(0);
+                    (
+                        w.as_str(),
+                        WorkerReport {
+                            ok: age_ms < stale,
+                            age_ms,
+                        },
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Checks every part; the store check is a real, committed write.
@@ -49,12 +118,12 @@ impl Health {
             tokio::time::timeout(Duration::from_secs(5), store.check_writable()).await,
             Ok(Ok(()))
         );
-        let beat = self.dispatcher_beat.load(Ordering::Relaxed);
-        let stale = i64::try_from(DISPATCHER_STALE.as_millis()).unwrap_or(i64::MAX);
+        let workers = self.workers();
         Report {
             store: store_ok,
-            dispatcher: beat > 0 && now_ms() - beat < stale,
+            dispatcher: !workers.is_empty() && workers.values().all(|w| w.ok),
             smtp: self.smtp_running.load(Ordering::Relaxed),
+            workers,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The `mailcall` command line: parses arguments, sets up logging, and hands over to the
 //! library. The only place that uses `anyhow` and decides exit codes.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,16 +17,16 @@ use tokio_util::task::TaskTracker;
 
 use mailcall::alert::{Alert, DirectAlert, Envelope};
 use mailcall::config::{Config, ConfigError};
-use mailcall::dispatch::Caller;
-use mailcall::dispatch::{Dispatcher, Pacer};
-use mailcall::health::Health;
+use mailcall::dispatch::{Caller, Dispatcher};
+use mailcall::health::{Health, Worker};
 use mailcall::ingest::Secrets;
+use mailcall::logging::{self, Logs};
 use mailcall::metrics::Metrics;
+use mailcall::notify::{Message, Notifier};
 use mailcall::route::{self, Action};
 use mailcall::server::{self, Listeners};
 use mailcall::settings::{Live, LoadError, Settings};
-use mailcall::store::Store;
-use mailcall::store::{DaemonLock, NewAlert, StoreError};
+use mailcall::store::{AlertState, CallState, DaemonLock, NewAlert, Store, StoreError};
 use mailcall::twilio::{self, twiml};
 
 /// Turns alert e-mails into phone calls: everyone on call is rung at once, and whoever
@@ -106,7 +106,8 @@ struct CallArgs {
     /// Incident key; the same key within the cooldown joins the open incident.
     #[arg(long)]
     dedup_key: Option<String>,
-    /// Log the calls instead of placing them (ignored when a daemon places them).
+    /// A drill: the alert and its incident are a dry run, never dialled by this or
+    /// any other process (with a running daemon too); Twilio is not contacted.
     #[arg(long)]
     dry_run: bool,
     /// How long to wait for a running daemon to place the calls.
@@ -116,9 +117,9 @@ struct CallArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let logs = logging::init(matches!(cli.log_format, LogFormat::Json));
     let result = match cli.command {
-        Command::Serve { dry_run } => serve(&cli.config, dry_run),
+        Command::Serve { dry_run } => serve(&cli.config, dry_run, &logs),
         Command::Check => return check(&cli.config),
         Command::Route { json, files } => route_files(&cli.config, json, &files),
         Command::Incidents { json, limit } => incidents(&cli.config, json, limit),
@@ -134,19 +135,6 @@ fn main() -> ExitCode {
             eprintln!("mailcall: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -180,14 +168,20 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
+fn serve(path: &Path, dry_run: bool, logs: &Logs) -> anyhow::Result<()> {
     let settings = Settings::load(path).map_err(settings_error)?;
     let caller = caller(&settings.config, dry_run)?;
     let _lock = DaemonLock::acquire(&settings.config.state.path)?;
-    let store = Store::open(&settings.config.state.path, settings.config.state.max_bytes)?;
+    let mut store = Store::open(&settings.config.state.path, settings.config.state.max_bytes)?;
+    if dry_run {
+        store = store.dry_run();
+    }
     tracing::info!(path = %settings.config.state.path.display(), "store open");
-    let metrics = Arc::new(Metrics::new(settings.config.state.path.clone()));
+    let metrics = Arc::new(
+        Metrics::new(settings.config.state.path.clone()).with_log_drops(logs.dropped.clone()),
+    );
     let live = settings.live();
+    let notifier = Notifier::start();
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let listeners = Listeners::bind(&live.load().config).await?;
@@ -197,10 +191,14 @@ fn serve(path: &Path, dry_run: bool) -> anyhow::Result<()> {
             Arc::clone(&live),
             path.to_path_buf(),
             Arc::clone(&metrics),
+            notifier.clone(),
         ));
-        server::run(live, store, caller, listeners, metrics, shutdown).await;
-        Ok(())
-    })
+        server::run(live, store, caller, listeners, metrics, notifier, shutdown).await;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    // A runtime thread stuck in a blocking call must not hold up the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
 }
 
 /// Turns a settings error into the message an operator needs (every config problem).
@@ -270,65 +268,85 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
         }),
         ..NewAlert::default()
     };
+    let open = || -> anyhow::Result<Store> {
+        let store = Store::open(&config.state.path, config.state.max_bytes)?;
+        Ok(if args.dry_run { store.dry_run() } else { store })
+    };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         match DaemonLock::acquire(&config.state.path) {
             Err(StoreError::Locked { .. }) => {
-                let store = Store::open(&config.state.path, config.state.max_bytes)?;
+                let store = open()?;
                 let id = store.insert_alert(alert).await?.id;
-                eprintln!("stored as alert {id}; the running daemon places the calls");
+                if args.dry_run {
+                    eprintln!("stored as alert {id}; the running daemon records it as a dry run");
+                } else {
+                    eprintln!("stored as alert {id}; the running daemon places the calls");
+                }
                 report_call(&store, id, args.wait).await
             }
             Err(e) => Err(e.into()),
             Ok(_lock) => {
                 let caller = caller(&config, args.dry_run)?;
-                let store = Store::open(&config.state.path, config.state.max_bytes)?;
+                let store = open()?;
                 let id = store.insert_alert(alert).await?.id;
-                let calls = TaskTracker::new();
-                let metrics = Arc::new(Metrics::new(config.state.path.clone()));
-                // Only the dispatcher runs here: no listeners, so no secrets or certificate.
+                // The dispatch workers run here until the calls settle (no rounds: this
+                // process does not stay; a later daemon runs them). No listeners, so
+                // no secrets or certificate.
                 let live = Settings {
                     config: (*config).clone(),
                     secrets: Secrets::default(),
                     tls: None,
                 }
                 .live();
-                let dispatcher = Dispatcher {
+                let shutdown = CancellationToken::new();
+                let dispatcher = Arc::new(Dispatcher::new(
                     live,
-                    store: store.clone(),
+                    store.clone(),
                     caller,
-                    wake: Arc::new(Notify::new()),
-                    calls: calls.clone(),
-                    shutdown: CancellationToken::new(),
-                    health: Arc::new(Health::default()),
-                    metrics,
-                    pacer: Pacer::default(),
-                };
-                dispatcher.run_once().await;
-                calls.close();
-                calls.wait().await;
-                report_call(&store, id, Duration::from_secs(5)).await
+                    Arc::new(Notify::new()),
+                    Arc::new(Health::default()),
+                    Arc::new(Metrics::new(config.state.path.clone())),
+                    shutdown.clone(),
+                ));
+                let workers: Vec<Worker> = dispatcher
+                    .workers()
+                    .iter()
+                    .copied()
+                    .filter(|w| *w != Worker::Rounds)
+                    .collect();
+                let tasks = TaskTracker::new();
+                dispatcher.start(&tasks, &workers).await;
+                let code = report_call(&store, id, args.wait).await;
+                shutdown.cancel();
+                tasks.close();
+                dispatcher.calls.close();
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    tasks.wait().await;
+                    dispatcher.calls.wait().await;
+                })
+                .await;
+                code
             }
         }
     })
 }
 
 /// Waits (up to `wait`) for the alert's calls to settle and prints them. Exit 0 when
-/// every call was placed (or the alert joined an open incident), 1 otherwise.
+/// every call was placed (or is a dry run, or the alert joined an open incident), 1
+/// otherwise.
 async fn report_call(store: &Store, alert: i64, wait: Duration) -> anyhow::Result<ExitCode> {
     let deadline = tokio::time::Instant::now() + wait;
     let mut out = std::io::stdout().lock();
     loop {
         let (state, action, incident) = store.alert_outcome(alert).await?;
         let report = match incident {
-            Some(id) if state == "routed" => store.incident(id).await?,
+            Some(id) if state == AlertState::Routed => store.incident(id).await?,
             _ => None,
         };
-        let settled = report.as_ref().is_some_and(|r| {
-            r.calls
-                .iter()
-                .all(|c| !matches!(c.status.as_str(), "pending" | "sending" | "retrying"))
-        });
+        let settled = report
+            .as_ref()
+            .is_some_and(|r| r.calls.iter().all(|c| c.status.is_final()));
         if action.as_deref() == Some("deduplicated") {
             writeln!(
                 out,
@@ -345,21 +363,22 @@ async fn report_call(store: &Store, alert: i64, wait: Duration) -> anyhow::Resul
                 )?;
                 return Ok(ExitCode::FAILURE);
             };
+            let drill = if report.dry_run { " (dry run)" } else { "" };
             writeln!(
                 out,
-                "incident #{} (room mailcall-{})",
+                "incident #{}{drill} (room mailcall-{})",
                 report.id, report.public_id
             )?;
             let mut all_placed = true;
             for c in &report.calls {
-                all_placed &= matches!(c.status.as_str(), "placed" | "dry-run");
-                let detail = match (&c.sid, &c.error_code, &c.error) {
-                    (Some(sid), _, _) => sid.clone(),
-                    (None, Some(code), Some(e)) => format!("error {code}: {e}"),
-                    (None, _, Some(e)) => e.clone(),
-                    _ => String::new(),
-                };
-                writeln!(out, "  {:<16} {:<9} {detail}", c.number, c.status)?;
+                all_placed &= matches!(c.status, CallState::Placed | CallState::DryRun);
+                writeln!(
+                    out,
+                    "  {:<16} {:<10} {}",
+                    c.number,
+                    c.status,
+                    call_detail(c)
+                )?;
             }
             return Ok(if all_placed {
                 ExitCode::SUCCESS
@@ -371,22 +390,36 @@ async fn report_call(store: &Store, alert: i64, wait: Duration) -> anyhow::Resul
     }
 }
 
+/// A call's SID, or why it has none.
+fn call_detail(c: &mailcall::store::CallReport) -> String {
+    match (&c.sid, c.error_code, &c.error) {
+        (Some(sid), _, _) => sid.clone(),
+        (None, Some(code), Some(e)) => format!("error {code}: {e}"),
+        (None, _, Some(e)) => e.clone(),
+        _ => String::new(),
+    }
+}
+
 /// `systemctl reload` (SIGHUP): reads the configuration (and certificate) again and swaps
 /// it in only if all of it is valid; otherwise logs every problem and keeps the old one.
-async fn reload_on_sighup(live: Live, path: PathBuf, metrics: Arc<Metrics>) {
+async fn reload_on_sighup(live: Live, path: PathBuf, metrics: Arc<Metrics>, notifier: Notifier) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; reloading is unavailable");
         return;
     };
     while hup.recv().await.is_some() {
-        let _ = sd_notify::notify(&[
-            sd_notify::NotifyState::Reloading,
-            sd_notify::NotifyState::monotonic_usec_now()
-                .unwrap_or(sd_notify::NotifyState::Status("reloading")),
-        ]);
+        notifier.send(Message::Reloading);
         tracing::info!(path = %path.display(), "SIGHUP received: reloading the configuration");
-        let result = match Settings::reload(&live, &path) {
+        // Reading files (config, certificate) blocks: off the async workers.
+        let (reload_live, reload_path) = (Arc::clone(&live), path.clone());
+        let reloaded =
+            tokio::task::spawn_blocking(move || Settings::reload(&reload_live, &reload_path)).await;
+        let Ok(reloaded) = reloaded else {
+            tracing::error!("the configuration reload panicked; the old one stays in force");
+            continue;
+        };
+        let result = match reloaded {
             Ok(needs_restart) => {
                 for what in needs_restart {
                     tracing::warn!(setting = %what, "changed, but takes effect only after a restart");
@@ -409,7 +442,7 @@ async fn reload_on_sighup(live: Live, path: PathBuf, metrics: Arc<Metrics>) {
             .reloads
             .get_or_create(&mailcall::metrics::Outcome { result })
             .inc();
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        notifier.send(Message::Ready("accepting alerts"));
     }
 }
 
@@ -474,6 +507,16 @@ fn status(path: &Path) -> ExitCode {
             for part in ["store", "dispatcher", "smtp"] {
                 let ok = body[part].as_bool().unwrap_or(false);
                 println!("  {part:<10} {}", if ok { "ok" } else { "FAILING" });
+            }
+            if let Some(workers) = body["workers"].as_object() {
+                for (name, w) in workers {
+                    let ok = w["ok"].as_bool().unwrap_or(false);
+                    let age = w["age_ms"].as_i64().unwrap_or(-1);
+                    println!(
+                        "    {name:<12} {} (heartbeat {age} ms ago)",
+                        if ok { "ok" } else { "STUCK" }
+                    );
+                }
             }
             if code.is_success() {
                 ExitCode::SUCCESS
@@ -562,34 +605,45 @@ fn incidents(path: &Path, json: bool, limit: usize) -> anyhow::Result<()> {
             writeln!(out, "{}", serde_json::to_string(&i)?)?;
             continue;
         }
+        let drill = if i.dry_run { " (dry run)" } else { "" };
         writeln!(
             out,
-            "#{} {} rule {:?} key {:?} alerts {} room mailcall-{} {}",
-            i.id, i.opened_at, i.rule, i.dedup_key, i.alert_count, i.public_id, i.status
+            "#{} {} {}{drill} rule {:?} key {:?} alerts {} room mailcall-{} {}",
+            i.id, i.opened_at, i.kind, i.rule, i.dedup_key, i.alert_count, i.public_id, i.status
         )?;
         for r in &i.rounds {
-            writeln!(
-                out,
-                "  round {} {}: {}",
-                r.round,
-                r.started_at,
-                r.outcome.as_deref().unwrap_or("going on")
-            )?;
+            let outcome = r.outcome.map_or("going on", |o| o.as_str());
+            writeln!(out, "  round {} {}: {outcome}", r.round, r.started_at)?;
         }
         for c in &i.calls {
-            let detail = match (&c.sid, &c.error) {
-                (Some(sid), _) => sid.clone(),
-                (None, Some(e)) => match c.error_code {
-                    Some(code) => format!("error {code}: {e}"),
-                    None => e.clone(),
-                },
-                (None, None) => String::new(),
-            };
             writeln!(
                 out,
-                "  {:<16} {:<9} attempts {}  {}",
-                c.number, c.status, c.attempts, detail
+                "  {:<16} {:<10} round {} attempts {}  {}",
+                c.number,
+                c.status,
+                c.round,
+                c.attempts,
+                call_detail(c)
             )?;
+            for a in &c.requests {
+                let detail = match (&a.sid, &a.error) {
+                    (Some(sid), _) => sid.clone(),
+                    (None, Some(e)) => match a.error_code {
+                        Some(code) => format!("error {code}: {e}"),
+                        None => e.clone(),
+                    },
+                    (None, None) => String::new(),
+                };
+                let how = a
+                    .reconciled
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(" (reconciled: {r})"));
+                writeln!(
+                    out,
+                    "      request {} {} {:<10} {detail}{how}",
+                    a.id, a.requested_at, a.state
+                )?;
+            }
         }
     }
     Ok(())

@@ -6,6 +6,7 @@
 //! canary gauges turn a broken phone path into an alertable metric before a real incident.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -43,6 +44,11 @@ pub struct Outcome {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    pub worker: &'static str,
+}
+
 /// Every metric mailcall exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -63,6 +69,18 @@ pub struct Metrics {
     pub canary_runs: Family<Outcome, Counter>,
     /// Unix time of the last canary call Twilio accepted.
     pub canary_last_success: Gauge,
+    /// Requests to Twilio whose outcome was unknown (reconciled, never re-sent blindly).
+    pub calls_unknown: Counter,
+    /// How unknown requests were settled: `placed`, `absent`, `undecided`.
+    pub reconciliations: Family<Outcome, Counter>,
+    /// Unix time of each dispatch worker's last heartbeat.
+    pub worker_heartbeat: Family<WorkerLabel, Gauge>,
+    /// Log lines dropped because stderr did not keep up.
+    pub log_lines_dropped: Counter,
+    /// Where dropped log lines are counted (the non-blocking log writer).
+    log_drops: Option<tracing_appender::non_blocking::ErrorCounter>,
+    /// How many of those `log_lines_dropped` already counts.
+    log_drops_seen: AtomicU64,
 }
 
 impl Metrics {
@@ -85,6 +103,12 @@ impl Metrics {
             reloads: Family::default(),
             canary_runs: Family::default(),
             canary_last_success: Gauge::default(),
+            calls_unknown: Counter::default(),
+            reconciliations: Family::default(),
+            worker_heartbeat: Family::default(),
+            log_lines_dropped: Counter::default(),
+            log_drops: None,
+            log_drops_seen: AtomicU64::new(0),
         };
         let up = Gauge::<i64>::default();
         up.set(1);
@@ -155,7 +179,35 @@ impl Metrics {
             "when Twilio last accepted a canary call",
             m.canary_last_success.clone(),
         );
+        registry.register(
+            "calls_unknown",
+            "call requests whose outcome was unknown (timeouts, lost connections): reconciled, never re-sent blindly",
+            m.calls_unknown.clone(),
+        );
+        registry.register(
+            "reconciliations",
+            "unknown call requests settled, by result (placed, absent: sent again, undecided: sent again to be safe)",
+            m.reconciliations.clone(),
+        );
+        registry.register(
+            "worker_heartbeat_timestamp_seconds",
+            "when each dispatch worker last completed a pass of its loop",
+            m.worker_heartbeat.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "log lines dropped because stderr did not keep up (a stalled log pipe)",
+            m.log_lines_dropped.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts the log lines the non-blocking log writer drops.
+    pub fn with_log_drops(self, drops: tracing_appender::non_blocking::ErrorCounter) -> Metrics {
+        Metrics {
+            log_drops: Some(drops),
+            ..self
+        }
     }
 
     /// Counts a refused mail.
@@ -172,7 +224,8 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition.
+    /// The Prometheus text exposition. Reads the store's size from the file system:
+    /// call it off the async workers.
     pub fn render(&self) -> String {
         let wal = {
             let mut p = self.store_path.clone().into_os_string();
@@ -186,6 +239,13 @@ impl Metrics {
             .sum::<u64>();
         self.store_bytes
             .set(i64::try_from(size).unwrap_or(i64::MAX));
+        if let Some(drops) = &self.log_drops {
+            let dropped = u64::try_from(drops.dropped_lines()).unwrap_or(u64::MAX);
+            let seen = self.log_drops_seen.fetch_max(dropped, Ordering::Relaxed);
+            if dropped > seen {
+                self.log_lines_dropped.inc_by(dropped - seen);
+            }
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -1,11 +1,11 @@
-//! `mailcall serve`: starts the dispatcher, the listeners, the watchdog and the canary,
-//! tells systemd when it is ready, and shuts everything down in order.
+//! `mailcall serve`: starts the dispatch workers, the listeners, the watchdog and the
+//! canary, tells systemd when it is ready, and shuts everything down in order.
 //!
 //! Shutdown is passed in as a [`CancellationToken`] (the binary cancels it on
 //! SIGTERM/SIGINT; tests cancel it directly). On shutdown the listener stops accepting,
-//! open SMTP sessions hear `421`, the dispatcher stops taking new alerts, and calls whose
-//! request is in flight get a few seconds to finish. Everything else is already in the
-//! store and is picked up by the next start.
+//! open SMTP sessions hear `421`, the workers stop, and requests in flight get a few
+//! seconds to finish. Everything else is already in the store and is picked up by the
+//! next start (a request that did not finish is reconciled, not re-sent).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,11 +19,12 @@ use tracing::{error, info, warn};
 
 use crate::alert::DirectAlert;
 use crate::config::Config;
-use crate::dispatch::{Caller, Dispatcher, Pacer};
+use crate::dispatch::{Caller, Dispatcher};
 use crate::health::Health;
 use crate::ingest::http;
 use crate::ingest::smtp;
 use crate::metrics::{Metrics, Outcome};
+use crate::notify::{Message, Notifier};
 use crate::settings::Live;
 use crate::store::Store;
 use crate::store::{NewAlert, now_ms};
@@ -63,37 +64,36 @@ async fn bind(addr: SocketAddr, what: &str, key: &str) -> std::io::Result<TcpLis
     })
 }
 
-/// Runs the daemon until `shutdown` is cancelled.
+/// Runs the daemon until `shutdown` is cancelled. In a dry run `store` is a dry-run
+/// handle: every alert it stores is a dry run.
 pub async fn run(
     live: Live,
     store: Store,
     caller: Caller,
     listeners: Listeners,
     metrics: Arc<Metrics>,
+    notifier: Notifier,
     shutdown: CancellationToken,
 ) {
     let wake = Arc::new(Notify::new());
     let tasks = TaskTracker::new();
-    let calls = TaskTracker::new();
     let health = Arc::new(Health::default());
     let twilio = match &caller {
         Caller::Twilio(client) => Some(client.clone()),
         Caller::DryRun => None,
     };
 
-    let dispatcher = Arc::new(Dispatcher {
-        live: Arc::clone(&live),
-        store: store.clone(),
+    let dispatcher = Arc::new(Dispatcher::new(
+        Arc::clone(&live),
+        store.clone(),
         caller,
-        wake: Arc::clone(&wake),
-        calls: calls.clone(),
-        shutdown: shutdown.clone(),
-        health: Arc::clone(&health),
-        metrics: Arc::clone(&metrics),
-        pacer: Pacer::default(),
-    });
-    tasks.spawn(Arc::clone(&dispatcher).watch());
-    tasks.spawn(dispatcher.run());
+        Arc::clone(&wake),
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
+    dispatcher.start(&tasks, dispatcher.workers()).await;
+    let calls = dispatcher.calls.clone();
 
     if let Some(listener) = listeners.http {
         if let Ok(addr) = listener.local_addr() {
@@ -152,17 +152,15 @@ pub async fn run(
             interval,
             Arc::clone(&health),
             store.clone(),
+            notifier.clone(),
             shutdown.clone(),
         ));
     }
     // Listeners are bound and the store is open: tell systemd (Type=notify).
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status("accepting alerts"),
-    ]);
+    notifier.send(Message::Ready("accepting alerts"));
 
     shutdown.cancelled().await;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    notifier.send(Message::Stopping);
     info!("shutting down: no new mail is accepted");
     tasks.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
@@ -179,25 +177,26 @@ pub async fn run(
         .is_err()
     {
         warn!(
-            "some Twilio requests did not finish in time; those calls are resumed at the next start"
+            "some Twilio requests did not finish in time; they are reconciled with Twilio at the next start, not sent again blindly"
         );
     }
     info!("stopped");
 }
 
 /// Pings systemd's watchdog at half its interval, but only while every part is healthy:
-/// a stuck dispatcher or a store that cannot commit gets the daemon restarted.
+/// a stuck worker or a store that cannot commit gets the daemon restarted.
 async fn watchdog(
     interval: Duration,
     health: Arc<Health>,
     store: Store,
+    notifier: Notifier,
     shutdown: CancellationToken,
 ) {
     let period = interval / 2;
     loop {
         let report = health.check(&store).await;
         if report.healthy() {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            notifier.send(Message::Watchdog);
         } else {
             warn!(?report, "unhealthy: not pinging the systemd watchdog");
         }

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::ingest::http::{HttpContext, HttpError};
 use crate::settings::Settings;
+use crate::store::TwilioStatus;
 use crate::twilio::{signature, twiml};
 
 /// The callback routes (under `/twilio/`).
@@ -148,14 +149,17 @@ async fn gather(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
             if let Some((call_id, incident, number)) = &call {
                 info!(incident, number = %number, "pressed 1: joining the bridge");
                 logged(ctx.store.call_event(*call_id, "pressed 1".into()).await);
+                // A person chose to join: no further rounds.
+                if logged(ctx.store.mark_bridged(*incident).await).unwrap_or(false) {
+                    info!(incident, "someone is in the bridge: no further rounds");
+                }
             }
             cb.join("Joining the incident bridge.", &room)
         }
         "9" => {
             if let Some((call_id, incident, number)) = &call {
                 info!(incident, number = %number, "pressed 9: declined; not called again for this incident");
-                logged(ctx.store.set_answered_by(*call_id, "declined".into()).await);
-                logged(ctx.store.call_event(*call_id, "declined".into()).await);
+                logged(ctx.store.decline(*call_id).await);
             }
             cb.say_and_hang_up("Declined. You will not be called again for this incident.")
         }
@@ -163,18 +167,30 @@ async fn gather(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
     }
 }
 
-/// Call progress (`StatusCallback`): recorded in the call's history.
+/// Call progress (`StatusCallback`): the URL carries the id of the request that
+/// created the call, so the first callback settles a request whose answer was lost
+/// (a timeout, a crash) with the call's SID; every callback records the call's status.
 async fn status(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
-    if let Some((call_id, incident, number)) =
-        logged(ctx.store.call_by_sid(cb.param("CallSid")).await).flatten()
-    {
-        let status = cb.param("CallStatus").to_string();
-        info!(incident, number = %number, status = %status, "call progress");
-        logged(
-            ctx.store
-                .call_event(call_id, format!("status:{status}"))
-                .await,
-        );
+    let attempt = cb.query("attempt").parse::<i64>().ok();
+    let sid = cb.param("CallSid").to_string();
+    let status = cb.param("CallStatus").to_string();
+    let known = status.parse::<TwilioStatus>().ok();
+    let recorded = ctx
+        .store
+        .status_callback(attempt, sid.clone(), known, format!("status:{status}"))
+        .await;
+    match logged(recorded) {
+        Some((Some((_, incident, number)), settled)) => {
+            if settled.is_some() {
+                info!(incident, number = %number, attempt, sid = %sid,
+                    "status callback: the request did reach Twilio; not calling again");
+            }
+            info!(incident, number = %number, status = %status, "call progress");
+        }
+        Some((None, _)) => {
+            warn!(attempt, sid = %sid, "status callback for a call mailcall does not know")
+        }
+        None => {}
     }
     xml("<Response/>".into())
 }
@@ -199,7 +215,7 @@ async fn conference(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Respon
         .map_or_else(|| "A responder".to_string(), |(name, _)| name.clone());
     match cb.param("StatusCallbackEvent") {
         "participant-join" => {
-            if logged(ctx.store.mark_reached(incident).await).unwrap_or(false) {
+            if logged(ctx.store.mark_bridged(incident).await).unwrap_or(false) {
                 info!(incident, "someone joined the bridge: no further rounds");
             }
             info!(incident, who = %who, "joined the bridge");

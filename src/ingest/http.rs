@@ -257,17 +257,23 @@ async fn healthz(State(ctx): State<Arc<HttpContext>>) -> Response {
         "store": report.store,
         "dispatcher": report.dispatcher,
         "smtp": report.smtp,
+        "workers": report.workers,
     });
     (status, axum::Json(body)).into_response()
 }
 
 async fn metrics(State(ctx): State<Arc<HttpContext>>) -> Response {
+    // Rendering reads the store's size from the file system: off the async workers.
+    let metrics = Arc::clone(&ctx.metrics);
+    let Ok(text) = tokio::task::spawn_blocking(move || metrics.render()).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        ctx.metrics.render(),
+        text,
     )
         .into_response()
 }

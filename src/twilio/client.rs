@@ -98,9 +98,14 @@ pub struct CallRequest<'a> {
     pub timeout_secs: u32,
     /// Ask Twilio to tell a machine from a human (`MachineDetection=Enable`).
     pub machine_detection: bool,
-    /// Where Twilio reports the call's progress (`StatusCallback`), with a public URL.
+    /// Where Twilio reports the call's progress (`StatusCallback`), with a public URL;
+    /// it carries the attempt's id, so the first callback settles a request whose
+    /// answer was lost.
     pub status_callback: Option<&'a str>,
 }
+
+/// The progress events a status callback reports.
+pub const STATUS_EVENTS: &str = "initiated ringing answered completed";
 
 /// What polling learns about a call.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -116,6 +121,11 @@ impl CallInfo {
         self.answered_by
             .as_deref()
             .is_some_and(|a| a.starts_with("machine") || a == "fax")
+    }
+
+    /// Did answering-machine detection say a person picked up? (`unknown` is not one.)
+    pub fn human(&self) -> bool {
+        self.answered_by.as_deref() == Some("human")
     }
 }
 
@@ -144,7 +154,12 @@ struct Participant {
 pub enum Outcome {
     /// Twilio accepted the call; it is queued and will ring.
     Placed { sid: String },
-    /// Worth trying again: 429, 5xx, a timeout or a connection error.
+    /// No answer to rely on: the request may have reached Twilio (a timeout, the
+    /// connection lost after sending, an unreadable `2xx`). Twilio has no idempotency
+    /// key for calls, so this must be reconciled, never simply sent again.
+    Unknown { reason: String },
+    /// Twilio answered and created nothing, but trying again may work: 429, 5xx, or
+    /// the connection could not even be made.
     Retry {
         /// `Retry-After`, when Twilio sent one.
         after: Option<Duration>,
@@ -177,7 +192,13 @@ struct CallResource {
 #[derive(Debug, Deserialize)]
 struct CallList {
     calls: Vec<CallResource>,
+    /// The next (older) page, as a path from the API's root.
+    #[serde(default)]
+    next_page_uri: Option<String>,
 }
+
+/// How many pages of the call list reconciliation reads at most.
+const MAX_LIST_PAGES: usize = 5;
 
 /// A Twilio REST API client.
 #[derive(Debug, Clone)]
@@ -208,10 +229,7 @@ impl Client {
 
     /// `POST /2010-04-01/Accounts/{AccountSid}/Calls.json` with inline TwiML.
     pub async fn create_call(&self, call: &CallRequest<'_>) -> Outcome {
-        let url = format!(
-            "{}/2010-04-01/Accounts/{}/Calls.json",
-            self.api_base, self.credentials.account_sid
-        );
+        let url = self.url("Calls.json");
         let timeout = call.timeout_secs.to_string();
         let mut form = vec![
             ("To", call.to),
@@ -225,69 +243,102 @@ impl Client {
         if let Some(url) = call.status_callback {
             form.extend([
                 ("StatusCallback", url),
-                ("StatusCallbackEvent", "answered completed"),
+                ("StatusCallbackEvent", STATUS_EVENTS),
                 ("StatusCallbackMethod", "POST"),
             ]);
         }
+        self.post_outcome(&url, &form).await
+    }
+
+    /// A POST that creates something (a call, an SMS), classified: an error before
+    /// the connection was made sent nothing; any later loss leaves the outcome unknown.
+    async fn post_outcome(&self, url: &str, form: &[(&str, &str)]) -> Outcome {
         let response = self
             .http
-            .post(&url)
+            .post(url)
             .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .form(&form)
+            .form(form)
             .send()
             .await;
         let response = match response {
             Ok(r) => r,
-            Err(e) => {
+            Err(e) if e.is_connect() => {
                 return Outcome::Retry {
                     after: None,
                     reason: describe_transport_error(&e),
                 };
             }
+            Err(e) => {
+                return Outcome::Unknown {
+                    reason: describe_transport_error(&e),
+                };
+            }
         };
-        let status = response.status();
+        let status = response.status().as_u16();
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let body = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return Outcome::Retry {
-                    after: retry_after,
-                    reason: describe_transport_error(&e),
-                };
-            }
-        };
-        classify(status.as_u16(), retry_after, &body)
+        match response.bytes().await {
+            Ok(body) => classify(status, retry_after, &body),
+            // The status alone says whether something was created.
+            Err(e) if (200..300).contains(&status) => Outcome::Unknown {
+                reason: format!(
+                    "Twilio answered {status} but its answer was cut off: {}",
+                    describe_transport_error(&e)
+                ),
+            },
+            Err(_) => classify(status, retry_after, b""),
+        }
     }
 
-    /// The calls Twilio created to `to` from `from` no earlier than `since_ms` (Unix
-    /// milliseconds, with a second of slack for Twilio's whole-second timestamps), oldest
-    /// first, as `(sid, created at in Unix seconds)`. After a crash this tells whether a
-    /// request that was in flight reached Twilio.
-    pub async fn recent_calls(
+    /// The calls Twilio created to `to` from `from` at or after `since_ms` (Unix
+    /// milliseconds; Twilio's timestamps are whole seconds, so the caller leaves a
+    /// second of slack), newest first, as `(sid, created at in Unix milliseconds)`.
+    /// Reconciliation matches these to requests whose answer was lost. Reads up to
+    /// [`MAX_LIST_PAGES`] pages, stopping at the first page that reaches back past
+    /// `since_ms`.
+    pub async fn calls_to(
         &self,
         to: &str,
         from: &str,
         since_ms: i64,
     ) -> Result<Vec<(String, i64)>, String> {
-        let list: CallList = self
+        let day = crate::store::rfc3339(since_ms);
+        let mut list: CallList = self
             .get_json(
                 "Calls.json",
-                &[("To", to), ("From", from), ("PageSize", "20")],
+                &[
+                    ("To", to),
+                    ("From", from),
+                    ("StartTime>", &day[..10]),
+                    ("PageSize", "100"),
+                ],
             )
             .await?;
-        let since_secs = since_ms.div_euclid(1000) - 1;
-        let mut calls: Vec<(String, i64)> = list
-            .calls
-            .into_iter()
-            .filter_map(|c| Some((c.sid, c.date_created.as_deref().and_then(parse_rfc2822)?)))
-            .filter(|(_, created)| *created >= since_secs)
-            .collect();
-        calls.sort_by_key(|(_, created)| *created);
+        let mut calls = Vec::new();
+        for page in 1.. {
+            let mut reached_back = list.calls.is_empty();
+            for call in list.calls {
+                let Some(created) = call.date_created.as_deref().and_then(parse_rfc2822) else {
+                    continue;
+                };
+                let created_ms = created.saturating_mul(1000);
+                if created_ms < since_ms {
+                    reached_back = true;
+                    continue;
+                }
+                calls.push((call.sid, created_ms));
+            }
+            match list.next_page_uri {
+                Some(next) if !reached_back && page < MAX_LIST_PAGES => {
+                    list = self.get_uri(&next).await?;
+                }
+                _ => break,
+            }
+        }
         Ok(calls)
     }
 
@@ -304,11 +355,26 @@ impl Client {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<T, String> {
-        let response = self
-            .http
-            .get(self.url(path))
+        self.get(self.http.get(self.url(path)).query(query), path)
+            .await
+    }
+
+    /// A GET of a URI Twilio handed out (a `next_page_uri`), relative to the API base.
+    async fn get_uri<T: serde::de::DeserializeOwned>(&self, uri: &str) -> Result<T, String> {
+        if !uri.starts_with('/') {
+            return Err(format!("unexpected page URI from Twilio: {uri}"));
+        }
+        let url = format!("{}{uri}", self.api_base);
+        self.get(self.http.get(url), uri).await
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+        path: &str,
+    ) -> Result<T, String> {
+        let response = request
             .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .query(query)
             .send()
             .await
             .map_err(|e| describe_transport_error(&e))?;
@@ -398,33 +464,11 @@ impl Client {
 
     /// `POST /2010-04-01/Accounts/{AccountSid}/Messages.json`: one SMS.
     pub async fn send_sms(&self, to: &str, from: &str, body: &str) -> Outcome {
-        let url = format!(
-            "{}/2010-04-01/Accounts/{}/Messages.json",
-            self.api_base, self.credentials.account_sid
-        );
-        let response = self
-            .http
-            .post(&url)
-            .basic_auth(&self.credentials.username, Some(&self.credentials.password))
-            .form(&[("To", to), ("From", from), ("Body", body)])
-            .send()
-            .await;
-        match response {
-            Err(e) => Outcome::Retry {
-                after: None,
-                reason: describe_transport_error(&e),
-            },
-            Ok(r) => {
-                let status = r.status().as_u16();
-                match r.bytes().await {
-                    Ok(body) => classify(status, None, &body),
-                    Err(e) => Outcome::Retry {
-                        after: None,
-                        reason: describe_transport_error(&e),
-                    },
-                }
-            }
-        }
+        self.post_outcome(
+            &self.url("Messages.json"),
+            &[("To", to), ("From", from), ("Body", body)],
+        )
+        .await
     }
 }
 
@@ -446,9 +490,10 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outc
     if (200..300).contains(&status) {
         return match serde_json::from_slice::<CallResource>(body) {
             Ok(call) => Outcome::Placed { sid: call.sid },
-            // Accepted but unreadable: do not call again (that would ring twice).
-            Err(_) => Outcome::Placed {
-                sid: "unknown".to_string(),
+            // Accepted, but which call is it? Reconciliation finds out; sending it
+            // again would ring twice.
+            Err(e) => Outcome::Unknown {
+                reason: format!("Twilio answered {status} with an unreadable body: {e}"),
             },
         };
     }

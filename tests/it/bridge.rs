@@ -40,12 +40,9 @@ fn rounds_call_everyone_again_until_someone_joins_then_stop() {
     );
     // Alice is in the bridge: round 2 ends reached, and no round 3 follows.
     let list = wait_incidents(dir.path(), Duration::from_secs(10), |l| {
-        l.first().is_some_and(|i| i["status"] == "reached")
+        l.first().is_some_and(|i| i["status"] == "bridged")
     });
-    assert_eq!(
-        outcomes(&list[0]),
-        ["nobody joined", "reached: someone is in the bridge"]
-    );
+    assert_eq!(outcomes(&list[0]), ["nobody joined", "bridged"]);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         twilio.calls().len(),
@@ -359,13 +356,13 @@ fn press_1_joins_press_9_declines_and_forged_callbacks_are_refused() {
     assert_eq!(callback(&daemon, &join, &params, false).0, 403);
     assert_eq!(callback(&daemon, &join, &params, true).0, 200);
     let list = wait_incidents(dir.path(), Duration::from_secs(5), |l| {
-        l.first().is_some_and(|i| i["status"] == "reached")
+        l.first().is_some_and(|i| i["status"] == "bridged")
     });
-    let history: Vec<String> = list[0]["calls"][1]["history"]
+    let history: Vec<String> = list[0]["calls"][1]["events"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|h| h["outcome"].as_str().unwrap().to_string())
+        .map(|h| h["event"].as_str().unwrap().to_string())
         .collect();
     assert!(history.contains(&"declined".to_string()), "{history:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

@@ -305,8 +305,8 @@ fn sms_summaries_go_to_every_called_number_when_asked_for() {
     let list = crate::harness::wait_incidents(dir.path(), Duration::from_secs(5), |l| {
         l.iter()
             .flat_map(|i| i["calls"].as_array().unwrap())
-            .flat_map(|c| c["history"].as_array().unwrap())
-            .filter(|h| h["outcome"] == "sms")
+            .flat_map(|c| c["events"].as_array().unwrap())
+            .filter(|h| h["event"].as_str().unwrap().starts_with("sms SM"))
             .count()
             == 2
     });

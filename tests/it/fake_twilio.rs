@@ -1,11 +1,15 @@
 //! A fake Twilio REST API on 127.0.0.1 that checks what real Twilio checks: HTTP Basic
 //! auth, form encoding, E.164 `To`/`From`, and a well-formed `Twiml` of at most 4,000
-//! characters. Tests script failures per number and read back every request.
+//! characters. Calls have a lifecycle (ringing, then answered or `no-answer`), and the
+//! fake can have Twilio's bad days: answer late, drop the connection after creating the
+//! call, answer 429/503, hang or lag in its call list, report AMD `unknown`, and let
+//! participants come and go. Tests script failures per number and read back every
+//! request.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -14,6 +18,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
+use rand::Rng;
+use tokio::sync::Notify;
 
 pub const ACCOUNT_SID: &str = "ACaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 pub const AUTH_TOKEN: &str = "test-auth-token-123";
@@ -26,29 +32,47 @@ pub struct CallRecord {
     pub twiml: String,
     pub timeout: String,
     pub at: Instant,
-    /// The HTTP status the fake answered.
+    /// The HTTP status the fake answered (201 also when it then dropped the connection).
     pub status: u16,
     pub sid: Option<String>,
-    pub created: std::time::SystemTime,
+    pub created: SystemTime,
+    /// Every form parameter, e.g. `StatusCallback`, `MachineDetection`.
+    pub form: HashMap<String, String>,
+    /// The connection was closed without an answer after the call was created.
+    pub dropped: bool,
 }
 
 impl CallRecord {
-    /// The conference room the TwiML dials into.
+    /// The conference room the TwiML dials into, or (press-1 calls) the one its
+    /// `<Gather action>` names.
     pub fn room(&self) -> String {
-        let start = self
-            .twiml
-            .find("<Conference")
-            .expect("no <Conference> in TwiML");
-        let open = start + self.twiml[start..].find('>').unwrap() + 1;
-        let close = open + self.twiml[open..].find("</Conference>").unwrap();
-        self.twiml[open..close].to_string()
+        room_of(&self.twiml)
     }
+}
+
+fn room_of(twiml: &str) -> String {
+    if let Some(start) = twiml.find("<Conference") {
+        let open = start + twiml[start..].find('>').unwrap() + 1;
+        let close = open + twiml[open..].find("</Conference>").unwrap();
+        return twiml[open..close].to_string();
+    }
+    twiml
+        .split("room=")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .map(|id| format!("mailcall-{id}"))
+        .unwrap_or_default()
 }
 
 /// A scripted answer.
 #[derive(Debug, Clone)]
 pub enum Reply {
     Created,
+    /// Create the call, then close the connection without answering.
+    CreatedThenDrop,
+    /// Create the call, then answer only after this long (longer than the client's
+    /// timeout: Twilio accepting late).
+    CreatedLate(Duration),
     Error {
         status: u16,
         code: i64,
@@ -79,7 +103,7 @@ pub struct MessageRecord {
 /// How a scripted number answers its calls.
 #[derive(Debug, Clone)]
 pub struct Answer {
-    /// Twilio's `answered_by`: `human`, `machine_start`, …
+    /// Twilio's `answered_by`: `human`, `machine_start`, `unknown`, …
     pub answered_by: &'static str,
     /// Whether the call ends up in the conference room its TwiML dials.
     pub joins: bool,
@@ -91,6 +115,21 @@ struct LiveCall {
     answered_by: Option<&'static str>,
     room: String,
     in_room: bool,
+    created: Instant,
+    /// Set once the call is over: `completed`, `no-answer`.
+    ended: Option<&'static str>,
+}
+
+impl LiveCall {
+    /// The call's status as Twilio reports it.
+    fn status(&self, ring_time: Duration) -> &'static str {
+        match (self.ended, self.answered_by) {
+            (Some(end), _) => end,
+            (None, Some(_)) => "in-progress",
+            (None, None) if self.created.elapsed() < ring_time => "ringing",
+            (None, None) => "no-answer",
+        }
+    }
 }
 
 /// A `POST Calls/{sid}.json` the fake received.
@@ -100,7 +139,14 @@ pub struct CallUpdate {
     pub twiml: String,
 }
 
-#[derive(Default)]
+/// Where the fake delivers status callbacks: a daemon's HTTP listener, reached for
+/// URLs under its public URL.
+#[derive(Debug, Clone)]
+struct Callbacks {
+    public_url: String,
+    local: SocketAddr,
+}
+
 struct Inner {
     calls: Vec<CallRecord>,
     messages: Vec<MessageRecord>,
@@ -112,14 +158,57 @@ struct Inner {
     script: HashMap<String, VecDeque<Reply>>,
     /// Answers for every number, while non-empty (Twilio being down).
     global: VecDeque<Reply>,
-    /// A delay before answering, to observe concurrency.
-    delay: Duration,
+    /// Each `Calls.json` answer comes after a random delay in this range (the call
+    /// exists from the moment the request was read).
+    latency: (Duration, Duration),
+    /// The share of created calls whose connection is dropped without an answer.
+    drop_rate: f64,
+    /// The call list shows a call only this long after it was created.
+    list_lag: Duration,
+    /// The call list never answers.
+    list_hangs: bool,
+    list_requests: usize,
+    /// How long an unanswered call rings before it ends `no-answer`.
+    ring_time: Duration,
+    /// Reads of conferences and their participants answer this late.
+    conference_delay: Duration,
+    callbacks: Option<Callbacks>,
     next_sid: u64,
 }
 
+impl Default for Inner {
+    fn default() -> Inner {
+        Inner {
+            calls: Vec::new(),
+            messages: Vec::new(),
+            answers: HashMap::new(),
+            live: HashMap::new(),
+            updates: Vec::new(),
+            announcements: Vec::new(),
+            script: HashMap::new(),
+            global: VecDeque::new(),
+            latency: (Duration::ZERO, Duration::ZERO),
+            drop_rate: 0.0,
+            list_lag: Duration::ZERO,
+            list_hangs: false,
+            list_requests: 0,
+            ring_time: Duration::from_millis(400),
+            conference_delay: Duration::ZERO,
+            callbacks: None,
+            next_sid: 0,
+        }
+    }
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+/// Lets a handler close its connection without answering.
+#[derive(Clone)]
+struct Kill(Arc<Notify>);
+
 pub struct FakeTwilio {
     pub addr: SocketAddr,
-    inner: Arc<Mutex<Inner>>,
+    inner: Shared,
     _runtime: tokio::runtime::Runtime,
 }
 
@@ -130,7 +219,7 @@ impl FakeTwilio {
             .enable_all()
             .build()
             .unwrap();
-        let inner = Arc::new(Mutex::new(Inner::default()));
+        let inner: Shared = Arc::new(Mutex::new(Inner::default()));
         let app = Router::new()
             .route(
                 "/2010-04-01/Accounts/{account}/Calls.json",
@@ -161,12 +250,16 @@ impl FakeTwilio {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        runtime.spawn(async move { axum::serve(listener, app).await.unwrap() });
+        runtime.spawn(serve(listener, app));
         FakeTwilio {
             addr,
             inner,
             _runtime: runtime,
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap()
     }
 
     pub fn base_url(&self) -> String {
@@ -175,48 +268,97 @@ impl FakeTwilio {
 
     /// Answers for `to`, in order, before the fake starts answering 201.
     pub fn script(&self, to: &str, replies: Vec<Reply>) {
-        self.inner
-            .lock()
-            .unwrap()
-            .script
-            .insert(to.into(), replies.into());
+        self.lock().script.insert(to.into(), replies.into());
     }
 
     /// Answers for any number, in order (e.g. an outage), before the per-number script.
     pub fn script_all(&self, replies: Vec<Reply>) {
-        self.inner.lock().unwrap().global = replies.into();
+        self.lock().global = replies.into();
     }
 
+    /// Every `Calls.json` answer comes `delay` late.
     pub fn set_delay(&self, delay: Duration) {
-        self.inner.lock().unwrap().delay = delay;
+        self.set_latency(delay, delay);
+    }
+
+    /// Every `Calls.json` answer comes after a random delay between `min` and `max`.
+    pub fn set_latency(&self, min: Duration, max: Duration) {
+        self.lock().latency = (min, max);
+    }
+
+    /// This share of created calls get their connection dropped instead of an answer.
+    pub fn set_drop_rate(&self, rate: f64) {
+        self.lock().drop_rate = rate;
+    }
+
+    /// The call list shows calls only `lag` after they were created.
+    pub fn set_list_lag(&self, lag: Duration) {
+        self.lock().list_lag = lag;
+    }
+
+    /// The call list hangs (never answers) while `hangs`.
+    pub fn set_list_hangs(&self, hangs: bool) {
+        self.lock().list_hangs = hangs;
+    }
+
+    /// Unanswered calls ring this long before they end `no-answer` (default 400 ms).
+    pub fn set_ring_time(&self, ring: Duration) {
+        self.lock().ring_time = ring;
+    }
+
+    /// Reads of conferences and their participants answer this late.
+    pub fn set_conference_delay(&self, delay: Duration) {
+        self.lock().conference_delay = delay;
+    }
+
+    /// How many times the call list was asked for.
+    pub fn list_requests(&self) -> usize {
+        self.lock().list_requests
+    }
+
+    /// Status callbacks are delivered (signed) to the daemon listening on `local`,
+    /// whose public URL is `public_url`.
+    pub fn deliver_callbacks(&self, public_url: &str, local: SocketAddr) {
+        self.lock().callbacks = Some(Callbacks {
+            public_url: public_url.into(),
+            local,
+        });
     }
 
     /// Every request so far.
     pub fn calls(&self) -> Vec<CallRecord> {
-        self.inner.lock().unwrap().calls.clone()
+        self.lock().calls.clone()
     }
 
     /// How calls to `to` are answered from now on (default: nobody answers).
     pub fn answer(&self, to: &str, answer: Answer) {
-        self.inner.lock().unwrap().answers.insert(to.into(), answer);
+        self.lock().answers.insert(to.into(), answer);
+    }
+
+    /// The person on call `sid` hangs up: the call is over and leaves its conference.
+    pub fn hang_up(&self, sid: &str) {
+        if let Some(call) = self.lock().live.get_mut(sid) {
+            call.in_room = false;
+            call.ended = Some("completed");
+        }
     }
 
     /// Every `POST Calls/{sid}.json` (live call updates).
     pub fn updates(&self) -> Vec<CallUpdate> {
-        self.inner.lock().unwrap().updates.clone()
+        self.lock().updates.clone()
     }
 
     /// Every conference announcement: `(conference sid, AnnounceUrl)`.
     pub fn announcements(&self) -> Vec<(String, String)> {
-        self.inner.lock().unwrap().announcements.clone()
+        self.lock().announcements.clone()
     }
 
     /// Every SMS accepted.
     pub fn messages(&self) -> Vec<MessageRecord> {
-        self.inner.lock().unwrap().messages.clone()
+        self.lock().messages.clone()
     }
 
-    /// Requests answered 201.
+    /// Calls Twilio created (answered 201, or created and then dropped).
     pub fn created(&self) -> Vec<CallRecord> {
         self.calls()
             .into_iter()
@@ -242,6 +384,35 @@ impl FakeTwilio {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// Serves `app` one hyper connection per socket, so that a handler can close its
+/// connection without answering (Twilio dropping the connection after creating a call).
+async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    use tower::ServiceExt;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let kill = Kill(Arc::new(Notify::new()));
+            let handle = kill.clone();
+            let service = hyper::service::service_fn(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(handle.clone());
+                    app.clone().oneshot(request.map(axum::body::Body::new))
+                },
+            );
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                // Dropping the connection closes the socket with nothing written.
+                () = kill.0.notified() => {}
+            }
+        });
     }
 }
 
@@ -423,21 +594,49 @@ pub fn well_formed(xml: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `POST Calls.json`: like Twilio, the call exists as soon as the request is read, even
+/// if the answer comes late or never.
 async fn create_call(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path(account): Path<String>,
+    axum::Extension(kill): axum::Extension<Kill>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let at = Instant::now();
-    let delay = inner.lock().unwrap().delay;
-    // Like Twilio, the call exists as soon as the request is read, even if the client
-    // goes away before the (delayed) answer.
-    let response = record_call(&inner, &account, &headers, &body, at);
-    if !delay.is_zero() {
-        tokio::time::sleep(delay).await;
+    let (response, reply, callback) = record_call(&inner, &account, &headers, &body, at);
+    if let Some(delivery) = callback {
+        tokio::spawn(deliver_callback(delivery));
+    }
+    let delay = {
+        let inner = inner.lock().unwrap();
+        let (min, max) = inner.latency;
+        if max > min {
+            rand::rng().random_range(min..=max)
+        } else {
+            min
+        }
+    };
+    match reply {
+        Some(Reply::CreatedThenDrop) => {
+            tokio::time::sleep(delay).await;
+            kill.0.notify_one();
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        Some(Reply::CreatedLate(late)) => tokio::time::sleep(late).await,
+        _ => tokio::time::sleep(delay).await,
     }
     response
+}
+
+/// A status callback to deliver to the daemon.
+struct Delivery {
+    /// The daemon-local URL.
+    url: String,
+    params: Vec<(String, String)>,
+    /// `X-Twilio-Signature` over the public URL.
+    signature: String,
 }
 
 fn record_call(
@@ -446,7 +645,7 @@ fn record_call(
     headers: &HeaderMap,
     body: &[u8],
     at: Instant,
-) -> Response {
+) -> (Response, Option<Reply>, Option<Delivery>) {
     let form = match validate(account, headers, body) {
         Ok(f) => f,
         Err(response) => {
@@ -459,62 +658,72 @@ fn record_call(
                 at,
                 status: response.status().as_u16(),
                 sid: None,
-                created: std::time::SystemTime::now(),
+                created: SystemTime::now(),
+                form,
+                dropped: false,
             });
-            return response;
+            return (response, None, None);
         }
     };
     let mut inner = inner.lock().unwrap();
     let to = form["To"].clone();
     let answer = inner.answers.get(&to).cloned();
-    let reply = inner
+    let mut reply = inner
         .global
         .pop_front()
         .or_else(|| inner.script.get_mut(&to).and_then(VecDeque::pop_front))
         .unwrap_or(Reply::Created);
-    let (status, sid, response) = match reply {
-        Reply::Created => {
+    if matches!(reply, Reply::Created)
+        && inner.drop_rate > 0.0
+        && rand::rng().random_bool(inner.drop_rate.min(1.0))
+    {
+        reply = Reply::CreatedThenDrop;
+    }
+    let twiml = form.get("Twiml").cloned().unwrap_or_default();
+    let (status, sid, response, callback) = match &reply {
+        Reply::Created | Reply::CreatedThenDrop | Reply::CreatedLate(_) => {
             inner.next_sid += 1;
             let sid = format!("CA{:032x}", inner.next_sid);
-            let twiml = form.get("Twiml").cloned().unwrap_or_default();
-            // Press-1 calls reach the room named in their <Gather action>: a scripted
-            // `joins` stands for pressing 1.
-            let room = if twiml.contains("<Conference") {
-                CallRecord {
-                    to: String::new(),
-                    from: String::new(),
-                    twiml,
-                    timeout: String::new(),
-                    at,
-                    status: 0,
-                    sid: None,
-                    created: std::time::SystemTime::now(),
-                }
-                .room()
-            } else {
-                twiml
-                    .split("room=")
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .map(|id| format!("mailcall-{id}"))
-                    .unwrap_or_default()
-            };
             inner.live.insert(
                 sid.clone(),
                 LiveCall {
                     answered_by: answer.as_ref().map(|a| a.answered_by),
                     in_room: answer.as_ref().is_some_and(|a| a.joins),
-                    room,
+                    room: room_of(&twiml),
+                    created: Instant::now(),
+                    ended: None,
                 },
             );
             let body = serde_json::json!({
                 "sid": sid, "account_sid": ACCOUNT_SID, "to": to, "from": form["From"],
                 "status": "queued", "answered_by": null,
             });
+            let callback = form.get("StatusCallback").and_then(|url| {
+                let events = form.get("StatusCallbackEvent").cloned().unwrap_or_default();
+                if !events.split(' ').any(|e| e == "initiated") {
+                    return None;
+                }
+                let target = inner.callbacks.clone()?;
+                let path = url.strip_prefix(&target.public_url)?.to_string();
+                let params = vec![
+                    ("AccountSid".to_string(), ACCOUNT_SID.to_string()),
+                    ("CallSid".to_string(), sid.clone()),
+                    ("CallStatus".to_string(), "initiated".to_string()),
+                    ("To".to_string(), to.clone()),
+                    ("From".to_string(), form["From"].clone()),
+                ];
+                let signature = mailcall::twilio::signature::sign(AUTH_TOKEN, url, &params);
+                Some(Delivery {
+                    url: format!("http://{}{path}", target.local),
+                    params,
+                    signature,
+                })
+            });
             (
                 201,
                 Some(sid),
                 (StatusCode::CREATED, axum::Json(body)).into_response(),
+                callback,
             )
         }
         Reply::Error {
@@ -523,27 +732,41 @@ fn record_call(
             message,
             retry_after,
         } => (
-            status,
+            *status,
             None,
-            twilio_error(status, code, &message, retry_after),
+            twilio_error(*status, *code, message, *retry_after),
+            None,
         ),
     };
     inner.calls.push(CallRecord {
         to,
         from: form["From"].clone(),
-        twiml: form.get("Twiml").cloned().unwrap_or_default(),
+        twiml,
         timeout: form.get("Timeout").cloned().unwrap_or_default(),
         at,
         status,
         sid,
-        created: std::time::SystemTime::now(),
+        created: SystemTime::now(),
+        dropped: matches!(reply, Reply::CreatedThenDrop),
+        form,
     });
-    response
+    (response, Some(reply), callback)
+}
+
+/// POSTs one signed status callback to the daemon (best effort, bounded).
+async fn deliver_callback(delivery: Delivery) {
+    let _ = reqwest::Client::new()
+        .post(delivery.url)
+        .header("X-Twilio-Signature", delivery.signature)
+        .form(&delivery.params)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
 }
 
 /// `POST Messages.json`: an SMS, checked like a call (auth, form, E.164, length).
 async fn create_message(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path(account): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -585,7 +808,7 @@ async fn create_message(
 
 /// `GET Calls/{sid}.json`: status and who answered.
 async fn get_call(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path((account, sid)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
@@ -597,7 +820,7 @@ async fn get_call(
     match inner.live.get(sid) {
         Some(call) => axum::Json(serde_json::json!({
             "sid": sid,
-            "status": if call.answered_by.is_some() { "in-progress" } else { "ringing" },
+            "status": call.status(inner.ring_time),
             "answered_by": call.answered_by,
         }))
         .into_response(),
@@ -606,9 +829,9 @@ async fn get_call(
 }
 
 /// `POST Calls/{sid}.json` with `Twiml`: redirects the call; one that no longer dials
-/// the conference leaves it.
+/// the conference leaves it, and one that hangs up is over.
 async fn update_call(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path((account, sid)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
@@ -629,6 +852,9 @@ async fn update_call(
         return twilio_error(404, 20404, "The requested resource was not found", None);
     };
     call.in_room = call.in_room && twiml.contains("<Conference");
+    if twiml.contains("<Hangup/>") && !twiml.contains("<Conference") {
+        call.ended = Some("completed");
+    }
     inner.updates.push(CallUpdate {
         sid: sid.clone(),
         twiml,
@@ -639,7 +865,7 @@ async fn update_call(
 /// `GET Conferences.json?FriendlyName=&Status=in-progress`: a room is in progress
 /// while someone is in it.
 async fn list_conferences(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path(account): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -647,6 +873,7 @@ async fn list_conferences(
     if let Err(response) = authenticate(&account, &headers) {
         return response;
     }
+    conference_delay(&inner).await;
     let inner = inner.lock().unwrap();
     let name = query.get("FriendlyName").cloned().unwrap_or_default();
     let live = inner.live.values().any(|c| c.in_room && c.room == name);
@@ -664,7 +891,7 @@ async fn list_conferences(
 
 /// `POST Conferences/{sid}.json` with `AnnounceUrl`.
 async fn update_conference(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path((account, sid)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
@@ -690,13 +917,14 @@ async fn update_conference(
 
 /// `GET Conferences/{sid}/Participants.json`.
 async fn list_participants(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path((account, conference)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
     if let Err(response) = authenticate(&account, &headers) {
         return response;
     }
+    conference_delay(&inner).await;
     let room = conference.trim_start_matches("CF");
     let inner = inner.lock().unwrap();
     let participants: Vec<serde_json::Value> = inner
@@ -708,9 +936,10 @@ async fn list_participants(
     axum::Json(serde_json::json!({"participants": participants})).into_response()
 }
 
-/// `GET Calls.json?To=&From=`: the calls created, newest first, as Twilio lists them.
+/// `GET Calls.json?To=&From=&StartTime>=&PageSize=`: the calls created, newest first, as
+/// Twilio lists them (lagging, or hanging, when told to).
 async fn list_calls(
-    State(inner): State<Arc<Mutex<Inner>>>,
+    State(inner): State<Shared>,
     Path(account): Path<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
@@ -718,20 +947,86 @@ async fn list_calls(
     if let Err(response) = authenticate(&account, &headers) {
         return response;
     }
+    let hangs = {
+        let mut inner = inner.lock().unwrap();
+        inner.list_requests += 1;
+        inner.list_hangs
+    };
+    if hangs {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if let Some(date) = query.get("StartTime>")
+        && !is_date(date)
+    {
+        return twilio_error(400, 20001, "StartTime> must be YYYY-MM-DD", None);
+    }
+    let page_size: usize = query
+        .get("PageSize")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(50);
     let inner = inner.lock().unwrap();
+    let now = SystemTime::now();
     let calls: Vec<serde_json::Value> = inner
         .calls
         .iter()
         .rev()
         .filter(|c| c.status == 201)
+        .filter(|c| now.duration_since(c.created).unwrap_or_default() >= inner.list_lag)
         .filter(|c| query.get("To").is_none_or(|to| *to == c.to))
         .filter(|c| query.get("From").is_none_or(|from| *from == c.from))
+        .filter(|c| {
+            query
+                .get("StartTime>")
+                .is_none_or(|date| utc_date(c.created) >= *date)
+        })
+        .take(page_size)
         .map(|c| {
             let date = httpdate::fmt_http_date(c.created).replace("GMT", "+0000");
-            serde_json::json!({"sid": c.sid, "to": c.to, "from": c.from, "date_created": date, "status": "queued"})
+            let status = c
+                .sid
+                .as_deref()
+                .and_then(|sid| inner.live.get(sid))
+                .map_or("queued", |l| l.status(inner.ring_time));
+            serde_json::json!({"sid": c.sid, "to": c.to, "from": c.from, "date_created": date, "status": status})
         })
         .collect();
-    axum::Json(serde_json::json!({"calls": calls, "page": 0, "page_size": 20})).into_response()
+    axum::Json(serde_json::json!({"calls": calls, "page": 0, "page_size": page_size, "next_page_uri": null}))
+        .into_response()
+}
+
+/// Waits as long as conference reads are told to lag.
+async fn conference_delay(inner: &Shared) {
+    let delay = inner.lock().unwrap().conference_delay;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn is_date(s: &str) -> bool {
+    s.len() == 10
+        && s.bytes().enumerate().all(|(i, b)| {
+            if i == 4 || i == 7 {
+                b == b'-'
+            } else {
+                b.is_ascii_digit()
+            }
+        })
+}
+
+/// `YYYY-MM-DD` of a time, in UTC.
+fn utc_date(t: SystemTime) -> String {
+    let days = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 #[test]
@@ -744,4 +1039,12 @@ fn the_fake_itself_rejects_what_twilio_rejects() {
         serde_urlencoded_pairs(b"To=%2B15005550001&Twiml=%3CResponse%3E+x%3C%2FResponse%3E");
     assert_eq!(pairs["To"], "+15005550001");
     assert_eq!(pairs["Twiml"], "<Response> x</Response>");
+}
+
+#[test]
+fn the_fake_dates_are_utc_calendar_dates() {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_795_478_462);
+    assert_eq!(utc_date(t), "2026-11-24");
+    assert_eq!(utc_date(std::time::UNIX_EPOCH), "1970-01-01");
+    assert!(is_date("2026-11-24") && !is_date("2026-1-24"));
 }

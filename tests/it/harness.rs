@@ -23,6 +23,7 @@ pub fn config(twilio: Option<&FakeTwilio>, extra: &str) -> String {
         "[smtp]\nlisten = \"127.0.0.1:0\"\nhostname = \"mx.test\"\n\
          [twilio]\nfrom = \"+15005550006\"\napi_base = \"{api_base}\"\nring_seconds = 25\n\
          retry_initial_delay = \"50ms\"\nretry_max_delay = \"200ms\"\nrequest_timeout = \"2s\"\n\
+         reconcile_grace = \"2s\"\n\
          [contacts]\nalice = \"+15005550001\"\nbob = \"+15005550002\"\ncarol = \"+15005550003\"\n\
          [groups]\noncall = [\"alice\", \"bob\"]\n{extra}"
     )
@@ -80,7 +81,21 @@ impl Daemon {
         Daemon::spawn(cmd, dir)
     }
 
-    fn spawn(mut cmd: Command, dir: &Path) -> Daemon {
+    /// Starts `mailcall serve` and stops reading its stderr once it is listening, as a
+    /// stalled log pipe would: the pipe stays open and fills up.
+    pub fn launch_with_stalled_stderr(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = command(dir);
+        cmd.envs(env.iter().copied()).arg("serve");
+        Daemon::spawn_reading(cmd, dir, false)
+    }
+
+    fn spawn(cmd: Command, dir: &Path) -> Daemon {
+        Daemon::spawn_reading(cmd, dir, true)
+    }
+
+    /// Spawns the daemon; its log is collected until it listens, and afterwards only
+    /// when `keep_reading`.
+    fn spawn_reading(mut cmd: Command, dir: &Path, keep_reading: bool) -> Daemon {
         let mut child = cmd
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -95,15 +110,21 @@ impl Daemon {
             let logs = Arc::clone(&logs);
             let http = Arc::clone(&http);
             std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
+                let mut lines = BufReader::new(stderr).lines();
+                for line in lines.by_ref() {
                     let Ok(line) = line else { break };
                     if let Some(addr) = line.split("http listening addr=").nth(1) {
                         *http.lock().unwrap() = Some(addr.trim().parse::<SocketAddr>().unwrap());
                     }
-                    if let Some(addr) = line.split("smtp listening addr=").nth(1) {
+                    let listening = line.split("smtp listening addr=").nth(1).map(|addr| {
                         let _ = tx.send(addr.trim().parse::<SocketAddr>().unwrap());
-                    }
+                    });
                     logs.lock().unwrap().push(line);
+                    if listening.is_some() && !keep_reading {
+                        // Hold the pipe open without reading it until the test ends.
+                        std::thread::park();
+                        break;
+                    }
                 }
             });
         }
@@ -216,6 +237,41 @@ pub fn command(dir: &Path) -> Command {
         .env("MAILCALL_TEST_SENDGRID_PASSWORD", TEST_SENDGRID_PASSWORD)
         .env("RUST_LOG", "info");
     cmd
+}
+
+/// `GET url` from a real client: status and body.
+pub fn http_get(url: &str) -> (u16, String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let response = reqwest::Client::new()
+            .get(url)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    })
+}
+
+/// Parses the Prometheus text format at `url` into `name{labels}` → value.
+pub fn scrape(url: &str) -> std::collections::HashMap<String, f64> {
+    http_get(url)
+        .1
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap();
+            (
+                name.to_string(),
+                value
+                    .parse::<f64>()
+                    .unwrap_or_else(|_| panic!("bad sample {l:?}")),
+            )
+        })
+        .collect()
 }
 
 /// `mailcall incidents --json --limit 1000`.

@@ -553,10 +553,15 @@ fn healthz_reports_the_parts() {
     let (status, _, text) = request("GET", &format!("{base}/healthz"), &[], vec![]);
     assert_eq!(status, 200, "{text}");
     let body: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(
-        body,
-        serde_json::json!({"status": "ok", "store": true, "dispatcher": true, "smtp": true})
-    );
+    for part in ["store", "dispatcher", "smtp"] {
+        assert_eq!(body[part], true, "{body}");
+    }
+    assert_eq!(body["status"], "ok");
+    // Every dispatch worker reports its own heartbeat.
+    for worker in ["router", "placer", "reconciler", "rounds"] {
+        assert_eq!(body["workers"][worker]["ok"], true, "{body}");
+        assert!(body["workers"][worker]["age_ms"].as_i64().unwrap() < 30_000);
+    }
     assert_eq!(request("GET", &format!("{base}/nope"), &[], vec![]).0, 404);
 }
 

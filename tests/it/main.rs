@@ -4,8 +4,10 @@
 mod bridge;
 mod cli;
 mod core;
+mod crash;
 mod durability;
 mod edge;
+mod exactly_once;
 mod fake_twilio;
 mod fuzz;
 mod harness;

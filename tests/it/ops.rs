@@ -1,12 +1,11 @@
 //! Running as a service: reload, metrics, sd_notify readiness and watchdog, `status`,
 //! the canary, and secrets staying out of the log.
 
-use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use crate::fake_twilio::{AUTH_TOKEN, FakeTwilio, Reply};
-use crate::harness::{Daemon, TEST_TOKEN, command, config, mail, workdir};
+use crate::harness::{Daemon, TEST_TOKEN, command, config, mail, scrape, workdir};
 
 fn rules(callee: &str) -> String {
     format!(
@@ -66,27 +65,6 @@ fn sighup_swaps_a_valid_config_and_keeps_the_old_one_when_invalid() {
     twilio.wait_until(Duration::from_secs(10), |c| {
         c.len() == 3 && c[2].to == "+15005550002"
     });
-}
-
-/// Parses the Prometheus text format into `name{labels}` → value.
-fn scrape(url: &str) -> HashMap<String, f64> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let text = runtime.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() });
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').unwrap();
-            (
-                name.to_string(),
-                value
-                    .parse::<f64>()
-                    .unwrap_or_else(|_| panic!("bad sample {l:?}")),
-            )
-        })
-        .collect()
 }
 
 #[test]
@@ -264,7 +242,7 @@ fn status_asks_the_running_daemon() {
 }
 
 /// Makes the canary due now by backdating its last run in the store.
-fn backdate_canary(dir: &std::path::Path) {
+pub fn backdate_canary(dir: &std::path::Path) {
     let db = rusqlite::Connection::open(dir.join("mailcall.db")).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

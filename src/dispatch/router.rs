@@ -1,0 +1,270 @@
+//! The router: stored alerts → routing decisions → incidents and their first round of
+//! calls, each alert in one store transaction. It queues calls; it never places them.
+
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use super::{Caller, Dispatcher, IDLE_POLL, new_public_id};
+use crate::alert::Alert;
+use crate::health::Worker;
+use crate::metrics::Routing;
+use crate::route::{self, Action};
+use crate::store::{CallState, IncidentKind, NewIncident, PendingAlert, Routed};
+use crate::twilio::twiml;
+
+/// Alerts routed per store transaction.
+const BATCH: usize = 256;
+
+impl Dispatcher {
+    /// Routes stored alerts as they arrive, until shutdown.
+    pub(super) async fn route_loop(self: Arc<Self>) {
+        loop {
+            self.beat(Worker::Router);
+            self.drain().await;
+            if !self.idle(&self.wake, IDLE_POLL).await {
+                return;
+            }
+        }
+    }
+
+    /// Routes every stored alert not yet routed.
+    pub(super) async fn drain(&self) {
+        loop {
+            let batch = match self.store.pending_alerts(BATCH).await {
+                Ok(b) if b.is_empty() => return,
+                Ok(b) => b,
+                Err(e) => {
+                    error!(error = %e, "cannot read stored alerts; will try again");
+                    return;
+                }
+            };
+            if !self.route_batch(batch).await {
+                return;
+            }
+            self.beat(Worker::Router);
+        }
+    }
+
+    /// Routes a batch and records the outcome; false if the store failed for any of
+    /// it, so that the caller waits before trying again instead of spinning.
+    async fn route_batch(&self, batch: Vec<PendingAlert>) -> bool {
+        let settings = self.live.load_full();
+        let config = &settings.config;
+        let mut items = Vec::with_capacity(batch.len());
+        let mut alerts = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let (alert, decision) = match &pending.direct {
+                Some(direct) => (
+                    Alert {
+                        subject: direct.message.clone(),
+                        ..Alert::default()
+                    },
+                    route::direct(config, &pending.source, direct),
+                ),
+                None => {
+                    let alert = Alert::from_mime(&pending.raw, &pending.envelope);
+                    let decision = route::route(config, &alert);
+                    (alert, decision)
+                }
+            };
+            let public_id = new_public_id();
+            let twiml = match &config.twilio.public_url {
+                // Press 1 to join: only a person who chose to is in the bridge.
+                Some(base) => twiml::gather_call(
+                    &decision.message,
+                    &decision.language,
+                    &decision.voice,
+                    &format!("{base}/twilio/gather?room={public_id}"),
+                ),
+                None => twiml::call(
+                    &decision.message,
+                    &decision.language,
+                    &decision.voice,
+                    &twiml::room_name(&public_id),
+                ),
+            };
+            let kind = if pending.source == "canary" {
+                IncidentKind::Canary
+            } else {
+                IncidentKind::Alert
+            };
+            let new = NewIncident {
+                twiml,
+                public_id,
+                kind,
+                dry_run: pending.dry_run,
+                received_at: pending.received_at,
+            };
+            alerts.push((
+                pending.id,
+                pending.source,
+                alert,
+                decision.clone(),
+                new.clone(),
+            ));
+            items.push((pending.id, decision, new));
+        }
+        let results = match self
+            .store
+            .record_routings(items, config.limits.max_calls_per_hour)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "cannot record routing decisions; will try again");
+                return false;
+            }
+        };
+        let all_recorded = results.iter().all(Result::is_ok);
+        let mut queued = false;
+        for ((alert_id, source, alert, decision, new), result) in alerts.into_iter().zip(results) {
+            let message_id = alert.message_id.as_deref().unwrap_or("-");
+            let rule = decision.rule.as_deref().unwrap_or("-");
+            let action = match &result {
+                Err(_) => None,
+                Ok(Routed::NotCalled) => Some(decision.action.as_str()),
+                Ok(Routed::Deduplicated { .. }) => Some("deduplicated"),
+                Ok(Routed::Opened { .. }) => Some("call"),
+                Ok(Routed::Resolved { .. }) => Some("resolve"),
+            };
+            if let Some(action) = action {
+                self.metrics
+                    .alerts_routed
+                    .get_or_create(&Routing {
+                        rule: rule.to_string(),
+                        action,
+                    })
+                    .inc();
+            }
+            match result {
+                Err(e) => {
+                    error!(alert = alert_id, error = %e, "cannot record routing; will try again")
+                }
+                Ok(Routed::NotCalled) if decision.action == Action::None => warn!(
+                    alert = alert_id, source, message_id, from = %alert.from, subject = %alert.subject,
+                    action = "none", "unrouted: no rule matches this mail; nobody is called"
+                ),
+                Ok(Routed::Resolved {
+                    incident_id,
+                    public_id,
+                    canceled,
+                }) => {
+                    info!(
+                        alert = alert_id, source, message_id, from = %alert.from, rule, action = "resolve",
+                        incident = incident_id, dedup_key = %decision.dedup_key, canceled,
+                        "incident resolved: no further rounds"
+                    );
+                    if !new.dry_run {
+                        self.announce_resolution(incident_id, public_id, &decision);
+                    }
+                }
+                Ok(Routed::NotCalled) if decision.action == Action::Resolve => info!(
+                    alert = alert_id, source, message_id, rule, dedup_key = %decision.dedup_key,
+                    "resolve: no open incident with this dedup key"
+                ),
+                Ok(Routed::NotCalled) => info!(
+                    alert = alert_id, source, message_id, from = %alert.from, rule, action = "drop",
+                    "dropped by rule"
+                ),
+                Ok(Routed::Deduplicated {
+                    incident_id,
+                    alert_count,
+                }) => info!(
+                    alert = alert_id, source, message_id, from = %alert.from, rule, action = "deduplicated",
+                    incident = incident_id, alert_count, dedup_key = %decision.dedup_key,
+                    "same problem as an open incident; nobody is called again"
+                ),
+                Ok(Routed::Opened { incident_id, calls }) => {
+                    let numbers: Vec<&str> = calls.iter().map(|c| c.number.as_str()).collect();
+                    let refused: Vec<&str> = calls
+                        .iter()
+                        .filter(|c| c.state == CallState::Refused)
+                        .map(|c| c.number.as_str())
+                        .collect();
+                    if new.kind == IncidentKind::Canary {
+                        info!(alert = alert_id, incident = incident_id, numbers = ?numbers, "canary: one test call per number");
+                    } else {
+                        if !new.dry_run {
+                            self.metrics.incidents_opened.inc();
+                        }
+                        self.metrics.budget_refusals.inc_by(refused.len() as u64);
+                        info!(
+                            alert = alert_id, source, message_id, from = %alert.from, rule, action = "call",
+                            incident = incident_id, numbers = ?numbers, dedup_key = %decision.dedup_key,
+                            dry_run = new.dry_run, "new incident; calling everyone at once"
+                        );
+                    }
+                    if !refused.is_empty() {
+                        error!(
+                            incident = incident_id, refused = ?refused,
+                            max_calls_per_hour = config.limits.max_calls_per_hour,
+                            "CALL BUDGET EXHAUSTED: these numbers are NOT called; raise [limits] max_calls_per_hour if this is a real incident"
+                        );
+                    }
+                    for call in calls.iter().filter(|c| c.state == CallState::DryRun) {
+                        info!(
+                            incident = incident_id, rule = %rule, number = %call.number, twiml = %new.twiml,
+                            "dry-run: would place this call"
+                        );
+                    }
+                    queued |= calls.iter().any(|c| c.state == CallState::Queued);
+                }
+            }
+        }
+        if queued {
+            self.placer_wake.notify_one();
+        }
+        all_recorded
+    }
+
+    /// Speaks the resolve message to whoever is in the bridge: with a public URL as a
+    /// conference announcement (Twilio fetches the TwiML from us); without one, each
+    /// participant's call is redirected to hear it and rejoin the room.
+    fn announce_resolution(&self, incident_id: i64, public_id: String, decision: &route::Decision) {
+        let Caller::Twilio(client) = self.caller.clone() else {
+            return;
+        };
+        let room = twiml::room_name(&public_id);
+        if let Some(base) = self.live.load().config.twilio.public_url.clone() {
+            let query =
+                serde_urlencoded::to_string([("text", &decision.message)]).unwrap_or_default();
+            let url = format!("{base}/twilio/announce?{query}");
+            self.calls.spawn(async move {
+                match client.conferences(&room).await {
+                    Ok(sids) => {
+                        for sid in sids {
+                            match client.announce(&sid, &url).await {
+                                Ok(()) => info!(incident = incident_id, conference = %sid, "resolution announced in the bridge"),
+                                Err(e) => warn!(incident = incident_id, error = %e, "cannot announce the resolution"),
+                            }
+                        }
+                    }
+                    Err(e) => warn!(incident = incident_id, error = %e, "cannot find the bridge to announce the resolution"),
+                }
+            });
+            return;
+        }
+        let announcement = twiml::announce(
+            &decision.message,
+            &decision.language,
+            &decision.voice,
+            &room,
+        );
+        self.calls.spawn(async move {
+            let participants = match client.conference_calls(&room).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(incident = incident_id, error = %e, "cannot tell who is in the bridge to announce the resolution");
+                    return;
+                }
+            };
+            for sid in participants {
+                match client.update_call(&sid, &announcement).await {
+                    Ok(()) => info!(incident = incident_id, call = %sid, "resolution announced in the bridge"),
+                    Err(e) => warn!(incident = incident_id, call = %sid, error = %e, "cannot announce the resolution to a participant"),
+                }
+            }
+        });
+    }
+}

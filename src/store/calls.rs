@@ -1,0 +1,598 @@
+//! Placing calls and settling what became of each request, as recovery points in the
+//! store (Brandur Leach's "atomic phases"): a request is committed as a `requesting`
+//! attempt before it leaves ([`Store::claim`]), its answer is committed after
+//! ([`Store::record_attempt`]), and an attempt whose answer never came is `unknown`
+//! until the reconciler settles it ([`Store::settle`]). Twilio's `Calls.json` has no
+//! idempotency key, so an `unknown` attempt is never simply sent again.
+
+use std::collections::HashSet;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{AttemptState, CallState, IncidentKind, IncidentStatus, Store, StoreError, now_ms};
+use crate::store::TwilioStatus;
+
+/// One call to place: what the placer needs to request it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallJob {
+    pub call_id: i64,
+    pub incident_id: i64,
+    /// The rule that decided the call, for the log.
+    pub rule: String,
+    pub number: String,
+    pub twiml: String,
+    /// When the call was decided, in Unix milliseconds; retries stop `retry_for` later.
+    pub created_at: i64,
+    /// Requests made for this call so far.
+    pub attempts: i64,
+    /// A canary call (counted apart from incidents' calls).
+    pub canary: bool,
+    /// The SMS summary to send once the call is placed (`sms = true`).
+    pub sms: Option<String>,
+    /// For the first request of an incident's first round: when its alert was stored
+    /// (Unix milliseconds), for the latency metric.
+    pub received_at: Option<i64>,
+}
+
+/// The SMS summary of an incident.
+pub fn sms_text(incident_id: i64, subject: &str) -> String {
+    let text = format!("mailcall incident #{incident_id}: {subject}");
+    // Twilio takes up to 1,600 characters.
+    text.chars().take(1600).collect()
+}
+
+/// How an attempt settled by its status callback says so.
+pub const CALLBACK: &str = "status callback";
+/// How an attempt settled by Twilio's call list says so.
+pub const CALL_LIST: &str = "call list";
+
+/// What [`Store::record_attempt`] found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// The attempt's state afterwards.
+    pub state: AttemptState,
+    /// This answer decided it (rather than a status callback or the reconciler first).
+    pub decided: bool,
+    /// How it was settled when something else decided it (`status callback`, …).
+    pub reconciled: Option<String>,
+}
+
+/// Whether a call may be requested now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The attempt is committed as `requesting`: send it.
+    Go { attempt_id: i64 },
+    /// The call is no longer waiting (canceled by a resolution, or already under way).
+    Gone(CallState),
+    /// A request to the same number is in flight: one at a time, so that a call found
+    /// in Twilio's list can only be one request's.
+    Busy,
+}
+
+/// Twilio's answer to one request, as the placer classifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// Twilio created the call.
+    Placed { sid: String },
+    /// Twilio answered an error: no call exists. Tried again at `retry_at`, or never.
+    Failed {
+        http_status: Option<u16>,
+        code: Option<i64>,
+        error: String,
+        retry_at: Option<i64>,
+    },
+    /// No answer to rely on (timeout, connection lost after sending): a call may exist.
+    Unknown { error: String },
+}
+
+/// How the reconciler settles an unknown attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// Twilio has the call: this SID (owned by no other attempt) is the attempt's.
+    Found { sid: String, how: &'static str },
+    /// No such call appeared within the grace period: the call is sent again.
+    Absent { how: String },
+    /// Twilio could not tell; the call is sent again (ringing twice beats missing),
+    /// but only once per call.
+    Undecided { reason: String },
+}
+
+/// An attempt whose outcome is not settled yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unresolved {
+    pub attempt_id: i64,
+    pub call_id: i64,
+    pub incident_id: i64,
+    pub number: String,
+    /// The caller ID the request used.
+    pub from_number: String,
+    pub requested_at: i64,
+    /// A call Twilio created for this request was created before this (Unix ms).
+    pub window_end: i64,
+    pub state: AttemptState,
+}
+
+/// What a settlement did, for the log and the SMS summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    pub call: CallJob,
+    /// The call's state afterwards.
+    pub state: CallState,
+}
+
+/// A placed call whose answerer or status is still to be learned by polling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchedCall {
+    pub call_id: i64,
+    pub incident_id: i64,
+    pub sid: String,
+    pub number: String,
+    pub message: String,
+    pub language: String,
+    pub voice: String,
+}
+
+const JOB_COLUMNS: &str = "c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts, i.kind, i.sms, i.subject,
+     CASE WHEN c.round = 1 AND c.attempts = 0 THEN i.first_received_at END";
+
+fn job(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallJob> {
+    let incident_id: i64 = r.get(1)?;
+    let kind: IncidentKind = r.get(7)?;
+    let sms: bool = r.get(8)?;
+    Ok(CallJob {
+        call_id: r.get(0)?,
+        incident_id,
+        rule: r.get(2)?,
+        number: r.get(3)?,
+        twiml: r.get(4)?,
+        created_at: r.get(5)?,
+        attempts: r.get(6)?,
+        canary: kind == IncidentKind::Canary,
+        sms: (sms && kind == IncidentKind::Alert)
+            .then(|| sms_text(incident_id, &r.get::<_, String>(9).unwrap_or_default())),
+        received_at: r.get(10)?,
+    })
+}
+
+fn call_job(c: &Connection, call_id: i64) -> rusqlite::Result<CallJob> {
+    c.prepare_cached(&format!(
+        "SELECT {JOB_COLUMNS} FROM calls c JOIN incidents i ON i.id = c.incident_id WHERE c.id = ?1"
+    ))?
+    .query_row([call_id], job)
+}
+
+impl Store {
+    /// Calls waiting to be requested whose time has come, oldest first: the oldest of
+    /// each number, and none of a number with a request in flight.
+    pub async fn due_calls(&self, now: i64, limit: usize) -> Result<Vec<CallJob>, StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM (
+                     SELECT id, ROW_NUMBER() OVER (PARTITION BY number ORDER BY next_attempt_at, id) AS nth
+                     FROM calls WHERE state IN ('queued', 'retrying') AND next_attempt_at <= ?1
+                 ) d JOIN calls c ON c.id = d.id JOIN incidents i ON i.id = c.incident_id
+                 WHERE d.nth = 1 AND c.number NOT IN (SELECT number FROM calls WHERE state = 'requesting')
+                 ORDER BY c.next_attempt_at, c.id LIMIT ?2"
+            ))?;
+            let rows =
+                stmt.query_map(params![now, i64::try_from(limit).unwrap_or(i64::MAX)], job)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// When the next waiting call is due (Unix milliseconds), if any waits.
+    pub async fn next_call_due(&self) -> Result<Option<i64>, StoreError> {
+        self.run(|c| {
+            c.prepare_cached(
+                "SELECT MIN(next_attempt_at) FROM calls WHERE state IN ('queued', 'retrying')",
+            )?
+            .query_row([], |r| r.get(0))
+        })
+        .await
+    }
+
+    /// Commits a new `requesting` attempt for a waiting call, before its request
+    /// leaves, unless a request to the same number is in flight. `window_ms` bounds
+    /// when Twilio can have created a call for it.
+    pub async fn claim(
+        &self,
+        call_id: i64,
+        from_number: &str,
+        window_ms: i64,
+    ) -> Result<Claim, StoreError> {
+        let from_number = from_number.to_string();
+        self.run(move |c| {
+            let (state, number): (CallState, String) = c
+                .prepare_cached("SELECT state, number FROM calls WHERE id = ?1")?
+                .query_row([call_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            if !matches!(state, CallState::Queued | CallState::Retrying) {
+                return Ok(Claim::Gone(state));
+            }
+            let busy = c
+                .prepare_cached("SELECT 1 FROM calls WHERE number = ?1 AND state = 'requesting'")?
+                .exists([&number])?;
+            if busy {
+                return Ok(Claim::Busy);
+            }
+            let now = now_ms();
+            c.prepare_cached(
+                "INSERT INTO attempts (call_id, state, requested_at, window_end, from_number) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                call_id,
+                AttemptState::Requesting,
+                now,
+                now.saturating_add(window_ms),
+                from_number
+            ])?;
+            let attempt_id = c.last_insert_rowid();
+            c.prepare_cached(
+                "UPDATE calls SET state = ?2, next_attempt_at = NULL, attempts = attempts + 1, updated_at = ?3 WHERE id = ?1",
+            )?
+            .execute(params![call_id, CallState::Requesting, now])?;
+            Ok(Claim::Go { attempt_id })
+        })
+        .await
+    }
+
+    /// Records Twilio's answer to a request, unless the attempt was settled meanwhile (a
+    /// status callback can arrive before the answer).
+    pub async fn record_attempt(
+        &self,
+        attempt_id: i64,
+        outcome: AttemptOutcome,
+    ) -> Result<Recorded, StoreError> {
+        self.run(move |c| {
+            let (state, call_id, reconciled): (AttemptState, i64, Option<String>) = c
+                .prepare_cached("SELECT state, call_id, reconciled FROM attempts WHERE id = ?1")?
+                .query_row([attempt_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            // A late `201` still settles an attempt that went `unknown` meanwhile: it is
+            // the best evidence there is.
+            let late_placed =
+                state == AttemptState::Unknown && matches!(outcome, AttemptOutcome::Placed { .. });
+            if state != AttemptState::Requesting && !late_placed {
+                return Ok(Recorded {
+                    state,
+                    decided: false,
+                    reconciled,
+                });
+            }
+            let now = now_ms();
+            let decided = |state| Recorded {
+                state,
+                decided: true,
+                reconciled: None,
+            };
+            match outcome {
+                AttemptOutcome::Placed { sid } => {
+                    place(c, attempt_id, call_id, &sid, None, now)?;
+                    Ok(decided(AttemptState::Placed))
+                }
+                AttemptOutcome::Failed {
+                    http_status,
+                    code,
+                    error,
+                    retry_at,
+                } => {
+                    c.prepare_cached(
+                        "UPDATE attempts SET state = ?2, http_status = ?3, error_code = ?4, error = ?5, settled_at = ?6 WHERE id = ?1",
+                    )?
+                    .execute(params![attempt_id, AttemptState::Failed, http_status, code, error, now])?;
+                    let (state, next) = match retry_at {
+                        Some(at) => (CallState::Retrying, Some(at)),
+                        None => (CallState::Failed, None),
+                    };
+                    c.prepare_cached(
+                        "UPDATE calls SET state = ?2, next_attempt_at = ?3, error_code = ?4, error = ?5, updated_at = ?6 WHERE id = ?1",
+                    )?
+                    .execute(params![call_id, state, next, code, error, now])?;
+                    Ok(decided(AttemptState::Failed))
+                }
+                AttemptOutcome::Unknown { error } => {
+                    c.prepare_cached("UPDATE attempts SET state = ?2, error = ?3 WHERE id = ?1")?
+                        .execute(params![attempt_id, AttemptState::Unknown, error])?;
+                    c.prepare_cached("UPDATE calls SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1")?
+                        .execute(params![call_id, CallState::Unknown, error, now])?;
+                    Ok(decided(AttemptState::Unknown))
+                }
+            }
+        })
+        .await
+    }
+
+    /// At start: whatever was `requesting` belonged to a process that is gone, so its
+    /// outcome is unknown. Returns how many attempts that concerns.
+    pub async fn recover_in_flight(&self) -> Result<usize, StoreError> {
+        self.run(|c| {
+            let n = c.execute(
+                "UPDATE attempts SET state = 'unknown', error = 'mailcall stopped while this request was in flight'
+                 WHERE state = 'requesting'",
+                [],
+            )?;
+            c.execute(
+                "UPDATE calls SET state = 'unknown' WHERE state = 'requesting'",
+                [],
+            )?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Every attempt not settled yet. A `requesting` attempt whose window has passed
+    /// lost its answer (its outcome could not be recorded) and becomes `unknown`.
+    pub async fn unresolved(&self, now: i64) -> Result<Vec<Unresolved>, StoreError> {
+        self.run(move |c| {
+            let stale: Vec<i64> = c
+                .prepare_cached(
+                    "UPDATE attempts SET state = 'unknown', error = 'no answer was recorded for this request'
+                     WHERE state = 'requesting' AND window_end < ?1 RETURNING call_id",
+                )?
+                .query_map([now], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for call_id in stale {
+                c.prepare_cached("UPDATE calls SET state = 'unknown' WHERE id = ?1 AND state = 'requesting'")?
+                    .execute([call_id])?;
+            }
+            let mut stmt = c.prepare_cached(
+                "SELECT a.id, a.call_id, c.incident_id, c.number, a.from_number, a.requested_at, a.window_end, a.state
+                 FROM attempts a JOIN calls c ON c.id = a.call_id
+                 WHERE a.state IN ('requesting', 'unknown') ORDER BY a.requested_at",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(Unresolved {
+                    attempt_id: r.get(0)?,
+                    call_id: r.get(1)?,
+                    incident_id: r.get(2)?,
+                    number: r.get(3)?,
+                    from_number: r.get(4)?,
+                    requested_at: r.get(5)?,
+                    window_end: r.get(6)?,
+                    state: r.get(7)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Which of these Twilio SIDs already belong to an attempt.
+    pub async fn owned_sids(&self, sids: Vec<String>) -> Result<HashSet<String>, StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached("SELECT 1 FROM attempts WHERE sid = ?1")?;
+            let mut owned = HashSet::new();
+            for sid in sids {
+                if stmt.exists([&sid])? {
+                    owned.insert(sid);
+                }
+            }
+            Ok(owned)
+        })
+        .await
+    }
+
+    /// Settles an unresolved attempt. `None` when there was nothing to settle (already
+    /// settled, or a found SID that meanwhile belongs to another attempt).
+    pub async fn settle(
+        &self,
+        attempt_id: i64,
+        settlement: Settlement,
+    ) -> Result<Option<Settled>, StoreError> {
+        self.run(move |c| settle(c, attempt_id, &settlement)).await
+    }
+
+    /// A status callback: settles its attempt (the URL carries the attempt's id) with
+    /// the call's SID, and records the call's status. Returns the call (id, incident,
+    /// number) when the SID is known, and whether this callback settled the attempt.
+    pub async fn status_callback(
+        &self,
+        attempt_id: Option<i64>,
+        sid: String,
+        status: Option<TwilioStatus>,
+        event: String,
+    ) -> Result<(Option<(i64, i64, String)>, Option<Settled>), StoreError> {
+        self.run(move |c| {
+            let settled = match attempt_id {
+                Some(id) => settle(
+                    c,
+                    id,
+                    &Settlement::Found {
+                        sid: sid.clone(),
+                        how: CALLBACK,
+                    },
+                )?,
+                None => None,
+            };
+            let call: Option<(i64, i64, String)> = c
+                .prepare_cached("SELECT id, incident_id, number FROM calls WHERE sid = ?1")?
+                .query_row([&sid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            if let Some((call_id, _, _)) = &call {
+                if let Some(status) = status {
+                    c.prepare_cached("UPDATE calls SET twilio_status = ?2 WHERE id = ?1")?
+                        .execute(params![call_id, status])?;
+                }
+                add_event(c, *call_id, &event)?;
+            }
+            Ok((call, settled))
+        })
+        .await
+    }
+
+    /// Placed calls of open incidents' current rounds whose answerer is not known yet
+    /// and that may still be live, placed since `since` (Unix milliseconds).
+    pub async fn calls_to_watch(&self, since: i64) -> Result<Vec<WatchedCall>, StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT c.id, c.incident_id, c.sid, c.number, i.message, i.language, i.voice
+                 FROM incidents i JOIN calls c ON c.incident_id = i.id
+                 WHERE i.status = 'open' AND i.kind = 'alert' AND i.dry_run = 0 AND c.round = i.round
+                   AND c.state = 'placed' AND c.sid IS NOT NULL AND c.answered_by IS NULL
+                   AND (c.twilio_status IS NULL OR c.twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress'))
+                   AND c.updated_at > ?1",
+            )?;
+            let rows = stmt.query_map([since], |r| {
+                Ok(WatchedCall {
+                    call_id: r.get(0)?,
+                    incident_id: r.get(1)?,
+                    sid: r.get(2)?,
+                    number: r.get(3)?,
+                    message: r.get(4)?,
+                    language: r.get(5)?,
+                    voice: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Records what polling learned about a call: its status and who answered.
+    pub async fn set_call_status(
+        &self,
+        call_id: i64,
+        status: Option<TwilioStatus>,
+        answered_by: Option<String>,
+    ) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.prepare_cached(
+                "UPDATE calls SET twilio_status = COALESCE(?2, twilio_status), answered_by = COALESCE(?3, answered_by) WHERE id = ?1",
+            )?
+            .execute(params![call_id, status, answered_by])
+            .map(|_| ())
+        })
+        .await
+    }
+
+    /// Adds a line to a call's history (callbacks, SMS, voicemail, declines).
+    pub async fn call_event(&self, call_id: i64, event: String) -> Result<(), StoreError> {
+        self.run(move |c| add_event(c, call_id, &event)).await
+    }
+}
+
+pub(super) fn add_event(c: &Connection, call_id: i64, event: &str) -> rusqlite::Result<()> {
+    c.prepare_cached("INSERT INTO call_events (call_id, at, event) VALUES (?1, ?2, ?3)")?
+        .execute(params![call_id, now_ms(), event])
+        .map(|_| ())
+}
+
+/// Marks an attempt and its call placed with `sid`. A SID another attempt already owns
+/// is not recorded twice (the unique index forbids it): the attempt is placed without
+/// one, and says why.
+fn place(
+    c: &Connection,
+    attempt_id: i64,
+    call_id: i64,
+    sid: &str,
+    reconciled: Option<&str>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    let owner: Option<i64> = c
+        .prepare_cached("SELECT id FROM attempts WHERE sid = ?1")?
+        .query_row([sid], |r| r.get(0))
+        .optional()?;
+    let (sid, error) = match owner {
+        Some(other) if other != attempt_id => (
+            None,
+            Some(format!(
+                "Twilio answered with SID {sid}, which request {other} already owns"
+            )),
+        ),
+        _ => (Some(sid), None),
+    };
+    c.prepare_cached(
+        "UPDATE attempts SET state = ?2, sid = ?3, error = ?4, reconciled = ?5, settled_at = ?6 WHERE id = ?1",
+    )?
+    .execute(params![attempt_id, AttemptState::Placed, sid, error, reconciled, now])?;
+    c.prepare_cached(
+        "UPDATE calls SET state = ?2, sid = ?3, error = NULL, error_code = NULL, next_attempt_at = NULL, updated_at = ?4
+         WHERE id = ?1",
+    )?
+    .execute(params![call_id, CallState::Placed, sid, now])?;
+    Ok(())
+}
+
+fn settle(
+    c: &Connection,
+    attempt_id: i64,
+    settlement: &Settlement,
+) -> rusqlite::Result<Option<Settled>> {
+    let Some((state, call_id)): Option<(AttemptState, i64)> = c
+        .prepare_cached("SELECT state, call_id FROM attempts WHERE id = ?1")?
+        .query_row([attempt_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    if !matches!(state, AttemptState::Requesting | AttemptState::Unknown) {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let call_state = match settlement {
+        Settlement::Found { sid, how } => {
+            let taken = c
+                .prepare_cached("SELECT 1 FROM attempts WHERE sid = ?1 AND id != ?2")?
+                .exists(params![sid, attempt_id])?;
+            if taken {
+                return Ok(None);
+            }
+            place(c, attempt_id, call_id, sid, Some(how), now)?;
+            CallState::Placed
+        }
+        Settlement::Absent { how } => {
+            c.prepare_cached(
+                "UPDATE attempts SET state = ?2, reconciled = ?3, settled_at = ?4 WHERE id = ?1",
+            )?
+            .execute(params![attempt_id, AttemptState::Absent, how, now])?;
+            requeue(c, call_id, now, how)?
+        }
+        Settlement::Undecided { reason } => {
+            c.prepare_cached(
+                "UPDATE attempts SET state = ?2, reconciled = ?3, settled_at = ?4 WHERE id = ?1",
+            )?
+            .execute(params![attempt_id, AttemptState::Undecided, reason, now])?;
+            let before: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM attempts WHERE call_id = ?1 AND state = 'undecided' AND id != ?2",
+                )?
+                .query_row(params![call_id, attempt_id], |r| r.get(0))?;
+            if before == 0 {
+                requeue(c, call_id, now, reason)?
+            } else {
+                let error = format!(
+                    "Twilio never confirmed two requests for this call ({reason}); it may have rung, and is not sent a third time"
+                );
+                c.prepare_cached(
+                    "UPDATE calls SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
+                )?
+                .execute(params![call_id, CallState::Failed, error, now])?;
+                CallState::Failed
+            }
+        }
+    };
+    Ok(Some(Settled {
+        call: call_job(c, call_id)?,
+        state: call_state,
+    }))
+}
+
+/// Sends a call again (its last request created nothing, or nobody can tell), unless
+/// its incident was resolved meanwhile.
+fn requeue(c: &Connection, call_id: i64, now: i64, why: &str) -> rusqlite::Result<CallState> {
+    let (status, kind): (IncidentStatus, IncidentKind) = c
+        .prepare_cached(
+            "SELECT i.status, i.kind FROM calls c JOIN incidents i ON i.id = c.incident_id WHERE c.id = ?1",
+        )?
+        .query_row([call_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    // The canary's incident is closed from the start; its calls still go out.
+    let (state, next) = if status == IncidentStatus::Resolved && kind == IncidentKind::Alert {
+        (CallState::Canceled, None)
+    } else {
+        (CallState::Queued, Some(now))
+    };
+    c.prepare_cached(
+        "UPDATE calls SET state = ?2, next_attempt_at = ?3, error = ?4, updated_at = ?5 WHERE id = ?1",
+    )?
+    .execute(params![call_id, state, next, why, now])?;
+    Ok(state)
+}

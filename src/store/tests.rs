@@ -1,0 +1,668 @@
+//! The store's own tests: migrations, the `CHECK`s behind the typed states, group
+//! commit, routing, and the transitions of calls and attempts.
+
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::schema::MIGRATIONS;
+use super::states::checked_columns;
+use super::*;
+use crate::route::{Action, Decision};
+
+fn decision(key: &str, numbers: &[&str], cooldown: Duration) -> Decision {
+    Decision {
+        rule: Some("r".into()),
+        action: Action::Call,
+        numbers: numbers.iter().map(|n| n.to_string()).collect(),
+        message: "m".into(),
+        language: "en-US".into(),
+        voice: "Polly.Joanna".into(),
+        dedup_key: key.into(),
+        cooldown,
+        sms: false,
+        subject: "s".into(),
+        rounds: 3,
+        round_interval: Duration::from_secs(60),
+    }
+}
+
+fn incident(id: &str) -> NewIncident {
+    NewIncident {
+        public_id: id.into(),
+        twiml: "<Response/>".into(),
+        kind: IncidentKind::Alert,
+        dry_run: false,
+        received_at: now_ms(),
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(&dir.path().join("s.db"), None).unwrap()
+}
+
+async fn alert(store: &Store) -> i64 {
+    store
+        .insert_alert(NewAlert {
+            source: "test",
+            raw: b"Subject: x\r\n\r\n".to_vec(),
+            ..NewAlert::default()
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+/// Routes one alert with `decision`; returns what the store did.
+async fn route(store: &Store, decision: Decision, public_id: &str) -> Routed {
+    let id = alert(store).await;
+    store
+        .record_routings(vec![(id, decision, incident(public_id))], 1000)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap()
+}
+
+async fn scalar(store: &Store, sql: &'static str) -> i64 {
+    store
+        .run(move |c| c.query_row(sql, [], |r| r.get(0)))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_version_1_store_is_migrated_and_keeps_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO alerts (received_at, source, rcpt_to, raw) VALUES (1, 'smtp', '[]', x'00')",
+            [],
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path, None).unwrap();
+    assert_eq!(store.pending_alerts(10).await.unwrap().len(), 1);
+    assert_eq!(
+        scalar(&store, "PRAGMA user_version").await,
+        MIGRATIONS.len() as i64
+    );
+    assert_eq!(scalar(&store, "SELECT COUNT(*) FROM attempts").await, 0);
+}
+
+#[tokio::test]
+async fn a_version_6_store_keeps_its_calls_and_a_request_in_flight_becomes_unknown() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v6.db");
+    {
+        let c = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..6] {
+            c.execute_batch(sql).unwrap();
+        }
+        c.pragma_update(None, "user_version", 6).unwrap();
+        c.execute_batch(
+            "INSERT INTO incidents (id, public_id, opened_at, rule, dedup_key, message, language, voice, twiml, last_alert_at, status)
+                 VALUES (1, 'a', 1, 'r', 'k', 'm', 'en-US', 'alice', '<Response/>', 1, 'reached'),
+                        (2, 'b', 1, 'canary', 'canary 1', 'm', 'en-US', 'alice', '<Response/>', 1, 'open');
+             INSERT INTO calls (id, incident_id, number, created_at, status, attempts, sid, updated_at)
+                 VALUES (1, 1, '+1555', 1, 'placed', 1, 'CA1', 1),
+                        (2, 1, '+1666', 1, 'sending', 1, NULL, 5),
+                        (3, 2, '+1555', 1, 'dry-run', 1, 'dry-run', 1);
+             INSERT INTO call_attempts (call_id, at, outcome, sid) VALUES (1, 1, 'placed', 'CA1'), (1, 2, 'pressed 1', NULL);
+             INSERT INTO rounds (incident_id, round, started_at, outcome) VALUES (1, 1, 1, 'reached: someone is in the bridge');",
+        )
+        .unwrap();
+    }
+    let store = Store::open(&path, None).unwrap();
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(report.status, IncidentStatus::Bridged);
+    assert_eq!(report.rounds[0].outcome, Some(RoundOutcome::Bridged));
+    assert_eq!(report.calls[0].status, CallState::Placed);
+    assert_eq!(report.calls[0].requests[0].sid.as_deref(), Some("CA1"));
+    assert_eq!(report.calls[0].events[0].event, "pressed 1");
+    // A request that was in flight under the old version is reconciled, not re-sent.
+    assert_eq!(report.calls[1].status, CallState::Unknown);
+    assert_eq!(report.calls[1].requests[0].state, AttemptState::Unknown);
+    let canary = store.incident(2).await.unwrap().unwrap();
+    assert_eq!(
+        (canary.kind, canary.status, canary.dry_run),
+        (IncidentKind::Canary, IncidentStatus::Resolved, true)
+    );
+}
+
+#[tokio::test]
+async fn every_state_enum_matches_its_sql_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    for (table, column, states) in checked_columns() {
+        let result = store
+            .run(move |c| {
+                let sql: String = c.query_row(
+                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [table],
+                    |r| r.get(0),
+                )?;
+                Ok(sql)
+            })
+            .await
+            .unwrap();
+        let check = result
+            .split(&format!("{column} TEXT"))
+            .nth(1)
+            .and_then(|rest| rest.split("CHECK").nth(1))
+            .and_then(|rest| rest.split(')').next())
+            .unwrap_or_else(|| panic!("no CHECK on {table}.{column}: {result}"));
+        let mut listed: Vec<&str> = check.split('\'').skip(1).step_by(2).collect();
+        let mut expected = states.clone();
+        listed.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(listed, expected, "{table}.{column}");
+    }
+    // And the CHECK bites.
+    let err = store
+        .run(|c| c.execute("UPDATE incidents SET status = 'reached'", []))
+        .await;
+    assert!(err.is_ok(), "no rows yet, so nothing to refuse");
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "p").await;
+    let err = store
+        .run(|c| c.execute("UPDATE calls SET state = 'sending'", []))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("CHECK"), "{err}");
+}
+
+#[test]
+fn only_one_daemon_may_hold_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let first = DaemonLock::acquire(&path).unwrap();
+    let err = DaemonLock::acquire(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    drop(first);
+    DaemonLock::acquire(&path).unwrap();
+}
+
+#[tokio::test]
+async fn a_store_from_a_newer_mailcall_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.db");
+    Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 99)
+        .unwrap();
+    let err = Store::open(&path, None).unwrap_err();
+    assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("new.db"));
+}
+
+#[tokio::test]
+async fn concurrent_writes_are_committed_together_and_each_gets_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { alert(&store).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 200);
+    // A failing job rolls back only itself.
+    let bad = store.run(|c| c.execute("INSERT INTO nowhere VALUES (1)", []));
+    let good = alert(&store);
+    let (bad, good) = tokio::join!(bad, good);
+    assert!(bad.is_err());
+    assert!(good > 0);
+    assert_eq!(store.pending_alerts(1000).await.unwrap().len(), 201);
+}
+
+#[tokio::test]
+async fn a_deleted_or_replaced_store_file_fails_every_write() {
+    for replace in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path, None).unwrap();
+        alert(&store).await;
+        if replace {
+            std::fs::copy(&path, dir.path().join("copy.db")).unwrap();
+            std::fs::rename(dir.path().join("copy.db"), &path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+        let err = store
+            .insert_alert(NewAlert {
+                source: "test",
+                ..NewAlert::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Lost { .. }), "{err}");
+        assert!(store.check_writable().await.is_err());
+    }
+}
+
+#[tokio::test]
+async fn the_same_delivery_is_stored_once_and_rejections_are_never_routed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let delivery = |id: &str| NewAlert {
+        source: "sendgrid",
+        raw: b"Subject: x\r\n\r\n".to_vec(),
+        dedup_id: Some(id.into()),
+        ..NewAlert::default()
+    };
+    let first = store.insert_alert(delivery("<a@b>")).await.unwrap();
+    let again = store.insert_alert(delivery("<a@b>")).await.unwrap();
+    let other = store.insert_alert(delivery("<c@d>")).await.unwrap();
+    assert_eq!(
+        again,
+        Inserted {
+            id: first.id,
+            duplicate: true
+        }
+    );
+    assert!(!first.duplicate && !other.duplicate && other.id != first.id);
+    let rejected = NewAlert {
+        rejected: Some("SPF fail".into()),
+        ..delivery("<e@f>")
+    };
+    store.insert_alert(rejected).await.unwrap();
+    assert_eq!(store.pending_alerts(10).await.unwrap().len(), 2);
+    store.check_writable().await.unwrap();
+}
+
+fn opened(routed: &Routed) -> (i64, Vec<CallState>) {
+    match routed {
+        Routed::Opened { incident_id, calls } => {
+            (*incident_id, calls.iter().map(|c| c.state).collect())
+        }
+        other => panic!("not opened: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn routing_deduplicates_within_the_cooldown_and_enforces_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let hour = Duration::from_secs(3600);
+    let mut items = Vec::new();
+    for i in 0..3 {
+        let id = alert(&store).await;
+        items.push((
+            id,
+            decision("k", &["+1555", "+1666"], hour),
+            incident(&format!("p{i}")),
+        ));
+    }
+    let id = alert(&store).await;
+    items.push((
+        id,
+        decision("other", &["+1777", "+1888"], hour),
+        incident("q"),
+    ));
+    let results: Vec<Routed> = store
+        .record_routings(items, 3)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let (incident_id, states) = opened(&results[0]);
+    assert_eq!(states, [CallState::Queued, CallState::Queued]);
+    assert_eq!(
+        results[1],
+        Routed::Deduplicated {
+            incident_id,
+            alert_count: 2
+        }
+    );
+    assert_eq!(
+        results[2],
+        Routed::Deduplicated {
+            incident_id,
+            alert_count: 3
+        }
+    );
+    let (_, states) = opened(&results[3]);
+    assert_eq!(
+        states,
+        [CallState::Queued, CallState::Refused],
+        "one call left in the budget of 3"
+    );
+    assert!(store.pending_alerts(10).await.unwrap().is_empty());
+    // Cooldown zero: always a new incident.
+    opened(&route(&store, decision("k", &[], Duration::ZERO), "z").await);
+}
+
+#[tokio::test]
+async fn dedup_joins_only_live_incidents() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let hour = Duration::from_secs(3600);
+    let (first, _) = opened(&route(&store, decision("k", &["+1555"], hour), "a").await);
+    let resolve = Decision {
+        action: Action::Resolve,
+        ..decision("k", &[], hour)
+    };
+    assert!(matches!(
+        route(&store, resolve.clone(), "r").await,
+        Routed::Resolved { incident_id, canceled: 1, .. } if incident_id == first
+    ));
+    // After the resolution the same key opens a new incident.
+    let (second, _) = opened(&route(&store, decision("k", &["+1555"], hour), "b").await);
+    assert_ne!(second, first);
+    // Bridged is still live: joined.
+    assert!(store.mark_bridged(second).await.unwrap());
+    assert!(matches!(
+        route(&store, decision("k", &["+1555"], hour), "c").await,
+        Routed::Deduplicated { incident_id, .. } if incident_id == second
+    ));
+    // A dry run never joins a real incident.
+    let id = alert(&store).await;
+    let dry = NewIncident {
+        dry_run: true,
+        ..incident("d")
+    };
+    let routed = store
+        .record_routings(vec![(id, decision("k", &["+1555"], hour), dry)], 1000)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert_eq!(opened(&routed).1, [CallState::DryRun]);
+}
+
+#[tokio::test]
+async fn an_attempt_is_claimed_before_it_is_sent_and_a_sid_belongs_to_one_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(
+        &store,
+        decision("k", &["+1555", "+1666"], Duration::ZERO),
+        "a",
+    )
+    .await;
+    let jobs = store.due_calls(now_ms(), 10).await.unwrap();
+    assert_eq!(jobs.len(), 2);
+    let Claim::Go { attempt_id: a } = store.claim(jobs[0].call_id, "+1000", 5000).await.unwrap()
+    else {
+        panic!()
+    };
+    // Claimed once: a second claim finds it under way.
+    assert_eq!(
+        store.claim(jobs[0].call_id, "+1000", 5000).await.unwrap(),
+        Claim::Gone(CallState::Requesting)
+    );
+    let Claim::Go { attempt_id: b } = store.claim(jobs[1].call_id, "+1000", 5000).await.unwrap()
+    else {
+        panic!()
+    };
+    let placed = AttemptOutcome::Placed { sid: "CA1".into() };
+    assert_eq!(
+        store.record_attempt(a, placed.clone()).await.unwrap().state,
+        AttemptState::Placed
+    );
+    // The same SID for another attempt is not recorded twice.
+    store.record_attempt(b, placed).await.unwrap();
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(report.calls[0].requests[0].sid.as_deref(), Some("CA1"));
+    assert_eq!(report.calls[1].requests[0].sid, None);
+    assert!(
+        report.calls[1].requests[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("already owns")
+    );
+    let owned = store
+        .owned_sids(vec!["CA1".into(), "CA2".into()])
+        .await
+        .unwrap();
+    assert_eq!(owned.into_iter().collect::<Vec<_>>(), ["CA1"]);
+}
+
+#[tokio::test]
+async fn unknown_attempts_are_settled_found_absent_or_sent_again_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
+    let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
+    let claim = |store: Store| async move {
+        match store.claim(call.call_id, "+1000", 5000).await.unwrap() {
+            Claim::Go { attempt_id } => attempt_id,
+            other => panic!("{other:?}"),
+        }
+    };
+    let unknown = AttemptOutcome::Unknown {
+        error: "timed out".into(),
+    };
+    // Absent: sent again.
+    let a = claim(store.clone()).await;
+    store.record_attempt(a, unknown.clone()).await.unwrap();
+    assert_eq!(store.unresolved(now_ms()).await.unwrap().len(), 1);
+    let settled = store
+        .settle(
+            a,
+            Settlement::Absent {
+                how: "no call".into(),
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(settled.state, CallState::Queued);
+    // Undecided twice: the second time the call fails instead of a third send.
+    for expected in [CallState::Queued, CallState::Failed] {
+        let id = claim(store.clone()).await;
+        store.record_attempt(id, unknown.clone()).await.unwrap();
+        let settled = store
+            .settle(
+                id,
+                Settlement::Undecided {
+                    reason: "list down".into(),
+                },
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(settled.state, expected);
+    }
+    // Settling twice does nothing the second time.
+    assert_eq!(
+        store
+            .settle(
+                a,
+                Settlement::Absent {
+                    how: "again".into()
+                }
+            )
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(store.unresolved(now_ms()).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_status_callback_settles_its_attempt_before_the_answer_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
+    let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
+    let Claim::Go { attempt_id } = store.claim(call.call_id, "+1000", 5000).await.unwrap() else {
+        panic!()
+    };
+    let (found, settled) = store
+        .status_callback(
+            Some(attempt_id),
+            "CA9".into(),
+            Some(TwilioStatus::Initiated),
+            "status:initiated".into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(found.unwrap().0, call.call_id);
+    assert_eq!(settled.unwrap().state, CallState::Placed);
+    // The late answer (here: a timeout) does not undo it.
+    assert_eq!(
+        store
+            .record_attempt(
+                attempt_id,
+                AttemptOutcome::Unknown {
+                    error: "timed out".into()
+                }
+            )
+            .await
+            .unwrap(),
+        Recorded {
+            state: AttemptState::Placed,
+            decided: false,
+            reconciled: Some(CALLBACK.into())
+        }
+    );
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(report.calls[0].status, CallState::Placed);
+    assert_eq!(report.calls[0].twilio_status, Some(TwilioStatus::Initiated));
+    assert_eq!(
+        report.calls[0].requests[0].reconciled.as_deref(),
+        Some("status callback")
+    );
+}
+
+#[tokio::test]
+async fn a_round_ends_only_on_an_open_incident_in_that_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let (id, _) = opened(&route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await);
+    // Its call is still queued: the next round skips the number.
+    match store.finish_round(id, 1, false, 100).await.unwrap() {
+        RoundEnd::NextRound { round: 2, calls } => {
+            assert_eq!(calls[0].state, CallState::Skipped);
+            assert!(calls[0].reason.as_deref().unwrap().contains("retried"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Round 1 is over: ending it again does nothing.
+    assert_eq!(
+        store.finish_round(id, 1, false, 100).await.unwrap(),
+        RoundEnd::Stale
+    );
+    let resolve = Decision {
+        action: Action::Resolve,
+        ..decision("k", &[], Duration::ZERO)
+    };
+    route(&store, resolve, "r").await;
+    assert_eq!(
+        store.finish_round(id, 2, false, 100).await.unwrap(),
+        RoundEnd::Stale,
+        "a resolved incident has no further rounds"
+    );
+    // The queued call was canceled by the resolution.
+    assert!(store.due_calls(now_ms(), 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn hot_lookups_use_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let plans = store
+        .run(|c| {
+            let queries = [
+                "SELECT id FROM calls WHERE state IN ('queued', 'retrying') AND next_attempt_at <= 1",
+                "SELECT 1 FROM attempts WHERE sid = 'x'",
+                "SELECT id FROM calls WHERE sid = 'x'",
+                "SELECT id FROM attempts WHERE state IN ('requesting', 'unknown')",
+                "SELECT id FROM incidents WHERE dedup_key = 'k' AND status IN ('open', 'bridged') AND opened_at > 1",
+                "SELECT id FROM incidents WHERE next_round_at IS NOT NULL AND next_round_at <= 1 AND status = 'open'",
+                "SELECT id FROM alerts WHERE state = 'received' ORDER BY id",
+                "SELECT id FROM calls WHERE incident_id = 1",
+                "SELECT id FROM attempts WHERE call_id = 1",
+            ];
+            let mut plans = Vec::new();
+            for q in queries {
+                let plan: Vec<String> = c
+                    .prepare(&format!("EXPLAIN QUERY PLAN {q}"))?
+                    .query_map([], |r| r.get::<_, String>(3))?
+                    .collect::<rusqlite::Result<_>>()?;
+                plans.push((q, plan.join("; ")));
+            }
+            Ok(plans)
+        })
+        .await
+        .unwrap();
+    // A search through an index, or a scan of a partial index (which holds only the
+    // rows that qualify): never a scan of a whole table.
+    for (query, plan) in plans {
+        assert!(
+            plan.split("; ").all(|step| step.contains("USING")),
+            "{query}: {plan}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn one_request_per_number_is_in_flight_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    for key in ["a", "b"] {
+        route(
+            &store,
+            decision(key, &["+1555", "+1666"], Duration::ZERO),
+            key,
+        )
+        .await;
+    }
+    // Two incidents call the same two numbers: the oldest call of each number is due.
+    let due = store.due_calls(now_ms(), 10).await.unwrap();
+    assert_eq!(
+        due.iter()
+            .map(|j| (j.incident_id, j.number.as_str()))
+            .collect::<Vec<_>>(),
+        [(1, "+1555"), (1, "+1666")]
+    );
+    let Claim::Go { attempt_id } = store.claim(due[0].call_id, "+1000", 5000).await.unwrap() else {
+        panic!()
+    };
+    // +1555 has a request in flight: its next call waits, +1666's does not.
+    let due = store.due_calls(now_ms(), 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].number, "+1666");
+    let later: i64 = store
+        .run(|c| {
+            c.query_row(
+                "SELECT id FROM calls WHERE incident_id = 2 AND number = '+1555'",
+                [],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim(later, "+1000", 5000).await.unwrap(),
+        Claim::Busy
+    );
+    store
+        .record_attempt(attempt_id, AttemptOutcome::Placed { sid: "CA1".into() })
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(later, "+1000", 5000).await.unwrap(),
+        Claim::Go { .. }
+    ));
+}
