@@ -11,4 +11,5 @@ mod fuzz;
 mod harness;
 mod http;
 mod ops;
+mod smtp;
 mod source_files;
