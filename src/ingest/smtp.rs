@@ -779,42 +779,52 @@ impl<'a> Session<'a> {
                 "syntax: MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]",
             );
         };
-        let refuse = |reason: &'static str, reply: Reply| {
+        let from = mail.address.clone().unwrap_or_default();
+        // Every refusal is counted and logged with the client and the sender.
+        let refuse = |reason: &'static str, why: &str, reply: Reply| {
             self.ctx.metrics.reject("smtp", reason);
+            warn!(peer = %self.peer, from = %from, code = reply.code, "{why}");
             reply
         };
         if mail.size.is_some_and(|s| s > smtp.max_message_bytes as u64) {
-            return refuse("size", too_big(smtp.max_message_bytes));
+            return refuse(
+                "size",
+                "declared message size over max_message_bytes; refused",
+                too_big(smtp.max_message_bytes),
+            );
         }
         if smtp.require_tls && !self.tls {
             return refuse(
                 "tls_required",
+                "MAIL before STARTTLS refused: require_tls",
                 Reply::new(530, (5, 7, 0), "must issue a STARTTLS command first"),
             );
         }
         if smtp.require_auth && self.user.is_none() {
             return refuse(
                 "auth_required",
+                "MAIL before AUTH refused: require_auth",
                 Reply::new(530, (5, 7, 0), "authentication required"),
             );
         }
-        if let Some(senders) = &smtp.senders {
-            let from = mail.address.as_deref().unwrap_or("");
-            if !senders.matches(from) {
-                warn!(peer = %self.peer, from, "sender refused: not in [smtp] senders");
-                return refuse(
-                    "sender",
-                    Reply::new(550, (5, 7, 1), "sender not accepted here"),
-                );
-            }
+        if let Some(senders) = &smtp.senders
+            && !senders.matches(&from)
+        {
+            return refuse(
+                "sender",
+                "sender refused: not in [smtp] senders",
+                Reply::new(550, (5, 7, 1), "sender not accepted here"),
+            );
         }
         let cap = smtp.max_connections_per_ip;
         if let Some(slot) = &mut self.slot
             && !slot.ticket.promote(cap)
         {
-            warn!(peer = %self.peer, limit = cap, "more SMTP sessions from one address than max_connections_per_ip; deferred a transaction with 451");
             return refuse(
                 "too_many_connections",
+                &format!(
+                    "more than max_connections_per_ip = {cap} SMTP sessions from one address; deferred a transaction with 451"
+                ),
                 Reply::new(
                     451,
                     (4, 7, 0),
@@ -1512,6 +1522,15 @@ mod tests {
         }
     }
 
+    /// A dialogue from the greeting up to `354`.
+    const TO_DATA: &[(&str, &str)] = &[
+        ("", "220"),
+        ("EHLO x\r\n", "250"),
+        ("MAIL FROM:<m@example.com>\r\n", "250"),
+        ("RCPT TO:<a@example.com>\r\n", "250"),
+        ("DATA\r\n", "354"),
+    ];
+
     async fn closed(client: &mut BufReader<DuplexStream>) -> bool {
         let mut rest = Vec::new();
         matches!(
@@ -1643,17 +1662,7 @@ mod tests {
     async fn a_bare_lf_dot_does_not_end_data() {
         let b = bench("");
         let (mut c, task) = b.connect(64 * 1024);
-        dialog(
-            &mut c,
-            &[
-                ("", "220"),
-                ("EHLO x\r\n", "250"),
-                ("MAIL FROM:<m@example.com>\r\n", "250"),
-                ("RCPT TO:<a@example.com>\r\n", "250"),
-                ("DATA\r\n", "354"),
-            ],
-        )
-        .await;
+        dialog(&mut c, TO_DATA).await;
         // Everything up to <CRLF>.<CRLF> is one message; the first reply after it is
         // the one 250, and the next is NOOP's, not MAIL's.
         c.get_mut()
@@ -1676,18 +1685,8 @@ mod tests {
     async fn bare_lf_is_refused_with_550_when_configured_to_reject() {
         let b = bench("bare_newline = \"reject\"");
         let (mut c, task) = b.connect(64 * 1024);
-        dialog(
-            &mut c,
-            &[
-                ("", "220"),
-                ("EHLO x\r\n", "250"),
-                ("MAIL FROM:<m@example.com>\r\n", "250"),
-                ("RCPT TO:<a@example.com>\r\n", "250"),
-                ("DATA\r\n", "354"),
-                ("Subject: x\r\n\r\nbare\n", "550 5.5.2"),
-            ],
-        )
-        .await;
+        dialog(&mut c, TO_DATA).await;
+        dialog(&mut c, &[("Subject: x\r\n\r\nbare\n", "550 5.5.2")]).await;
         assert!(closed(&mut c).await);
         task.await.unwrap().unwrap();
         assert_eq!(b.open(), 0);
