@@ -367,7 +367,7 @@ impl Reply {
 enum Step {
     /// Send the reply; read the next command.
     Reply(Reply),
-    /// Send the reply and end the session (its slot is already given back).
+    /// End the session: give its places back, then send the reply.
     Close(Reply),
     /// Send `354` and read the message.
     Data,
@@ -532,41 +532,46 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
     let mut line = Vec::with_capacity(256);
     loop {
         wire.read_command(&mut line, shutdown).await?;
-        match session.command(&line) {
-            Step::Reply(reply) => wire.send(&reply).await?,
-            Step::Close(reply) => {
-                wire.send(&reply).await?;
-                return Ok(Ending::Closed);
-            }
-            Step::StartTls => {
-                wire.send(&Reply::new(220, (2, 0, 0), "ready to start TLS"))
-                    .await?;
-                return Ok(Ending::StartTls);
-            }
-            Step::Auth { mechanism, initial } => {
-                let reply = match auth(wire, mechanism, initial, shutdown).await? {
-                    Some((user, pass)) => session.authenticate(user, &pass),
-                    None => Reply::new(501, (5, 5, 2), "authentication cancelled or malformed"),
-                };
-                let closing = reply.code == 421;
-                if closing {
-                    session.release();
+        let mut step = session.command(&line);
+        // AUTH and DATA take another exchange with the client before their reply.
+        loop {
+            step = match step {
+                Step::Reply(reply) => {
+                    wire.send(&reply).await?;
+                    break;
                 }
-                wire.send(&reply).await?;
-                if closing {
+                Step::Close(reply) => {
+                    // The session is over: its places are free before the client can
+                    // read this reply and reconnect.
+                    session.release();
+                    wire.send(&reply).await?;
                     return Ok(Ending::Closed);
                 }
-            }
-            Step::Data => {
-                wire.send(&Reply::plain(354, "end data with <CR><LF>.<CR><LF>"))
-                    .await?;
-                let max = session.settings.config.smtp.max_message_bytes;
-                let reply = match wire.read_data(max, shutdown).await? {
-                    Data::Message(raw) => session.deliver(raw).await,
-                    Data::TooBig => session.too_big(),
-                };
-                wire.send(&reply).await?;
-            }
+                Step::StartTls => {
+                    wire.send(&Reply::new(220, (2, 0, 0), "ready to start TLS"))
+                        .await?;
+                    return Ok(Ending::StartTls);
+                }
+                Step::Auth { mechanism, initial } => {
+                    match auth(wire, mechanism, initial, shutdown).await? {
+                        Some((user, pass)) => session.authenticate(user, &pass),
+                        None => Step::Reply(Reply::new(
+                            501,
+                            (5, 5, 2),
+                            "authentication cancelled or malformed",
+                        )),
+                    }
+                }
+                Step::Data => {
+                    wire.send(&Reply::plain(354, "end data with <CR><LF>.<CR><LF>"))
+                        .await?;
+                    let max = session.settings.config.smtp.max_message_bytes;
+                    Step::Reply(match wire.read_data(max, shutdown).await? {
+                        Data::Message(raw) => session.deliver(raw).await,
+                        Data::TooBig => session.too_big(),
+                    })
+                }
+            };
         }
     }
 }
@@ -685,14 +690,11 @@ impl<'a> Session<'a> {
                 Step::Reply(Reply::new(250, (2, 0, 0), "reset"))
             }
             "NOOP" => Step::Reply(Reply::new(250, (2, 0, 0), "OK")),
-            "QUIT" => {
-                self.release();
-                Step::Close(Reply::new(
-                    221,
-                    (2, 0, 0),
-                    format!("{} closing connection", self.host()),
-                ))
-            }
+            "QUIT" => Step::Close(Reply::new(
+                221,
+                (2, 0, 0),
+                format!("{} closing connection", self.host()),
+            )),
             "VRFY" => Step::Reply(Reply::new(
                 252,
                 (2, 5, 0),
@@ -716,7 +718,6 @@ impl<'a> Session<'a> {
             self.errors += 1;
             if self.errors >= MAX_ERRORS {
                 warn!(peer = %self.peer, errors = self.errors, "too many SMTP syntax or sequence errors; closing");
-                self.release();
                 return Step::Close(Reply::new(
                     421,
                     (4, 7, 0),
@@ -942,7 +943,7 @@ impl<'a> Session<'a> {
     }
 
     /// Checks AUTH credentials (in constant time) and counts failures per address.
-    fn authenticate(&mut self, user: String, pass: &str) -> Reply {
+    fn authenticate(&mut self, user: String, pass: &str) -> Step {
         let settings = Arc::clone(&self.settings);
         let ok = settings
             .secrets
@@ -952,20 +953,24 @@ impl<'a> Session<'a> {
         if ok {
             info!(peer = %self.peer, user = %user, "SMTP AUTH succeeded");
             self.user = Some(user);
-            return Reply::new(235, (2, 7, 0), "authentication successful");
+            return Step::Reply(Reply::new(235, (2, 7, 0), "authentication successful"));
         }
         let max = settings.config.smtp.max_auth_failures;
         let shut_out = self.ctx.guard.auth_failed(self.peer.ip(), max);
         self.ctx.metrics.reject("smtp", "auth_failed");
         warn!(peer = %self.peer, user = %user, shut_out, "SMTP AUTH failed");
         if shut_out {
-            return Reply::new(
+            return Step::Close(Reply::new(
                 421,
                 (4, 7, 0),
                 format!("{} too many failed authentications, closing", self.host()),
-            );
+            ));
         }
-        Reply::new(535, (5, 7, 8), "authentication credentials invalid")
+        Step::Reply(Reply::new(
+            535,
+            (5, 7, 8),
+            "authentication credentials invalid",
+        ))
     }
 
     /// Forgets the transaction in progress (RSET, HELO/EHLO, STARTTLS, end of DATA).
@@ -1712,13 +1717,22 @@ mod tests {
 
     #[tokio::test]
     async fn quit_gives_the_slot_back_before_221_is_written() {
-        let b = bench("");
-        let (mut c, task) = b.connect(64 * 1024);
-        dialog(&mut c, &[("", "220"), ("EHLO x\r\n", "250")]).await;
+        let b = bench("timeout = \"10s\"");
+        // A pipe too small for the 221: its write blocks until the client reads.
+        let (mut c, task) = b.connect(16);
+        dialog(&mut c, &[("", "220")]).await;
         assert_eq!(b.open(), 1);
-        dialog(&mut c, &[("QUIT\r\n", "221 2.0.0")]).await;
-        // The session's task may not even have finished: the place is free already.
-        assert_eq!(b.open(), 0);
+        c.get_mut().write_all(b"QUIT\r\n").await.unwrap();
+        let waiting = Instant::now();
+        while b.open() != 0 {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(2),
+                "the place is held while 221 is being written"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!task.is_finished());
+        dialog(&mut c, &[("", "221 2.0.0")]).await;
         task.await.unwrap().unwrap();
     }
 
