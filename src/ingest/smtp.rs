@@ -3,15 +3,15 @@
 //! # Layout
 //! - [`serve`] accepts connections and admits each one through two caps: the total
 //!   (`max_connections`, a semaphore) and the per-address one kept by [`Guard`].
-//! - A [`Session`] is where one client's dialogue stands ([`Phase`], the envelope, TLS,
-//!   the authenticated user) and decides everything: [`Session::command`] turns a
-//!   command line into a [`Step`] without doing any I/O, and every answer is a typed
-//!   [`Reply`] (code, RFC 3463 enhanced status, text), never a string matched by prefix.
-//! - A [`Wire`] is the byte stream, generic over `AsyncRead + AsyncWrite` so tests drive
+//! - A `Session` is where one client's dialogue stands (`Phase`, the envelope, TLS,
+//!   the authenticated user) and decides everything: `Session::command` turns a
+//!   command line into a `Step` without doing any I/O, and every answer is a typed
+//!   `Reply` (code, RFC 3463 enhanced status, text), never a string matched by prefix.
+//! - A `Wire` is the byte stream, generic over `AsyncRead + AsyncWrite` so tests drive
 //!   sessions in memory: every read and every write has a timeout, every session a
 //!   deadline, command lines and messages a size bound.
-//! - [`dialogue`] carries the steps out: it writes replies, reads the message after
-//!   `DATA` ([`read_data`]), runs the AUTH exchange or hands the stream over to TLS.
+//! - `dialogue` carries the steps out: it writes replies, reads the message after
+//!   `DATA` (`read_data`), runs the AUTH exchange or hands the stream over to TLS.
 //!
 //! # What it guarantees
 //! - `250` after `DATA` only once the alert is committed to the store; any store error
