@@ -106,8 +106,12 @@ pub struct Smtp {
     pub recipients: Option<AddressPatterns>,
     pub max_message_bytes: usize,
     pub max_connections: usize,
-    /// Concurrent connections from one client address.
+    /// Sessions from one client address that may carry mail at once; up to as many
+    /// again are greeted but have their transactions deferred with `451`.
     pub max_connections_per_ip: usize,
+    /// What a line ending in a bare `<LF>` means (`DATA` ends only at `<CRLF>.<CRLF>`
+    /// either way).
+    pub bare_newline: BareNewline,
     /// How long a client may stay silent before it is disconnected.
     pub timeout: Duration,
     /// How long one connection may last in all, however busy.
@@ -125,6 +129,18 @@ pub struct Smtp {
     pub senders: Option<AddressPatterns>,
     /// Failed AUTH attempts one address may make per 15 minutes before it is shut out.
     pub max_auth_failures: u32,
+}
+
+/// `[smtp] bare_newline`: Postfix's `smtpd_forbid_bare_newline`, the answer to SMTP
+/// smuggling (CVE-2023-51764).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BareNewline {
+    /// A bare `<LF>` ends a line like `<CRLF>` (and is stored as `<CRLF>`), but a `.`
+    /// line ended by one never ends `DATA`.
+    #[default]
+    Normalize,
+    /// A line ending in a bare `<LF>` gets `550 5.5.2` and the connection is closed.
+    Reject,
 }
 
 /// Where the STARTTLS certificate and key live.
@@ -447,6 +463,7 @@ struct RawSmtp {
     max_message_bytes: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
     max_connections_per_ip: Option<Spanned<u64>>,
+    bare_newline: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
     session_timeout: Option<Spanned<String>>,
     tls_cert: Option<Spanned<String>>,
@@ -786,9 +803,25 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             &mut p,
             raw.smtp.max_connections_per_ip.as_ref(),
             "max_connections_per_ip",
-            20,
+            100,
         ))
         .unwrap_or(usize::MAX),
+        bare_newline: match raw.smtp.bare_newline.as_ref() {
+            None => BareNewline::default(),
+            Some(b) => match b.get_ref().as_str() {
+                "normalize" => BareNewline::Normalize,
+                "reject" => BareNewline::Reject,
+                other => {
+                    p.push(
+                        b.span(),
+                        format!(
+                            "invalid `bare_newline` value `{other}`; write \"normalize\" (bare-LF lines are accepted, only <CRLF>.<CRLF> ends DATA) or \"reject\" (550 and disconnect)"
+                        ),
+                    );
+                    BareNewline::default()
+                }
+            },
+        },
         timeout: p.duration(
             raw.smtp.timeout.as_ref(),
             "timeout",
@@ -1311,6 +1344,24 @@ mod tests {
         assert_eq!(c.defaults.cooldown, Duration::from_secs(900));
         assert_eq!(c.limits.max_calls_per_hour, 60);
         assert_eq!(c.state.path, Path::new("/etc/mailcall/mailcall.db"));
+        assert_eq!(c.smtp.max_connections_per_ip, 100);
+        assert_eq!(c.smtp.bare_newline, BareNewline::Normalize);
+    }
+
+    #[test]
+    fn bare_newline_is_normalize_or_reject() {
+        let c = Config::parse(
+            Path::new("rules.toml"),
+            &format!("{MINIMAL}[smtp]\nbare_newline = \"reject\"\n"),
+        )
+        .unwrap();
+        assert_eq!(c.smtp.bare_newline, BareNewline::Reject);
+        let got = problems(&format!("{MINIMAL}[smtp]\nbare_newline = \"yes\"\n"));
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].starts_with("rules.toml:4:") && got[0].contains("`yes`"),
+            "{got:?}"
+        );
     }
 
     #[test]

@@ -134,7 +134,7 @@ fn a_real_alert_gets_through_300_idle_and_slow_connections() {
 }
 
 #[test]
-fn connections_beyond_the_per_address_cap_get_421() {
+fn connections_beyond_the_per_address_cap_are_deferred_then_beyond_twice_it_get_421() {
     let dir = workdir();
     let cfg = config(None, ALL).replace(
         "hostname = \"mx.test\"\n",
@@ -142,12 +142,22 @@ fn connections_beyond_the_per_address_cap_get_421() {
     );
     let daemon = Daemon::start(dir.path(), &cfg, true);
     let held: Vec<_> = (0..3).map(|_| connect(daemon.smtp)).collect();
-    let mut fourth = Dialog::new(TcpStream::connect(daemon.smtp).unwrap());
-    let (code, text) = fourth.read_reply();
+    // Up to the cap again: greeted, but transactions are deferred.
+    let mut over: Vec<_> = (0..3).map(|_| connect(daemon.smtp)).collect();
+    assert_eq!(over[0].cmd("EHLO over.test").0, 250);
+    let (code, text) = over[0].cmd("MAIL FROM:<m@example.com>");
+    assert_eq!(code, 451, "{text}");
+    assert!(
+        text.starts_with("4.7.0 too many concurrent sessions"),
+        "{text}"
+    );
+    let mut refused = Dialog::new(TcpStream::connect(daemon.smtp).unwrap());
+    let (code, text) = refused.read_reply();
     assert_eq!(code, 421, "{text}");
     assert!(text.contains("too many connections from your address"));
     drop(held);
     std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(over[0].cmd("MAIL FROM:<m@example.com>").0, 250);
     connect(daemon.smtp);
 }
 

@@ -13,4 +13,5 @@ mod fuzz;
 mod harness;
 mod http;
 mod ops;
+mod smtp;
 mod source_files;
