@@ -97,7 +97,7 @@ pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
         .clone()
         .filter(|v| is_voice(v))
         .unwrap_or_else(|| config.defaults.voice.clone());
-    let spoken = speech::speakable(&alert.message);
+    let spoken = speech::speakable(&alert.message, &language);
     let message = twiml::fit(&spoken, &language, &voice).to_string();
     let dedup_key = alert
         .dedup_key
@@ -201,7 +201,7 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
                 .map(|(_, v)| v.as_str()),
         }
     };
-    let spoken = speech::speakable(&rule.message.render(lookup));
+    let spoken = speech::speakable(&rule.message.render(lookup), &rule.language);
     let message = twiml::fit(&spoken, &rule.language, &rule.voice).to_string();
     let dedup_key = match &rule.dedup_key {
         Some(t) => t.render(lookup),
