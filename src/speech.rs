@@ -158,7 +158,7 @@ impl Prompts {
                 "Declined. You will not be called again for this incident.",
                 "辞退しました。このインシデントでは、もう電話しません。",
             ),
-            joined: pick("{who} joined.", "{who} さんが参加しました。"),
+            joined: pick("{who} joined.", "{who} が参加しました。"),
             responder: pick("A responder", "対応者"),
             dial_in: pick(
                 "Joining the bridge of incident {incident}.",
@@ -741,7 +741,7 @@ mod tests {
         let en = Prompts::builtin("en-US");
         let ja = Prompts::builtin("ja-JP");
         assert_eq!(en.joined("alice"), "alice joined.");
-        assert_eq!(ja.joined("alice"), "alice さんが参加しました。");
+        assert_eq!(ja.joined("alice"), "alice が参加しました。");
         assert_eq!(en.dial_in(7), "Joining the bridge of incident 7.");
         for (key, _) in PROMPT_KEYS {
             let (mut e, mut j) = (en.clone(), ja.clone());
