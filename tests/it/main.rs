@@ -4,6 +4,7 @@
 mod bridge;
 mod cli;
 mod core;
+mod corpus;
 mod durability;
 mod edge;
 mod fake_twilio;
