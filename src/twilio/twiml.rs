@@ -156,20 +156,23 @@ pub fn voicemail(text: &str, language: &str, voice: &str) -> String {
 /// What an answering machine hears before mailcall hangs up: the `voicemail` phrase and
 /// the alert, once.
 pub fn voicemail_with(prompts: &Prompts, text: &str, language: &str, voice: &str) -> String {
-    // The phrase is at most a sentence; the alert gives up what it needs.
-    let text = fit(text, language, voice);
-    let intro = speech::cap(&prompts.voicemail, 200, 200);
+    // The phrase is at most a sentence; the alert gives up the room it needs.
+    let intro = speech::cap(&prompts.voicemail, 300, 300);
+    let render = |t: &str| {
+        format!(
+            "<Response><Say language=\"{}\" voice=\"{}\">{}</Say><Hangup/></Response>",
+            escape(language),
+            escape(voice),
+            escape(&Prompts::then(intro, t))
+        )
+    };
+    let overhead = render("").chars().count() + 1;
     let text = speech::cap(
-        text,
+        fit(text, language, voice),
         MAX_SAY_BYTES.saturating_sub(intro.len() + 1),
-        MAX_TWIML_CHARS,
+        MAX_TWIML_CHARS.saturating_sub(overhead),
     );
-    format!(
-        "<Response><Say language=\"{}\" voice=\"{}\">{}</Say><Hangup/></Response>",
-        escape(language),
-        escape(voice),
-        escape(&Prompts::then(intro, text))
-    )
+    render(text)
 }
 
 /// The longest prefix of `text` that [`call`] can speak within Twilio's limits.
@@ -350,6 +353,20 @@ mod tests {
         assert!(gather_call("x", "ja-JP", "Polly.Mizuki", "https://a/b").contains("1 を"));
         assert!(voicemail("x", "ja-JP", "Polly.Mizuki").contains("メールコール"));
         assert!(gather_call("x", "en-US", "Polly.Joanna", "https://a/b").contains("Press 1"));
+    }
+
+    #[test]
+    fn voicemail_fits_whatever_the_phrase() {
+        let mut prompts = Prompts::builtin("ja-JP");
+        prompts.voicemail = "&".repeat(1000);
+        for text in ["&".repeat(5000), "停".repeat(5000)] {
+            let t = voicemail_with(&prompts, &text, "ja-JP", "Polly.Mizuki");
+            assert!(
+                t.chars().count() <= MAX_TWIML_CHARS,
+                "{}",
+                t.chars().count()
+            );
+        }
     }
 
     #[test]
