@@ -539,8 +539,9 @@ fn speak_dotted(s: &str, words: &Words, out: &mut Speech) {
     }
 }
 
-/// One label: `-` and `_` separate words, numbers between them are read digit by digit
-/// (`ip-10-0-1-23` → "ip 1 0 0 1 2 3"), CamelCase is split (`HostDown` → "Host Down").
+/// One label: `_` separates words, and so does `-` around numbers, which are read digit
+/// by digit (`ip-10-0-1-23` → "ip 1 0 0 1 2 3"); CamelCase is split (`HostDown` → "Host
+/// Down").
 /// Dates (`2025-03-03`) and plain numbers are read as they are, and letter-digit words such
 /// as `db1` are left to the voice, which reads them well.
 fn speak_word(word: &str, out: &mut Speech) {
@@ -554,6 +555,11 @@ fn speak_word(word: &str, out: &mut Speech) {
     }
     if segments.iter().all(numeric) {
         out.word(word);
+        return;
+    }
+    if !segments.iter().any(numeric) && !word.contains('_') {
+        // A hyphenated word (`api-gateway`, `all-good`) reads well as it is.
+        out.word(&split_camel_case(&segments.join("-")));
         return;
     }
     for segment in segments {
@@ -728,7 +734,7 @@ mod tests {
             en(
                 "pod api-gateway-7d9f8b6c4-x2x9z instance i-0abc123def4567890 blob dGhpcyBpcyBhIHRlc3Q/Zm9v+YmFy=="
             ),
-            "pod api gateway x2x9z instance i blob"
+            "pod api-gateway-x2x9z instance i blob"
         );
         assert_eq!(
             en("arn:aws:sns:ap-northeast-1:123456789012:ops https://a/b https://c/d ok"),

@@ -129,7 +129,7 @@ fn expected() -> Vec<(&'static str, Value)> {
         (
             "cloudwatch.eml",
             json!({"rule": "cloudwatch", "action": "call", "numbers": ["+15005550002"],
-            "message": "Cloud Watch alarm cpu high"}),
+            "message": "Cloud Watch alarm cpu-high"}),
         ),
         (
             "iso2022jp.eml",

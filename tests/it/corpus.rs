@@ -174,13 +174,13 @@ fn table() -> Vec<Case> {
             "cloudwatch-alarm.eml",
             "cloudwatch",
             "call",
-            &["alarm web1 cpu high", AWS_HOST],
+            &["alarm web1-cpu-high", AWS_HOST],
         ),
         case(
             "cloudwatch-ok.eml",
             "recoveries",
             "resolve",
-            &["Resolved", "OK", "web1 cpu high"],
+            &["Resolved", "OK", "web1-cpu-high"],
         ),
         Case {
             language: JA,
@@ -210,7 +210,7 @@ fn table() -> Vec<Case> {
             "healthchecks-down.eml",
             "healthchecks",
             "call",
-            &["nightly backup is down"],
+            &["nightly-backup is down"],
         ),
         case(
             "sentry-issue.eml",
@@ -253,22 +253,26 @@ fn table() -> Vec<Case> {
 
 /// `mailcall route --json` of corpus files with `config`: one decision per file.
 fn route(config: &str, files: &[&str]) -> Vec<Value> {
-    let out = Command::new(BIN)
-        .args(["--config", config, "route", "--json"])
-        .args(files.iter().map(|f| format!("{ROOT}/tests/corpus/{f}")))
-        .env_remove("MAILCALL_CONFIG")
-        .output()
-        .unwrap();
+    succeed(
+        Command::new(BIN)
+            .args(["--config", config, "route", "--json"])
+            .args(files.iter().map(|f| format!("{ROOT}/tests/corpus/{f}")))
+            .env_remove("MAILCALL_CONFIG"),
+    )
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect()
+}
+
+/// Runs `command`, which must succeed; its standard output.
+fn succeed(command: &mut Command) -> String {
+    let out = command.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn shipped() -> String {
@@ -540,22 +544,14 @@ fn defect_6_every_command_exits_0_quietly_on_a_closed_pipe() {
     let dir = workdir();
     std::fs::write(dir.path().join("rules.toml"), config(None, "")).unwrap();
     // An incident for `incidents` to list.
-    let out = crate::harness::command(dir.path())
-        .args([
-            "call",
-            "--to",
-            "alice",
-            "--message",
-            "db1 is down",
-            "--dry-run",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(crate::harness::command(dir.path()).args([
+        "call",
+        "--to",
+        "alice",
+        "--message",
+        "db1 is down",
+        "--dry-run",
+    ]));
     let mail = format!("{ROOT}/tests/corpus/nagios-host-down.eml");
     for args in [
         vec!["incidents"],
