@@ -27,6 +27,8 @@ fn pipeline(c: &mut Criterion) {
         "shift_jis.eml",
         "cloudwatch.eml",
         "iso2022jp-long.eml",
+        // Alertmanager's default HTML-only mail (20 KiB of inline styles) through html2text.
+        "../corpus/alertmanager-firing.eml",
     ] {
         let raw = std::fs::read(
             Path::new(env!("CARGO_MANIFEST_DIR"))

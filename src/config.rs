@@ -19,6 +19,7 @@ use regex::Regex;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::speech::{PROMPT_KEYS, Prompts};
 use crate::template::Template;
 
 /// What stands where a rule name would for alerts that skip the rules (`/alert`,
@@ -54,6 +55,9 @@ pub struct Config {
     pub canary: Option<Canary>,
     /// Dial-in: the PIN callers not listed in `[contacts]` must enter.
     pub bridge_pin: Option<String>,
+    /// `[prompts."<language>"]`: the fixed phrases per language (lower-case tag), the
+    /// built-in ones with the file's overrides applied. See [`Config::prompts`].
+    pub prompts: BTreeMap<String, Prompts>,
 }
 
 /// A scheduled end-to-end test call through the whole pipeline.
@@ -332,7 +336,13 @@ impl Config {
             let message = e.message().trim().to_string();
             invalid(vec![(e.span().unwrap_or(0..0), message)])
         })?;
-        validate(path, raw).map_err(invalid)
+        validate(path, text, raw).map_err(invalid)
+    }
+
+    /// The fixed phrases of a call in `language`: the `[prompts]` table of that tag, else
+    /// of its primary language (`ja` for `ja-JP`), else the built-in ones.
+    pub fn prompts(&self, language: &str) -> Prompts {
+        prompt_set(&self.prompts, language)
     }
 
     /// Looks up the E.164 numbers a `call` entry names: a contact, a group or a number.
@@ -411,6 +421,8 @@ struct RawConfig {
     webhook: Option<RawWebhook>,
     canary: Option<RawCanary>,
     bridge: Option<RawBridge>,
+    #[serde(default)]
+    prompts: BTreeMap<String, Spanned<BTreeMap<String, Spanned<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -659,10 +671,18 @@ impl Problemset {
         }
     }
 
-    fn regex(&mut self, value: Option<&Spanned<String>>, key: &str) -> Option<Regex> {
-        let value = value?;
+    /// Compiles a regex; a syntax error is reported at its position inside the pattern
+    /// (`text` is the whole file, to find it), not just at the start of the string.
+    /// `Err(())` means the regex is unusable and the problem is recorded.
+    fn regex(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        text: &str,
+    ) -> Result<Option<Regex>, ()> {
+        let Some(value) = value else { return Ok(None) };
         match Regex::new(value.get_ref()) {
-            Ok(r) => Some(r),
+            Ok(r) => Ok(Some(r)),
             Err(e) => {
                 // The regex crate's message is multi-line with a caret; keep it on one line.
                 let detail = e
@@ -671,21 +691,37 @@ impl Problemset {
                     .last()
                     .unwrap_or_default()
                     .trim()
+                    .trim_start_matches("error: ")
                     .to_string();
-                self.push(value.span(), format!("invalid regex for `{key}`: {detail}"));
-                None
+                let at = regex_syntax::Parser::new()
+                    .parse(value.get_ref())
+                    .err()
+                    .and_then(|e| match e {
+                        regex_syntax::Error::Parse(e) => Some(e.span().start.offset),
+                        regex_syntax::Error::Translate(e) => Some(e.span().start.offset),
+                        _ => None,
+                    })
+                    .map_or(value.span().start, |offset| {
+                        value.span().start + raw_offset(text, value.span().start, offset)
+                    });
+                self.push(at..at, format!("invalid regex for `{key}`: {detail}"));
+                Err(())
             }
         }
     }
 
+    /// Parses a template; with `names`, every placeholder must be one of them (`None`:
+    /// the names are unknown because a regex of the rule failed, and reporting them would
+    /// only repeat that error).
     fn template(
         &mut self,
         value: &Spanned<String>,
         key: &str,
-        names: &BTreeSet<&str>,
+        names: Option<&BTreeSet<&str>>,
     ) -> Option<Template> {
         match Template::parse(value.get_ref()) {
             Ok(t) => {
+                let Some(names) = names else { return Some(t) };
                 for p in t.placeholders().filter(|p| !names.contains(p)) {
                     let known: Vec<String> = names.iter().map(|n| format!("{{{n}}}")).collect();
                     self.push(
@@ -706,7 +742,63 @@ impl Problemset {
     }
 }
 
-fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, String)>> {
+/// The byte offset in the file, from the opening quote of a TOML string at `start`, of
+/// byte `offset` of the string's value: literal strings map one to one, basic strings
+/// are walked escape by escape.
+fn raw_offset(text: &str, start: usize, offset: usize) -> usize {
+    let Some(raw) = text.get(start..) else {
+        return 0;
+    };
+    let (delimiter, literal) = if raw.starts_with("\'\'\'") {
+        (3, true)
+    } else if raw.starts_with('\'') {
+        (1, true)
+    } else if raw.starts_with("\"\"\"") {
+        (3, false)
+    } else {
+        (1, false)
+    };
+    let mut at = delimiter;
+    // A newline right after a multi-line opening delimiter is not part of the value.
+    if delimiter == 3 {
+        if raw[at..].starts_with("\r\n") {
+            at += 2;
+        } else if raw[at..].starts_with('\n') {
+            at += 1;
+        }
+    }
+    if literal {
+        return at + offset;
+    }
+    let mut decoded = 0;
+    let mut chars = raw[at..].char_indices();
+    while decoded < offset {
+        let Some((_, c)) = chars.next() else { break };
+        if c == '\\' {
+            let width = match chars.next().map(|(_, e)| e) {
+                Some('u') => 4,
+                Some('U') => 8,
+                _ => 0,
+            };
+            let hex: String = (0..width)
+                .filter_map(|_| chars.next().map(|(_, h)| h))
+                .collect();
+            decoded += u32::from_str_radix(&hex, 16)
+                .ok()
+                .and_then(char::from_u32)
+                .map_or(1, char::len_utf8);
+        } else {
+            decoded += c.len_utf8();
+        }
+    }
+    at + chars.next().map_or(raw.len() - at, |(i, _)| i)
+}
+
+fn validate(
+    path: &Path,
+    text: &str,
+    raw: RawConfig,
+) -> Result<Config, Vec<(Range<usize>, String)>> {
     let mut p = Problemset::default();
 
     // [smtp]
@@ -936,7 +1028,7 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             .template(
                 raw.defaults.message.as_ref().unwrap_or(&default_message),
                 "defaults.message",
-                &builtins,
+                Some(&builtins),
             )
             .unwrap_or_else(|| Template::parse("Alert. {subject}").unwrap()),
         cooldown: p.duration(
@@ -995,6 +1087,42 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         groups.insert(name.clone(), numbers);
     }
 
+    // [prompts."<language>"]: before the rules, whose resolve messages use them.
+    let mut prompts = BTreeMap::new();
+    for (language, table) in &raw.prompts {
+        if !is_language(language) {
+            p.push(
+                table.span(),
+                format!(
+                    "[prompts.\"{language}\"] is not a language tag; write e.g. [prompts.\"ja-JP\"]"
+                ),
+            );
+            continue;
+        }
+        let mut set = Prompts::builtin(language);
+        for (key, value) in table.get_ref() {
+            let Some((_, allowed)) = PROMPT_KEYS.iter().find(|(k, _)| k == key) else {
+                let keys: Vec<&str> = PROMPT_KEYS.iter().map(|(k, _)| *k).collect();
+                p.push(
+                    value.span(),
+                    format!(
+                        "unknown prompt `{key}` in [prompts.\"{language}\"]; use one of {}",
+                        keys.join(", ")
+                    ),
+                );
+                continue;
+            };
+            let names: BTreeSet<&str> = allowed.iter().copied().collect();
+            if p.template(value, &format!("prompts.{key}"), Some(&names))
+                .is_some()
+                && let Some(slot) = set.get_mut(key)
+            {
+                *slot = value.get_ref().clone();
+            }
+        }
+        prompts.insert(language.to_ascii_lowercase(), set);
+    }
+
     // [[rule]]
     let mut rules = Vec::new();
     let mut names = BTreeSet::new();
@@ -1012,10 +1140,13 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
                 format!("duplicate rule name `{name}`; rule names must be unique"),
             );
         }
-        let from = p.regex(r.from.as_ref(), "from");
-        let to = p.regex(r.to.as_ref(), "to");
-        let subject = p.regex(r.subject.as_ref(), "subject");
-        let body = p.regex(r.body.as_ref(), "body");
+        let from = p.regex(r.from.as_ref(), "from", text);
+        let to = p.regex(r.to.as_ref(), "to", text);
+        let subject = p.regex(r.subject.as_ref(), "subject", text);
+        let body = p.regex(r.body.as_ref(), "body", text);
+        // A broken regex names no captures; its templates are checked once it is fixed.
+        let regexes_ok = [&from, &to, &subject, &body].iter().all(|r| r.is_ok());
+        let [from, to, subject, body] = [from, to, subject, body].map(|r| r.ok().flatten());
         let mut placeholders = builtins.clone();
         for re in [&from, &to, &subject, &body].into_iter().flatten() {
             placeholders.extend(re.capture_names().flatten());
@@ -1054,14 +1185,23 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
             }
         };
         let message = match &r.message {
-            Some(m) => p.template(m, "message", &placeholders),
-            None if action == RuleAction::Resolve => Template::parse("Resolved. {subject}").ok(),
+            Some(m) => p.template(m, "message", regexes_ok.then_some(&placeholders)),
+            None if action == RuleAction::Resolve => {
+                // "Resolved." in the rule's language, then the subject.
+                let language = r
+                    .language
+                    .as_ref()
+                    .map_or(defaults.language.as_str(), |l| l.get_ref().as_str());
+                let resolved = prompt_set(&prompts, language).resolved;
+                let literal = resolved.replace('{', "{{").replace('}', "}}");
+                Template::parse(&format!("{literal} {{subject}}")).ok()
+            }
             None => Some(defaults.message.clone()),
         };
         let dedup_key = r
             .dedup_key
             .as_ref()
-            .and_then(|k| p.template(k, "dedup_key", &placeholders));
+            .and_then(|k| p.template(k, "dedup_key", regexes_ok.then_some(&placeholders)));
         rules.push(Rule {
             name,
             from,
@@ -1244,7 +1384,19 @@ fn validate(path: &Path, raw: RawConfig) -> Result<Config, Vec<(Range<usize>, St
         webhook,
         canary,
         bridge_pin,
+        prompts,
     })
+}
+
+/// [`Config::prompts`] before there is a `Config`.
+fn prompt_set(prompts: &BTreeMap<String, Prompts>, language: &str) -> Prompts {
+    let tag = language.to_ascii_lowercase();
+    let primary = tag.split('-').next().unwrap_or_default();
+    prompts
+        .get(&tag)
+        .or_else(|| prompts.get(primary))
+        .cloned()
+        .unwrap_or_else(|| Prompts::builtin(language))
 }
 
 /// Decodes SendGrid's verification key: base64 of a DER SubjectPublicKeyInfo (P-256).
@@ -1394,14 +1546,15 @@ mod tests {
              [[rule]]\nname = \"b\"\n"
         );
         let got = problems(&text);
-        assert_eq!(got.len(), 5, "{got:#?}");
+        // The broken regex names no captures, so `{host}` is not reported on top of it.
+        assert_eq!(got.len(), 4, "{got:#?}");
         assert!(
             got[0].starts_with("rules.toml:4:9: contact `alice` has number `5550001`"),
             "{}",
             got[0]
         );
         assert!(
-            got[1].starts_with("rules.toml:7:11: invalid regex for `subject`"),
+            got[1].starts_with("rules.toml:7:12: invalid regex for `subject`"),
             "{}",
             got[1]
         );
@@ -1411,15 +1564,57 @@ mod tests {
             got[2]
         );
         assert!(
-            got[3].starts_with("rules.toml:9:11: placeholder `{host}` in `message` names nothing"),
+            got[3].starts_with("rules.toml:11:8: rule `b` has neither `call` nor `drop = true`"),
             "{}",
             got[3]
         );
+    }
+
+    #[test]
+    fn defect_7_regex_errors_point_into_the_pattern_and_suppress_follow_on_errors() {
+        // Literal, basic (with escapes) and multi-line strings: the column is that of the
+        // offending character inside the pattern.
+        for (pattern, line, column) in [
+            ("'(?P<host>\\w+) is [DOWN'", 5, 29),
+            ("\"\\u00e9(?P<host>\\\\w+) (?z)\"", 5, 35),
+            ("\'\'\'\n^x+ (?P<h>\\S+\'\'\'", 6, 5),
+        ] {
+            let text = format!(
+                "{MINIMAL}[[rule]]\nname = \"r\"\nsubject = {pattern}\ncall = [\"+15005550001\"]\nmessage = \"{{host}} {{h}} down\"\n"
+            );
+            let got = problems(&text);
+            assert_eq!(got.len(), 1, "{pattern}: {got:#?}");
+            let at = format!("rules.toml:{line}:{column}: invalid regex for `subject`");
+            assert!(got[0].starts_with(&at), "{pattern}: {} (want {at})", got[0]);
+        }
+    }
+
+    #[test]
+    fn prompts_per_language_are_overridden_and_checked() {
+        let c = Config::parse(
+            Path::new("r.toml"),
+            &format!(
+                "{MINIMAL}[prompts.\"ja-JP\"]\ngoodbye = \"さようなら。\"\njoined = \"{{who}} 参加\"\n\
+                 [[rule]]\nname = \"up\"\nsubject = 'UP'\nresolve = true\nlanguage = \"ja-JP\"\n"
+            ),
+        )
+        .unwrap();
+        let ja = c.prompts("ja-JP");
+        assert_eq!(ja.goodbye, "さようなら。");
+        assert_eq!(ja.joined("bob"), "bob 参加");
+        assert_eq!(ja.press_one, Prompts::builtin("ja-JP").press_one);
+        assert_eq!(c.prompts("en-US"), Prompts::builtin("en-US"));
+        assert_eq!(c.rules[0].message.to_string(), "復旧しました。 {subject}");
+        let got = problems(&format!(
+            "{MINIMAL}[prompts.\"ja-JP\"]\ngoodby = \"x\"\njoined = \"{{whom}}\"\n[prompts.japanese]\ngoodbye = \"x\"\n"
+        ));
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(got[0].contains("unknown prompt `goodby`"), "{got:?}");
         assert!(
-            got[4].starts_with("rules.toml:11:8: rule `b` has neither `call` nor `drop = true`"),
-            "{}",
-            got[4]
+            got[1].contains("placeholder `{whom}` in `prompts.joined`"),
+            "{got:?}"
         );
+        assert!(got[2].contains("is not a language tag"), "{got:?}");
     }
 
     #[test]

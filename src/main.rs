@@ -116,6 +116,7 @@ struct CallArgs {
 }
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
     let logs = logging::init(matches!(cli.log_format, LogFormat::Json));
     let result = match cli.command {
@@ -131,11 +132,41 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mailcall: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `mailcall incidents | head -1`: once the reader has gone, there is nobody left to
+/// tell anything, so a command stops quietly with exit 0 instead of reporting
+/// "Broken pipe". Output written with `writeln!` returns the error (see [`closed_pipe`]);
+/// `println!` panics on it, which this hook turns into the same quiet exit.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
+/// Did a command fail only because its standard output was closed?
+fn closed_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
@@ -232,6 +263,11 @@ fn caller(config: &Config, dry_run: bool) -> anyhow::Result<Caller> {
 /// serving the store, the alert is handed to it through the store; otherwise this
 /// process places the calls itself.
 fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
+    // Refused like the /alert webhook refuses it: a call that says nothing helps nobody.
+    anyhow::ensure!(
+        !args.message.trim().is_empty(),
+        "--message is empty; give the text to speak, e.g. --message \"db1 is down\""
+    );
     let config = Arc::new(load(path)?);
     let numbers = route::resolve_numbers(&config, &args.to).map_err(|unknown| {
         anyhow::anyhow!(

@@ -97,7 +97,7 @@ pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
         .clone()
         .filter(|v| is_voice(v))
         .unwrap_or_else(|| config.defaults.voice.clone());
-    let spoken = speech::speakable(&alert.message);
+    let spoken = speech::speakable(&alert.message, &language);
     let message = twiml::fit(&spoken, &language, &voice).to_string();
     let dedup_key = alert
         .dedup_key
@@ -201,7 +201,7 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
                 .map(|(_, v)| v.as_str()),
         }
     };
-    let spoken = speech::speakable(&rule.message.render(lookup));
+    let spoken = speech::speakable(&rule.message.render(lookup), &rule.language);
     let message = twiml::fit(&spoken, &rule.language, &rule.voice).to_string();
     let dedup_key = match &rule.dedup_key {
         Some(t) => t.render(lookup),
@@ -273,7 +273,7 @@ mod tests {
         assert_eq!(d.numbers, ["+15005550001", "+15005550002", "+15005550009"]);
         assert_eq!(
             d.message,
-            "db1.example.com is down. db1.example.com is DOWN"
+            "db1 ドット example ドット com is down. db1 ドット example ドット com is DOWN"
         );
         assert_eq!(d.dedup_key, "db1.example.com");
         assert_eq!(
@@ -312,7 +312,7 @@ mod tests {
              call = [\"bob\"]\nmessage = \"{sev} {rule} for {to}\"\n",
         );
         let d = route(&c, &alert("a@b", "x", "host: web\nseverity: critical\n"));
-        assert_eq!(d.message, "critical body for alerts@example.com");
+        assert_eq!(d.message, "critical body for alerts at example dot com");
         let d = route(&c, &alert("a@b", "x", "no severity here"));
         assert_eq!(d.action, Action::None);
     }
@@ -333,7 +333,7 @@ mod tests {
             (d.rule.as_deref(), d.action),
             (Some("webhook"), Action::Call)
         );
-        assert_eq!(d.message, "DB is down");
+        assert_eq!(d.message, "DB is down link");
         assert_eq!(d.dedup_key, "webhook: db is down https://x/y");
         assert_eq!(d.voice, "Polly.Joanna");
     }
@@ -362,6 +362,6 @@ mod tests {
                 "db down\n\nhttps://grafana/d/1   id 0123456789abcdef01",
             ),
         );
-        assert_eq!(d.message, "db down id");
+        assert_eq!(d.message, "db down link id");
     }
 }

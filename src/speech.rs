@@ -1,24 +1,35 @@
-//! Alert text → text worth speaking to a half-awake person.
+//! Alert text → text worth speaking to a half-awake person, and the fixed phrases a call
+//! says around it.
 //!
 //! Text-to-speech reads everything literally: a 60-character URL or a request id takes
-//! half a minute to spell out and hides the one sentence that matters. This module drops
-//! such tokens, collapses whitespace and cuts the text to what Twilio accepts. XML escaping
-//! is not done here but in `twilio::twiml`, the only place that writes XML.
+//! half a minute to spell out and hides the one sentence that matters, while the things
+//! that identify the problem — host names, IP addresses, ports, alert and service names —
+//! come out garbled when read as prose (`9100` as "nine thousand one hundred", a dotted
+//! host name as one long word). This module keeps the identifiers and says them the way
+//! people read them over a phone (dots and colons spoken, digits one by one), drops what a
+//! voice cannot use (URLs become "link"; hex ids, UUIDs, base64 and quoted mail history go),
+//! and cuts the text to what Twilio accepts. XML escaping is not done here but in
+//! `twilio::twiml`, the only place that writes XML.
+//!
+//! The words it inserts ("dot", "link", …) and the fixed phrases of a call ([`Prompts`])
+//! depend on the call's language: English and Japanese are built in.
 
-/// Cleans `text` for text-to-speech: URLs, long hex strings and opaque ids are dropped,
-/// control characters removed and whitespace collapsed to single spaces.
-pub fn speakable(text: &str) -> String {
-    let mut out = String::with_capacity(text.len().min(4096));
-    for token in text.split(|c: char| c.is_whitespace() || c.is_control()) {
-        if token.is_empty() || is_noise(token) {
-            continue;
+use std::borrow::Cow;
+
+use crate::template::Template;
+
+/// Cleans `text` for text-to-speech in `language` (a `<Say language>` tag such as
+/// `en-US` or `ja-JP`): quoted mail history is cut, URLs become "link", opaque ids are
+/// dropped, identifiers are spelled for the ear, and whitespace collapses to single spaces.
+pub fn speakable(text: &str, language: &str) -> String {
+    let words = Words::of(language);
+    let mut out = Speech::default();
+    for line in unquoted_lines(text) {
+        for token in line.split(|c: char| c.is_whitespace() || c.is_control()) {
+            speak_token(token, words, &mut out);
         }
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.push_str(token);
     }
-    out
+    out.text
 }
 
 /// The longest prefix of `text` that is at most `max_bytes` UTF-8 bytes and whose XML
@@ -62,45 +73,692 @@ pub fn escaped_len(c: char) -> usize {
     }
 }
 
-/// Is this whitespace-separated token something nobody wants read aloud?
-fn is_noise(token: &str) -> bool {
+// ---- Prompts -------------------------------------------------------------------------
+
+/// Every fixed phrase a call says besides the alert itself, in one language.
+///
+/// `rules.toml` can override each of them under `[prompts."<language>"]` with the same
+/// key names; [`Prompts::builtin`] gives the English and Japanese defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompts {
+    /// After the alert on a press-1 call.
+    pub press_one: String,
+    /// The last words before mailcall hangs up.
+    pub goodbye: String,
+    /// A press-1 call ended without a key pressed.
+    pub nobody_joined: String,
+    /// Opens the default message of a `resolve = true` rule.
+    pub resolved: String,
+    /// Dial-in from an unknown number: the `[bridge] pin` prompt.
+    pub enter_pin: String,
+    /// Dial-in: the PIN was wrong.
+    pub wrong_pin: String,
+    /// Pressed 1: on the way into the bridge.
+    pub joining: String,
+    /// Pressed 9.
+    pub declined: String,
+    /// Announced in the bridge when someone joins; `{who}` is the contact's name.
+    pub joined: String,
+    /// `{who}` for a caller who is not in `[contacts]`.
+    pub responder: String,
+    /// Dial-in: into the newest open incident's bridge; `{incident}` is its number.
+    pub dial_in: String,
+    /// Dial-in with no open incident.
+    pub no_incident: String,
+    /// Dial-in from an unknown number when there is no `[bridge] pin`.
+    pub not_taken: String,
+    /// Opens the message left on an answering machine.
+    pub voicemail: String,
+}
+
+/// The prompt keys of `[prompts."<language>"]` and the placeholders each one may use.
+pub const PROMPT_KEYS: [(&str, &[&str]); 14] = [
+    ("press_one", &[]),
+    ("goodbye", &[]),
+    ("nobody_joined", &[]),
+    ("resolved", &[]),
+    ("enter_pin", &[]),
+    ("wrong_pin", &[]),
+    ("joining", &[]),
+    ("declined", &[]),
+    ("joined", &["who"]),
+    ("responder", &[]),
+    ("dial_in", &["incident"]),
+    ("no_incident", &[]),
+    ("not_taken", &[]),
+    ("voicemail", &[]),
+];
+
+impl Prompts {
+    /// The built-in phrases for `language`: Japanese for `ja…`, English otherwise.
+    pub fn builtin(language: &str) -> Prompts {
+        let ja = is_japanese(language);
+        let pick = |en: &str, jp: &str| if ja { jp } else { en }.to_string();
+        Prompts {
+            press_one: pick(
+                "Press 1 to join the incident bridge. Press 9 to decline.",
+                "ブリッジに参加するには 1 を、辞退するには 9 を押してください。",
+            ),
+            goodbye: pick("Goodbye.", "失礼します。"),
+            nobody_joined: pick(
+                "No key was pressed; you are not in the bridge.",
+                "キーが押されなかったため、ブリッジには参加していません。",
+            ),
+            resolved: pick("Resolved.", "復旧しました。"),
+            enter_pin: pick(
+                "Enter the bridge PIN.",
+                "ブリッジの暗証番号を入力してください。",
+            ),
+            wrong_pin: pick("Wrong PIN.", "暗証番号が違います。"),
+            joining: pick(
+                "Joining the incident bridge.",
+                "インシデントのブリッジに参加します。",
+            ),
+            declined: pick(
+                "Declined. You will not be called again for this incident.",
+                "辞退しました。このインシデントでは、もう電話しません。",
+            ),
+            joined: pick("{who} joined.", "{who} が参加しました。"),
+            responder: pick("A responder", "対応者"),
+            dial_in: pick(
+                "Joining the bridge of incident {incident}.",
+                "インシデント {incident} のブリッジに参加します。",
+            ),
+            no_incident: pick(
+                "There is no open incident.",
+                "対応中のインシデントはありません。",
+            ),
+            not_taken: pick(
+                "This number does not take calls.",
+                "この番号では電話をお受けしていません。",
+            ),
+            voicemail: pick("This is mailcall.", "メールコールからのお知らせです。"),
+        }
+    }
+
+    /// The phrase under `key` (one of [`PROMPT_KEYS`]), for overriding it.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut String> {
+        Some(match key {
+            "press_one" => &mut self.press_one,
+            "goodbye" => &mut self.goodbye,
+            "nobody_joined" => &mut self.nobody_joined,
+            "resolved" => &mut self.resolved,
+            "enter_pin" => &mut self.enter_pin,
+            "wrong_pin" => &mut self.wrong_pin,
+            "joining" => &mut self.joining,
+            "declined" => &mut self.declined,
+            "joined" => &mut self.joined,
+            "responder" => &mut self.responder,
+            "dial_in" => &mut self.dial_in,
+            "no_incident" => &mut self.no_incident,
+            "not_taken" => &mut self.not_taken,
+            "voicemail" => &mut self.voicemail,
+            _ => return None,
+        })
+    }
+
+    /// "alice joined." — the join announcement for `who`.
+    pub fn joined(&self, who: &str) -> String {
+        fill(&self.joined, "who", who)
+    }
+
+    /// The dial-in greeting for incident `id`.
+    pub fn dial_in(&self, id: i64) -> String {
+        fill(&self.dial_in, "incident", &id.to_string())
+    }
+
+    /// Two phrases said one after the other.
+    pub fn then(first: &str, second: &str) -> String {
+        match (first.is_empty(), second.is_empty()) {
+            (true, _) => second.to_string(),
+            (_, true) => first.to_string(),
+            _ => format!("{first} {second}"),
+        }
+    }
+}
+
+/// Renders a prompt's one placeholder. Prompts are validated when the config loads, so
+/// a malformed one only comes from code; it is then said as written.
+fn fill(template: &str, name: &str, value: &str) -> String {
+    match Template::parse(template) {
+        Ok(t) => t.render(|n| (n == name).then_some(value)),
+        Err(_) => template.to_string(),
+    }
+}
+
+/// Does `language` (a BCP 47 tag) speak Japanese?
+pub fn is_japanese(language: &str) -> bool {
+    language
+        .split('-')
+        .next()
+        .is_some_and(|p| p.eq_ignore_ascii_case("ja"))
+}
+
+// ---- Speaking identifiers -------------------------------------------------------------
+
+/// The words a language says for the punctuation inside identifiers.
+#[derive(Debug)]
+struct Words {
+    dot: &'static str,
+    colon: &'static str,
+    slash: &'static str,
+    at: &'static str,
+    link: &'static str,
+    to: &'static str,
+    /// A comparison between two values (`97.2 > 90`); empty where the word order of the
+    /// language makes a bare word misleading.
+    above: &'static str,
+    below: &'static str,
+}
+
+const ENGLISH: Words = Words {
+    dot: "dot",
+    colon: "colon",
+    slash: "slash",
+    at: "at",
+    link: "link",
+    to: "to",
+    above: "above",
+    below: "below",
+};
+
+const JAPANESE: Words = Words {
+    dot: "ドット",
+    colon: "コロン",
+    slash: "スラッシュ",
+    at: "アット",
+    link: "リンク",
+    to: "から",
+    above: "",
+    below: "",
+};
+
+impl Words {
+    fn of(language: &str) -> &'static Words {
+        if is_japanese(language) {
+            &JAPANESE
+        } else {
+            &ENGLISH
+        }
+    }
+}
+
+/// The spoken text being built: words separated by single spaces, repeated "link"s
+/// collapsed (a mail footer of five URLs is one "link").
+#[derive(Default)]
+struct Speech {
+    text: String,
+    last_was_link: bool,
+}
+
+impl Speech {
+    fn word(&mut self, word: &str) {
+        if word.is_empty() {
+            return;
+        }
+        if !self.text.is_empty() {
+            self.text.push(' ');
+        }
+        self.text.push_str(word);
+        self.last_was_link = false;
+    }
+
+    fn link(&mut self, words: &Words) {
+        if !self.last_was_link {
+            self.word(words.link);
+            self.last_was_link = true;
+        }
+    }
+
+    /// Sentence punctuation stays on the word before it: it makes the voice pause.
+    fn punctuation(&mut self, p: &str) {
+        if !self.text.is_empty() && !p.is_empty() {
+            self.text.push_str(p);
+        }
+    }
+}
+
+/// The lines of a mail body worth reading: quoted history (`> …`) is skipped, and
+/// everything from a signature separator, an "Original Message" marker or an
+/// "On … wrote:" line onwards is cut.
+fn unquoted_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .take_while(|line| {
+            let t = line.trim();
+            let lower = t.to_ascii_lowercase();
+            !(t == "--"
+                || *line == "-- "
+                || (lower.starts_with("-----") && lower.contains("original message"))
+                || (lower.starts_with("on ") && lower.ends_with("wrote:")))
+        })
+        .filter(|line| !line.trim_start().starts_with('>'))
+}
+
+/// Japanese and other wide scripts are spoken as they are; identifiers embedded in them
+/// (`web03停止`) are split off and spoken like any other.
+fn is_wide(c: char) -> bool {
+    matches!(c, '\u{3000}'..='\u{9FFF}' | '\u{AC00}'..='\u{D7AF}' | '\u{F900}'..='\u{FAFF}' | '\u{FF00}'..='\u{FFEF}' | '\u{20000}'..='\u{3FFFF}')
+}
+
+fn speak_token(token: &str, words: &Words, out: &mut Speech) {
+    let mut rest = token;
+    while !rest.is_empty() {
+        let wide = rest.starts_with(is_wide);
+        let len = rest
+            .find(|c: char| is_wide(c) != wide)
+            .unwrap_or(rest.len());
+        let (run, tail) = rest.split_at(len);
+        if wide {
+            out.word(run);
+        } else {
+            speak_narrow(run, words, out);
+        }
+        rest = tail;
+    }
+}
+
+/// One whitespace-separated run of narrow characters: a word, a number, an identifier, a
+/// URL, or punctuation.
+fn speak_narrow(token: &str, words: &Words, out: &mut Speech) {
+    if is_url(token) {
+        out.link(words);
+        return;
+    }
+    match token {
+        "->" | "=>" | "-->" => return out.word(words.to),
+        ">" | ">=" => return out.word(words.above),
+        "<" | "<=" => return out.word(words.below),
+        "." | "," | ":" | ";" | "!" | "?" => return out.punctuation(token),
+        _ => {}
+    }
+    // `alert(s)` is a plural, not a group.
+    let plural;
+    let token = if token.contains("(s)") {
+        plural = token.replace("(s)", "s");
+        plural.as_str()
+    } else {
+        token
+    };
+    let Some(start) = token.find(char::is_alphanumeric) else {
+        // Pure punctuation (`*****`, `|`, `=`, bullets, emoji) has nothing to say.
+        return;
+    };
+    let end = token
+        .char_indices()
+        .rev()
+        .find(|(_, c)| c.is_alphanumeric())
+        .map_or(token.len(), |(i, c)| i + c.len_utf8());
+    speak_core(&token[start..end], words, out);
+    let tail = &token[end..];
+    if tail.starts_with('%') {
+        out.punctuation("%");
+    }
+    if let Some(p) = tail
+        .chars()
+        .rev()
+        .find(|c| matches!(c, '.' | ',' | ';' | ':' | '!' | '?'))
+    {
+        out.punctuation(p.encode_utf8(&mut [0; 4]));
+    }
+}
+
+/// Splits an identifier at the characters that only group its parts (`alertname=HostDown`,
+/// `{host:ip-10-0-1-23}`, `[FIRING:2]`) and speaks each part.
+fn speak_core(core: &str, words: &Words, out: &mut Speech) {
+    if is_noise(core) {
+        return;
+    }
+    for piece in core.split(|c: char| {
+        matches!(
+            c,
+            '=' | '{' | '}' | '[' | ']' | '(' | ')' | '"' | ',' | '|' | ';' | '<' | '>' | '`'
+        )
+    }) {
+        let piece = piece.trim_matches(|c: char| !c.is_alphanumeric());
+        if piece.is_empty() {
+            continue;
+        }
+        if is_url(piece) {
+            out.link(words);
+        } else if !is_noise(piece) {
+            speak_piece(piece, words, out);
+        }
+    }
+}
+
+/// An identifier without grouping characters: mail addresses, paths, `host:port`,
+/// IPv4 and IPv6 addresses, dotted names.
+fn speak_piece(piece: &str, words: &Words, out: &mut Speech) {
+    if let Some((local, domain)) = piece.split_once('@') {
+        speak_piece(local, words, out);
+        out.word(words.at);
+        speak_piece(domain, words, out);
+        return;
+    }
+    if piece.contains('/') {
+        if piece
+            .split('/')
+            .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        {
+            // A date (`03/03/25`) or a ratio (`2/1`).
+            return out.word(piece);
+        }
+        let mut first = true;
+        for segment in piece.split('/').filter(|s| !s.is_empty()) {
+            if !first {
+                out.word(words.slash);
+            }
+            first = false;
+            speak_piece(segment, words, out);
+        }
+        return;
+    }
+    if !piece.contains(':') {
+        speak_dotted(piece, words, out);
+        return;
+    }
+    let parts: Vec<&str> = piece.split(':').collect();
+    if parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+        // A time of day (`03:14:07`): the voice reads it well as it is.
+        out.word(piece);
+        return;
+    }
+    if parts.len() >= 3
+        && parts
+            .iter()
+            .all(|p| p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        // An IPv6 address.
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                out.word(words.colon);
+            }
+            if !part.is_empty() {
+                out.word(&spell(part));
+            }
+        }
+        return;
+    }
+    let mut previous = "";
+    for part in parts.iter().filter(|p| !p.is_empty()) {
+        let port = part.bytes().all(|b| b.is_ascii_digit());
+        if port && is_host(previous) {
+            out.word(words.colon);
+            out.word(&spell(part));
+        } else {
+            // `key:value`, `FIRING:2`: the colon only separates.
+            speak_dotted(part, words, out);
+        }
+        previous = part;
+    }
+}
+
+/// Could `s` be the host of a `host:port`?
+fn is_host(s: &str) -> bool {
+    s.contains('.') || s.eq_ignore_ascii_case("localhost")
+}
+
+/// A name whose parts are separated by dots: host names and IPv4 addresses get "dot"
+/// spoken; decimals and version numbers are read as they are.
+fn speak_dotted(s: &str, words: &Words, out: &mut Speech) {
+    let parts: Vec<&str> = s.split('.').filter(|p| !p.is_empty()).collect();
+    if parts.len() <= 1 {
+        speak_word(parts.first().copied().unwrap_or(s), out);
+        return;
+    }
+    let numeric = |p: &&str| p.bytes().all(|b| b.is_ascii_digit());
+    let starts_with_digit = |p: &str| p.starts_with(|c: char| c.is_ascii_digit());
+    let version = parts[0].strip_prefix(['v', 'V']).unwrap_or(parts[0]);
+    if (numeric(&version)
+        && !version.is_empty()
+        && parts[1..].iter().all(numeric)
+        && version != parts[0])
+        || (parts.len() == 2 && numeric(&parts[0]) && starts_with_digit(parts[1]))
+    {
+        // A version (`v11.5.2`) or a measurement (`3.41s`, `12.5GB`).
+        return out.word(s);
+    }
+    if parts.iter().all(numeric) {
+        if parts.len() == 4 && parts.iter().all(|p| p.len() <= 3) {
+            for (i, octet) in parts.iter().enumerate() {
+                if i > 0 {
+                    out.word(words.dot);
+                }
+                out.word(&spell(octet));
+            }
+        } else {
+            out.word(s);
+        }
+        return;
+    }
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            out.word(words.dot);
+        }
+        speak_word(part, out);
+    }
+}
+
+/// One label: `_` separates words, and so does `-` around numbers, which are read digit
+/// by digit (`ip-10-0-1-23` → "ip 1 0 0 1 2 3"); CamelCase is split (`HostDown` → "Host
+/// Down").
+/// Dates (`2025-03-03`) and plain numbers are read as they are, and letter-digit words such
+/// as `db1` are left to the voice, which reads them well.
+fn speak_word(word: &str, out: &mut Speech) {
+    let segments: Vec<&str> = word
+        .split(['-', '_'])
+        .filter(|s| !s.is_empty() && !is_hash_segment(s))
+        .collect();
+    let numeric = |s: &&str| s.bytes().all(|b| b.is_ascii_digit());
+    if segments.is_empty() {
+        return;
+    }
+    if segments.iter().all(numeric) {
+        out.word(word);
+        return;
+    }
+    if !segments.iter().any(numeric) && !word.contains('_') {
+        // A hyphenated word (`api-gateway`, `all-good`) reads well as it is.
+        out.word(&split_camel_case(&segments.join("-")));
+        return;
+    }
+    for segment in segments {
+        if numeric(&segment) {
+            out.word(&spell(segment));
+        } else {
+            out.word(&split_camel_case(segment));
+        }
+    }
+}
+
+/// `9100` → `9 1 0 0`: each character its own word.
+fn spell(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for c in s.chars() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `KubePodCrashLooping` → `Kube Pod Crash Looping`, `CPUUtilization` → `CPU Utilization`.
+fn split_camel_case(word: &str) -> Cow<'_, str> {
+    let chars: Vec<char> = word.chars().collect();
+    // An upper-case letter starts a word after a lower-case one (`HostDown`), or after
+    // an acronym when a real word follows (`CPUUtilization`, but not `IPv4`).
+    let boundary = |i: usize| {
+        let (prev, c) = (chars[i - 1], chars[i]);
+        let word_follows = chars.get(i + 1).is_some_and(|n| n.is_lowercase())
+            && chars.get(i + 2).is_some_and(|n| n.is_lowercase());
+        c.is_uppercase() && (prev.is_lowercase() || (prev.is_uppercase() && word_follows))
+    };
+    if !(1..chars.len()).any(boundary) {
+        return Cow::Borrowed(word);
+    }
+    let mut out = String::with_capacity(word.len() + 4);
+    for (i, c) in chars.iter().enumerate() {
+        if i > 0 && boundary(i) {
+            out.push(' ');
+        }
+        out.push(*c);
+    }
+    Cow::Owned(out)
+}
+
+fn is_url(token: &str) -> bool {
     let lower = token.to_ascii_lowercase();
-    let lower = lower.trim_start_matches(['(', '<', '[', '"', '\'']);
-    if lower.contains("://") || lower.starts_with("www.") || lower.starts_with("mailto:") {
+    let lower = lower.trim_start_matches(|c: char| !c.is_ascii_alphanumeric());
+    lower.contains("://") || lower.starts_with("www.") || lower.starts_with("mailto:")
+}
+
+/// A part of a name that is a hash: a pod's replica-set suffix, the hex of an instance id.
+fn is_hash_segment(s: &str) -> bool {
+    s.len() >= 8
+        && s.bytes().all(|b| b.is_ascii_hexdigit())
+        && s.bytes().any(|b| b.is_ascii_digit())
+        && s.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
+/// Is this identifier something nobody wants read aloud: a hash, UUID or hex id, an ARN,
+/// a base64 blob or a random request id? Host names, IP addresses and words are kept.
+fn is_noise(piece: &str) -> bool {
+    let lower = piece.to_ascii_lowercase();
+    if lower.starts_with("arn:") {
         return true;
     }
-    let core = token.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-    let len = core.len();
-    if len < 12 || !core.is_ascii() {
+    let len = piece.len();
+    if len < 12 || !piece.is_ascii() {
         return false;
     }
-    let digits = core.bytes().filter(u8::is_ascii_digit).count();
-    let hex = core.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
-    let letters = core.bytes().filter(u8::is_ascii_alphabetic).count();
-    let id_chars = core
+    let count = |f: fn(&u8) -> bool| piece.bytes().filter(f).count();
+    let digits = count(u8::is_ascii_digit);
+    let letters = count(u8::is_ascii_alphabetic);
+    let hex = piece.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    if hex && digits > 0 && letters > 0 {
+        return true;
+    }
+    // Base64 and random ids: no dots or colons (those are names and addresses), mixed
+    // case and digits, switching between them all the time.
+    let base64 = piece
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
-    // A hash, UUID or hex id; or a long token mixing letters and digits (request ids,
-    // base64 tokens). Long plain words and long numbers are kept.
-    (hex && digits > 0 && letters > 0) || (id_chars && len >= 20 && digits >= 3 && letters >= 3)
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'_' | b'-'));
+    if !base64 || len < 16 {
+        return false;
+    }
+    let upper = count(u8::is_ascii_uppercase);
+    let lower_count = count(u8::is_ascii_lowercase);
+    let class = |b: u8| {
+        if b.is_ascii_digit() {
+            0
+        } else if b.is_ascii_uppercase() {
+            1
+        } else {
+            2
+        }
+    };
+    let switches = piece
+        .as_bytes()
+        .windows(2)
+        .filter(|w| class(w[0]) != class(w[1]))
+        .count();
+    let mixed = upper >= 2 && lower_count >= 2 && switches * 10 >= len * 3;
+    (mixed && digits >= 3) || (mixed && digits >= 1 && piece.contains(['+', '/']))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn en(text: &str) -> String {
+        speakable(text, "en-US")
+    }
+
     #[test]
     fn drops_urls_and_ids_and_collapses_whitespace() {
         let text = "CRITICAL:  db1\n\tis DOWN  see https://grafana.example.com/d/abc?x=1 \
                     trace 3f2a9c0d8e7b6a5f4e3d2c1b req_AbC123dEf456GhI789jK \
                     uuid 123e4567-e89b-12d3-a456-426614174000 (www.example.com)";
-        assert_eq!(speakable(text), "CRITICAL: db1 is DOWN see trace uuid");
+        assert_eq!(en(text), "CRITICAL: db1 is DOWN see link trace uuid link");
+    }
+
+    #[test]
+    fn host_names_addresses_and_ports_are_kept_and_spelled() {
+        // Defect 1: these were dropped as "opaque ids".
+        assert_eq!(
+            en("HostDown db1.example.com:9100"),
+            "Host Down db1 dot example dot com colon 9 1 0 0"
+        );
+        assert_eq!(
+            en("ip-10-0-1-23.ap-northeast-1.compute.internal is down"),
+            "ip 1 0 0 1 2 3 dot ap northeast 1 dot compute dot internal is down"
+        );
+        assert_eq!(
+            en("instance = 10.0.1.23:9100, job = node_exporter"),
+            "instance 1 0 dot 0 dot 1 dot 2 3 colon 9 1 0 0, job node exporter"
+        );
+        assert_eq!(
+            en("[FIRING:2] KubePodCrashLooping {host:web-01}"),
+            "FIRING 2 Kube Pod Crash Looping host web 0 1"
+        );
+        assert_eq!(
+            speakable("db1.example.com:5432 停止", "ja-JP"),
+            "db1 ドット example ドット com コロン 5 4 3 2 停止"
+        );
     }
 
     #[test]
     fn keeps_ordinary_words_numbers_and_japanese() {
-        let text = "Disk usage 95% on fileserver-production-01 サーバー停止 1234567890123";
-        assert_eq!(speakable(text), text);
+        assert_eq!(
+            en("Disk usage 95% on fileserver-production-01 at 03:14:07, value 92.5 1234567890123"),
+            "Disk usage 95% on fileserver production 0 1 at 03:14:07, value 92.5 1234567890123"
+        );
+        assert_eq!(
+            speakable("web03停止。ホスト web03 が応答しません。", "ja-JP"),
+            "web03 停止。ホスト web03 が応答しません。"
+        );
+        assert_eq!(
+            en("Check_MK: web1/CPU load OK -> CRIT"),
+            "Check MK: web1 slash CPU load OK to CRIT"
+        );
+    }
+
+    #[test]
+    fn quoted_history_signatures_and_opaque_ids_go() {
+        let text = "Backup failed on db1\nsee below\n> old quoted line\nmore\n-- \nAlice\n555-1234";
+        assert_eq!(en(text), "Backup failed on db1 see below more");
+        let text = "Job done\n\nOn Mon, 3 Mar 2025, cron wrote:\n> earlier";
+        assert_eq!(en(text), "Job done");
+        assert_eq!(
+            en(
+                "pod api-gateway-7d9f8b6c4-x2x9z instance i-0abc123def4567890 blob dGhpcyBpcyBhIHRlc3Q/Zm9v+YmFy=="
+            ),
+            "pod api-gateway-x2x9z instance i blob"
+        );
+        assert_eq!(
+            en("arn:aws:sns:ap-northeast-1:123456789012:ops https://a/b https://c/d ok"),
+            "link ok"
+        );
+    }
+
+    #[test]
+    fn prompts_exist_in_english_and_japanese() {
+        let en = Prompts::builtin("en-US");
+        let ja = Prompts::builtin("ja-JP");
+        assert_eq!(en.joined("alice"), "alice joined.");
+        assert_eq!(ja.joined("alice"), "alice が参加しました。");
+        assert_eq!(en.dial_in(7), "Joining the bridge of incident 7.");
+        for (key, _) in PROMPT_KEYS {
+            let (mut e, mut j) = (en.clone(), ja.clone());
+            let (e, j) = (e.get_mut(key).unwrap(), j.get_mut(key).unwrap());
+            assert!(!e.is_empty() && e.is_ascii(), "{key}");
+            assert!(!j.is_ascii(), "{key} has no Japanese text: {j}");
+        }
+        assert_eq!(
+            Prompts::then("Wrong PIN.", "Goodbye."),
+            "Wrong PIN. Goodbye."
+        );
     }
 
     #[test]

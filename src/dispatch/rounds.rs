@@ -153,7 +153,8 @@ impl Dispatcher {
             info!(incident = call.incident_id, number = %call.number, answered_by, "call answered by a person");
             self.bridged(call.incident_id).await;
         } else if info.machine() {
-            let voicemail = twiml::voicemail(&call.message, &call.language, &call.voice);
+            let prompts = self.live.load().config.prompts(&call.language);
+            let voicemail = twiml::voicemail(&prompts, &call.message, &call.language, &call.voice);
             let event = match client.update_call(&call.sid, &voicemail).await {
                 Ok(()) => {
                     info!(incident = call.incident_id, number = %call.number, answered_by, "voicemail answered: left a message; not counted as reached");

@@ -72,6 +72,7 @@ impl Dispatcher {
             let twiml = match &config.twilio.public_url {
                 // Press 1 to join: only a person who chose to is in the bridge.
                 Some(base) => twiml::gather_call(
+                    &config.prompts(&decision.language),
                     &decision.message,
                     &decision.language,
                     &decision.voice,
@@ -227,8 +228,12 @@ impl Dispatcher {
         };
         let room = twiml::room_name(&public_id);
         if let Some(base) = self.live.load().config.twilio.public_url.clone() {
-            let query =
-                serde_urlencoded::to_string([("text", &decision.message)]).unwrap_or_default();
+            // The room names the incident, so the announcement is in its language.
+            let query = serde_urlencoded::to_string([
+                ("text", decision.message.as_str()),
+                ("room", public_id.as_str()),
+            ])
+            .unwrap_or_default();
             let url = format!("{base}/twilio/announce?{query}");
             self.calls.spawn(async move {
                 match client.conferences(&room).await {

@@ -5,6 +5,10 @@
 //! Every request must carry a valid `X-Twilio-Signature` for the public URL it was sent
 //! to (keyed with the auth token); anything else gets 403 and changes nothing, since
 //! these endpoints decide who is in an incident bridge.
+//!
+//! Every phrase is said in the incident's language (the rule's `language`), from
+//! `Config::prompts`: built-in English or Japanese, or the `[prompts]` of rules.toml.
+//! Answers that belong to no incident yet (the PIN prompt) use `[defaults]`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use tracing::{info, warn};
 
 use crate::ingest::http::{HttpContext, HttpError};
 use crate::settings::Settings;
+use crate::speech::Prompts;
 use crate::store::TwilioStatus;
 use crate::twilio::{signature, twiml};
 
@@ -61,24 +66,57 @@ impl Callback {
             .unwrap_or_default()
     }
 
-    /// TwiML in the defaults' language and voice.
-    fn say_and_hang_up(&self, text: &str) -> Response {
+    /// The defaults' language, voice and phrases.
+    fn speaker(&self) -> Speaker {
         let d = &self.settings.config.defaults;
-        xml(twiml::say_and_hang_up(text, &d.language, &d.voice))
+        Speaker {
+            prompts: self.settings.config.prompts(&d.language),
+            language: d.language.clone(),
+            voice: d.voice.clone(),
+        }
+    }
+
+    /// The language and voice of the incident whose room is `public_id` (its rule's),
+    /// else the defaults'.
+    async fn incident_speaker(&self, ctx: &HttpContext, public_id: &str) -> Speaker {
+        let found = logged(ctx.store.incident_voice(public_id).await).flatten();
+        match found {
+            Some((language, voice)) => Speaker {
+                prompts: self.settings.config.prompts(&language),
+                language,
+                voice,
+            },
+            None => self.speaker(),
+        }
+    }
+
+    /// Says `text`, then hangs up.
+    fn say_and_hang_up(&self, speaker: &Speaker, text: &str) -> Response {
+        xml(twiml::say_and_hang_up(
+            text,
+            &speaker.language,
+            &speaker.voice,
+        ))
     }
 
     /// Into the incident's bridge, with joins and leaves reported back.
-    fn join(&self, greeting: &str, public_id: &str) -> Response {
-        let d = &self.settings.config.defaults;
+    fn join(&self, speaker: &Speaker, greeting: &str, public_id: &str) -> Response {
         let callback = format!("{}/twilio/conference?room={public_id}", self.base());
         xml(twiml::join(
             greeting,
-            &d.language,
-            &d.voice,
+            &speaker.language,
+            &speaker.voice,
             &twiml::room_name(public_id),
             &callback,
         ))
     }
+}
+
+/// Who speaks an answer: language, voice and the fixed phrases in that language.
+struct Speaker {
+    language: String,
+    voice: String,
+    prompts: Prompts,
 }
 
 /// A callback is only extracted once its signature over the public URL of this request
@@ -143,6 +181,7 @@ fn logged<T>(result: Result<T, crate::store::StoreError>) -> Option<T> {
 /// The press-1 prompt's answer: 1 joins the bridge, 9 declines for this incident.
 async fn gather(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
     let room = cb.query("room").to_string();
+    let speaker = cb.incident_speaker(&ctx, &room).await;
     let call = logged(ctx.store.call_by_sid(cb.param("CallSid")).await).flatten();
     match cb.param("Digits") {
         "1" => {
@@ -154,16 +193,19 @@ async fn gather(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
                     info!(incident, "someone is in the bridge: no further rounds");
                 }
             }
-            cb.join("Joining the incident bridge.", &room)
+            cb.join(&speaker, &speaker.prompts.joining, &room)
         }
         "9" => {
             if let Some((call_id, incident, number)) = &call {
                 info!(incident, number = %number, "pressed 9: declined; not called again for this incident");
                 logged(ctx.store.decline(*call_id).await);
             }
-            cb.say_and_hang_up("Declined. You will not be called again for this incident.")
+            cb.say_and_hang_up(&speaker, &speaker.prompts.declined)
         }
-        _ => cb.say_and_hang_up("Goodbye."),
+        _ => {
+            let p = &speaker.prompts;
+            cb.say_and_hang_up(&speaker, &Prompts::then(&p.nobody_joined, &p.goodbye))
+        }
     }
 }
 
@@ -206,13 +248,17 @@ async fn conference(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Respon
     let number = call
         .as_ref()
         .map_or_else(|| cb.param("From").to_string(), |(_, _, n)| n.clone());
+    let speaker = cb.incident_speaker(&ctx, &room).await;
     let who = cb
         .settings
         .config
         .contacts
         .iter()
         .find(|(_, n)| **n == number)
-        .map_or_else(|| "A responder".to_string(), |(name, _)| name.clone());
+        .map_or_else(
+            || speaker.prompts.responder.clone(),
+            |(name, _)| name.clone(),
+        );
     match cb.param("StatusCallbackEvent") {
         "participant-join" => {
             if logged(ctx.store.mark_bridged(incident).await).unwrap_or(false) {
@@ -228,11 +274,12 @@ async fn conference(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Respon
             }
             if let Some(client) = ctx.twilio.clone() {
                 let conference_sid = cb.param("ConferenceSid").to_string();
-                let text = format!("{who} joined.");
+                let text = speaker.prompts.joined(&who);
                 let url = format!(
                     "{}/twilio/announce?{}",
                     cb.base(),
-                    serde_urlencoded::to_string([("text", &text)]).unwrap_or_default()
+                    serde_urlencoded::to_string([("text", &text), ("room", &room)])
+                        .unwrap_or_default()
                 );
                 tokio::spawn(async move {
                     if let Err(e) = client.announce(&conference_sid, &url).await {
@@ -256,10 +303,18 @@ async fn conference(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Respon
     xml("<Response/>".into())
 }
 
-/// The TwiML Twilio plays into the conference for an announcement.
-async fn announce(cb: Callback) -> Response {
-    let d = &cb.settings.config.defaults;
-    xml(twiml::say(cb.query("text"), &d.language, &d.voice))
+/// The TwiML Twilio plays into the conference for an announcement: in the incident's
+/// language when the URL names its `room`, else the defaults'.
+async fn announce(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
+    let speaker = match cb.query("room") {
+        "" => cb.speaker(),
+        room => cb.incident_speaker(&ctx, room).await,
+    };
+    xml(twiml::say(
+        cb.query("text"),
+        &speaker.language,
+        &speaker.voice,
+    ))
 }
 
 /// Dial-in: a call to the `from` number. Contacts join the newest open incident's
@@ -273,17 +328,19 @@ async fn voice(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
     match &cb.settings.config.bridge_pin {
         Some(pin) => {
             info!(from = %from, "dial-in from an unknown number: asking for the PIN");
-            let d = &cb.settings.config.defaults;
+            let s = cb.speaker();
             xml(twiml::gather_pin(
+                &s.prompts,
                 pin.len(),
                 &format!("{}/twilio/pin", cb.base()),
-                &d.language,
-                &d.voice,
+                &s.language,
+                &s.voice,
             ))
         }
         None => {
             warn!(from = %from, "dial-in from an unknown number: refused");
-            cb.say_and_hang_up("This number does not take calls.")
+            let s = cb.speaker();
+            cb.say_and_hang_up(&s, &s.prompts.not_taken)
         }
     }
 }
@@ -298,14 +355,22 @@ async fn pin(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
         return join_newest(&ctx, &cb).await;
     }
     warn!(from = %cb.param("From"), "dial-in with a wrong PIN: refused");
-    cb.say_and_hang_up("Wrong PIN. Goodbye.")
+    let s = cb.speaker();
+    cb.say_and_hang_up(&s, &Prompts::then(&s.prompts.wrong_pin, &s.prompts.goodbye))
 }
 
 async fn join_newest(ctx: &HttpContext, cb: &Callback) -> Response {
     match logged(ctx.store.newest_open_incident().await).flatten() {
         Some((id, public_id)) => {
-            cb.join(&format!("Joining the bridge of incident {id}."), &public_id)
+            let s = cb.incident_speaker(ctx, &public_id).await;
+            cb.join(&s, &s.prompts.dial_in(id), &public_id)
         }
-        None => cb.say_and_hang_up("There is no open incident. Goodbye."),
+        None => {
+            let s = cb.speaker();
+            cb.say_and_hang_up(
+                &s,
+                &Prompts::then(&s.prompts.no_incident, &s.prompts.goodbye),
+            )
+        }
     }
 }

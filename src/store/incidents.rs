@@ -242,6 +242,20 @@ impl Store {
         .await
     }
 
+    /// The language and voice an incident's calls speak, by its public id.
+    pub async fn incident_voice(
+        &self,
+        public_id: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let public_id = public_id.to_string();
+        self.run(move |c| {
+            c.prepare_cached("SELECT language, voice FROM incidents WHERE public_id = ?1")?
+                .query_row([public_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .await
+    }
+
     /// The newest live incident a dial-in joins: `(id, public id)`. Never the canary's
     /// or a dry run's.
     pub async fn newest_open_incident(&self) -> Result<Option<(i64, String)>, StoreError> {

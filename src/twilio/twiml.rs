@@ -3,10 +3,14 @@
 //! Twilio accepts an inline `Twiml` parameter of at most 4,000 characters, and Amazon
 //! Polly voices read at most 3,000 bytes of `<Say>` text. [`fit`] cuts the spoken text so
 //! the finished document always satisfies both; [`call`] then cannot exceed them.
+//!
+//! Every fixed phrase (press 1, goodbye, the PIN prompt, …) comes from a
+//! [`speech::Prompts`] in the call's language, so a Japanese call never reads English
+//! text in a Japanese voice.
 
 use std::borrow::Cow;
 
-use crate::speech;
+use crate::speech::{self, Prompts};
 
 /// Twilio's limit on the `Twiml` parameter of `Calls.json`, in characters.
 pub const MAX_TWIML_CHARS: usize = 4000;
@@ -42,26 +46,35 @@ fn say_then_join(text: &str, language: &str, voice: &str, room: &str, times: u8)
     )
 }
 
-/// With a public URL: the alert and a prompt inside `<Gather numDigits="1">` posting to
-/// `action` (press 1 to join, 9 to decline), asked twice; no key means goodbye.
-pub fn gather_call(text: &str, language: &str, voice: &str, action: &str) -> String {
+/// With a public URL: the alert and the press-1 prompt inside `<Gather numDigits="1">`
+/// posting to `action` (press 1 to join, 9 to decline), asked twice; no key means the
+/// `nobody_joined` phrase and goodbye.
+pub fn gather_call(
+    prompts: &Prompts,
+    text: &str,
+    language: &str,
+    voice: &str,
+    action: &str,
+) -> String {
     let render = |t: &str| {
         let say = format!(
-            "<Say language=\"{}\" voice=\"{}\">{}</Say><Say language=\"{}\" voice=\"{}\">{PROMPT}</Say>",
+            "<Say language=\"{}\" voice=\"{}\">{}</Say><Say language=\"{}\" voice=\"{}\">{}</Say>",
             escape(language),
             escape(voice),
             escape(t),
             escape(language),
-            escape(voice)
+            escape(voice),
+            escape(&prompts.press_one)
         );
         let gather = format!(
             "<Gather numDigits=\"1\" timeout=\"8\" action=\"{}\" method=\"POST\">{say}</Gather>",
             escape(action)
         );
         format!(
-            "<Response>{gather}{gather}<Say language=\"{}\" voice=\"{}\">Goodbye.</Say><Hangup/></Response>",
+            "<Response>{gather}{gather}<Say language=\"{}\" voice=\"{}\">{}</Say><Hangup/></Response>",
             escape(language),
-            escape(voice)
+            escape(voice),
+            escape(&Prompts::then(&prompts.nobody_joined, &prompts.goodbye))
         )
     };
     // The text appears twice: each copy gets half of what is left.
@@ -69,8 +82,6 @@ pub fn gather_call(text: &str, language: &str, voice: &str, action: &str) -> Str
     let budget = MAX_TWIML_CHARS.saturating_sub(overhead) / 2;
     render(speech::cap(text, MAX_SAY_BYTES, budget))
 }
-
-const PROMPT: &str = "Press 1 to join the incident bridge. Press 9 to decline.";
 
 /// Into the conference, with join and leave reported to `status_callback`.
 pub fn join(
@@ -102,15 +113,23 @@ pub fn say_and_hang_up(text: &str, language: &str, voice: &str) -> String {
 }
 
 /// Asks a caller for the bridge PIN, posting the digits to `action`.
-pub fn gather_pin(digits: usize, action: &str, language: &str, voice: &str) -> String {
+pub fn gather_pin(
+    prompts: &Prompts,
+    digits: usize,
+    action: &str,
+    language: &str,
+    voice: &str,
+) -> String {
     format!(
         "<Response><Gather numDigits=\"{digits}\" timeout=\"10\" action=\"{}\" method=\"POST\"><Say language=\"{}\" voice=\"{}\">\
-         Enter the bridge PIN.</Say></Gather><Say language=\"{}\" voice=\"{}\">Goodbye.</Say><Hangup/></Response>",
+         {}</Say></Gather><Say language=\"{}\" voice=\"{}\">{}</Say><Hangup/></Response>",
         escape(action),
         escape(language),
         escape(voice),
+        escape(&prompts.enter_pin),
         escape(language),
-        escape(voice)
+        escape(voice),
+        escape(&prompts.goodbye)
     )
 }
 
@@ -124,15 +143,26 @@ pub fn say(text: &str, language: &str, voice: &str) -> String {
     )
 }
 
-/// What an answering machine hears before mailcall hangs up: the alert, once.
-pub fn voicemail(text: &str, language: &str, voice: &str) -> String {
-    let text = fit(text, language, voice);
-    format!(
-        "<Response><Say language=\"{}\" voice=\"{}\">This is mailcall. {}</Say><Hangup/></Response>",
-        escape(language),
-        escape(voice),
-        escape(text)
-    )
+/// What an answering machine hears before mailcall hangs up: the `voicemail` phrase and
+/// the alert, once.
+pub fn voicemail(prompts: &Prompts, text: &str, language: &str, voice: &str) -> String {
+    // The phrase is at most a sentence; the alert gives up the room it needs.
+    let intro = speech::cap(&prompts.voicemail, 300, 300);
+    let render = |t: &str| {
+        format!(
+            "<Response><Say language=\"{}\" voice=\"{}\">{}</Say><Hangup/></Response>",
+            escape(language),
+            escape(voice),
+            escape(&Prompts::then(intro, t))
+        )
+    };
+    let overhead = render("").chars().count() + 1;
+    let text = speech::cap(
+        fit(text, language, voice),
+        MAX_SAY_BYTES.saturating_sub(intro.len() + 1),
+        MAX_TWIML_CHARS.saturating_sub(overhead),
+    );
+    render(text)
 }
 
 /// The longest prefix of `text` that [`call`] can speak within Twilio's limits.
@@ -211,6 +241,7 @@ mod tests {
     #[test]
     fn gather_calls_ask_twice_and_always_fit() {
         let t = gather_call(
+            &Prompts::builtin("en-US"),
             "db & down",
             "en-US",
             "Polly.Joanna",
@@ -222,6 +253,7 @@ mod tests {
         for text in ["&".repeat(5000), "停".repeat(5000)] {
             assert!(
                 gather_call(
+                    &Prompts::builtin("ja-JP"),
                     &text,
                     "ja-JP",
                     "Polly.Mizuki",
@@ -230,6 +262,102 @@ mod tests {
                 .chars()
                 .count()
                     <= MAX_TWIML_CHARS
+            );
+        }
+    }
+
+    /// Every TwiML document with a fixed phrase, in one language, for the snapshots.
+    fn prompt_twiml(language: &str, voice: &str) -> String {
+        let prompts = Prompts::builtin(language);
+        let action = "https://alerts.example.com/twilio/gather?room=0123456789abcdef";
+        [
+            gather_call(
+                &prompts,
+                "db1 dot example dot com is down",
+                language,
+                voice,
+                action,
+            ),
+            gather_pin(
+                &prompts,
+                4,
+                "https://alerts.example.com/twilio/pin",
+                language,
+                voice,
+            ),
+            voicemail(&prompts, "db1 is down", language, voice),
+            say_and_hang_up(
+                &Prompts::then(&prompts.wrong_pin, &prompts.goodbye),
+                language,
+                voice,
+            ),
+            say_and_hang_up(&prompts.declined, language, voice),
+            say_and_hang_up(&prompts.not_taken, language, voice),
+            join(
+                &prompts.joining,
+                language,
+                voice,
+                "mailcall-0123456789abcdef",
+                "https://alerts.example.com/twilio/conference?room=0123456789abcdef",
+            ),
+            join(
+                &prompts.dial_in(7),
+                language,
+                voice,
+                "mailcall-0123456789abcdef",
+                "https://alerts.example.com/twilio/conference?room=0123456789abcdef",
+            ),
+            say(&prompts.joined("alice"), language, voice),
+            say(&prompts.joined(&prompts.responder), language, voice),
+            say_and_hang_up(
+                &Prompts::then(&prompts.no_incident, &prompts.goodbye),
+                language,
+                voice,
+            ),
+        ]
+        .join("\n")
+    }
+
+    #[test]
+    fn english_prompts_snapshot() {
+        insta::assert_snapshot!(prompt_twiml("en-US", "Polly.Joanna"));
+    }
+
+    #[test]
+    fn japanese_prompts_snapshot() {
+        let twiml = prompt_twiml("ja-JP", "Polly.Mizuki");
+        // Defect 4: no English phrase in a Japanese call.
+        for english in [
+            "Press 1",
+            "Goodbye",
+            "PIN",
+            "joined",
+            "This is mailcall",
+            "incident",
+        ] {
+            assert!(!twiml.contains(english), "{english:?} in {twiml}");
+        }
+        insta::assert_snapshot!(twiml);
+    }
+
+    #[test]
+    fn built_in_wrappers_speak_the_call_language() {
+        let (ja, en) = (Prompts::builtin("ja-JP"), Prompts::builtin("en-US"));
+        assert!(gather_call(&ja, "x", "ja-JP", "Polly.Mizuki", "https://a/b").contains("1 を"));
+        assert!(voicemail(&ja, "x", "ja-JP", "Polly.Mizuki").contains("メールコール"));
+        assert!(gather_call(&en, "x", "en-US", "Polly.Joanna", "https://a/b").contains("Press 1"));
+    }
+
+    #[test]
+    fn voicemail_fits_whatever_the_phrase() {
+        let mut prompts = Prompts::builtin("ja-JP");
+        prompts.voicemail = "&".repeat(1000);
+        for text in ["&".repeat(5000), "停".repeat(5000)] {
+            let t = voicemail(&prompts, &text, "ja-JP", "Polly.Mizuki");
+            assert!(
+                t.chars().count() <= MAX_TWIML_CHARS,
+                "{}",
+                t.chars().count()
             );
         }
     }

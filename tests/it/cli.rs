@@ -44,7 +44,8 @@ fn check_reports_every_problem_as_path_line_column() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     let p = path.display();
-    assert_eq!(lines.len(), 5, "{stdout}");
+    // The broken regex names no captures: `{hots}` is not reported on top of it.
+    assert_eq!(lines.len(), 4, "{stdout}");
     assert!(
         lines[0].starts_with(&format!(
             "{p}:4:9: contact `alice` has number `090-1234-5678`"
@@ -52,7 +53,7 @@ fn check_reports_every_problem_as_path_line_column() {
         "{stdout}"
     );
     assert!(
-        lines[1].starts_with(&format!("{p}:7:11: invalid regex for `subject`")),
+        lines[1].starts_with(&format!("{p}:7:12: invalid regex for `subject`")),
         "{stdout}"
     );
     assert!(
@@ -62,11 +63,7 @@ fn check_reports_every_problem_as_path_line_column() {
         "{stdout}"
     );
     assert!(
-        lines[3].starts_with(&format!("{p}:9:11: placeholder `{{hots}}`")),
-        "{stdout}"
-    );
-    assert!(
-        lines[4].starts_with(&format!(
+        lines[3].starts_with(&format!(
             "{p}:11:8: rule `b` has neither `call` nor `drop = true`"
         )),
         "{stdout}"
@@ -118,7 +115,7 @@ fn expected() -> Vec<(&'static str, Value)> {
         (
             "nagios.eml",
             json!({"rule": "nagios", "action": "call", "numbers": oncall,
-            "message": "db1.example.com is down", "dedup_key": "db1.example.com", "language": "en-US"}),
+            "message": "db1 dot example dot com is down", "dedup_key": "db1.example.com", "language": "en-US"}),
         ),
         (
             "nagios-recovery.eml",
@@ -132,12 +129,12 @@ fn expected() -> Vec<(&'static str, Value)> {
         (
             "cloudwatch.eml",
             json!({"rule": "cloudwatch", "action": "call", "numbers": ["+15005550002"],
-            "message": "CloudWatch alarm cpu-high"}),
+            "message": "Cloud Watch alarm cpu-high"}),
         ),
         (
             "iso2022jp.eml",
             json!({"rule": "japanese", "action": "call", "numbers": oncall,
-            "message": "web03 停止。ホスト web03 が応答しません。", "dedup_key": "web03",
+            "message": "web03 停止。ホスト web03 が応答しません。 リンク", "dedup_key": "web03",
             "language": "ja-JP", "voice": "Polly.Mizuki"}),
         ),
         (

@@ -78,8 +78,9 @@ fn an_alert_rings_every_number_at_once_into_one_conference() {
         assert_eq!(call.from, "+15005550006");
         assert_eq!(call.timeout, "25");
         assert!(
-            call.twiml
-                .contains(">db1.example.com is down. db1.example.com is DOWN</Say>"),
+            call.twiml.contains(
+                ">db1 dot example dot com is down. db1 dot example dot com is DOWN</Say>"
+            ),
             "{}",
             call.twiml
         );

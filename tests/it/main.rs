@@ -4,6 +4,7 @@
 mod bridge;
 mod cli;
 mod core;
+mod corpus;
 mod crash;
 mod durability;
 mod edge;
