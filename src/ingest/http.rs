@@ -85,9 +85,12 @@ impl App {
 }
 
 /// SendGrid body bytes held in memory at once, across all requests: 24 parallel 40 MiB
-/// posts must not mean a gigabyte. Posts that would exceed it get `503` (SendGrid
-/// retries); one post of the largest size always fits.
+/// posts must not mean a gigabyte. One post of the largest size always fits; others wait
+/// for their turn (up to [`BUDGET_WAIT`]) or get `503`, and SendGrid retries.
 const SENDGRID_BODY_BUDGET: usize = 64 * 1024 * 1024;
+
+/// How long a body waits for room in the budget before it is answered `503`.
+const BUDGET_WAIT: Duration = Duration::from_secs(10);
 
 /// The largest read buffer of one connection (hyper's default is ~400 KiB); request
 /// headers must fit in it. Bodies are not limited by it: they stream through.
@@ -908,7 +911,10 @@ impl BodyError {
 
 /// Reads a body as it streams in, refusing it as soon as it is known to exceed `limit`
 /// (by `Content-Length`, before reading anything, or by what arrived). With a `budget`,
-/// every byte held also holds a permit, returned with the permit when the caller drops it.
+/// every byte held also holds a permit, returned when the caller drops it: a body with a
+/// `Content-Length` reserves all of it before reading (waiting its turn, holding nothing,
+/// so that bodies cannot starve each other half-read); a chunked one takes permits as
+/// its chunks arrive and is refused when there are none left.
 async fn read_body(
     body: Body,
     headers: &HeaderMap,
@@ -920,7 +926,18 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge);
     }
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut held: Option<OwnedSemaphorePermit> = match (budget, declared) {
+        (Some(budget), Some(n)) => {
+            let n = u32::try_from(n).map_err(|_| BodyError::TooLarge)?;
+            let reserved =
+                tokio::time::timeout(BUDGET_WAIT, Arc::clone(budget).acquire_many_owned(n)).await;
+            match reserved {
+                Ok(Ok(permit)) => Some(permit),
+                _ => return Err(BodyError::Busy),
+            }
+        }
+        _ => None,
+    };
     // Capacity is only reserved, not touched: memory grows with what arrives.
     let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     let mut stream = body.into_data_stream();
@@ -929,7 +946,7 @@ async fn read_body(
         if out.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge);
         }
-        if let Some(budget) = budget {
+        if let (Some(budget), None) = (budget, declared) {
             let n = u32::try_from(chunk.len()).map_err(|_| BodyError::TooLarge)?;
             let permit = Arc::clone(budget)
                 .try_acquire_many_owned(n)
