@@ -723,7 +723,7 @@ async fn sendgrid_inbound(
             key,
             Some(signature),
             Some(timestamp),
-            &body,
+            &[&body],
             now_ms() / 1000,
             sg.max_age,
         )
@@ -938,7 +938,9 @@ async fn read_body(
         }
         _ => None,
     };
-    // Capacity is only reserved, not touched: memory grows with what arrives.
+    // One buffer, sized by `Content-Length` (reserved, not touched: memory grows with
+    // what arrives). Keeping hyper's chunks instead would keep each chunk's whole read
+    // buffer alive, several times the body.
     let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
@@ -1025,17 +1027,23 @@ async fn read_fields(
     body: Bytes,
     boundary: String,
 ) -> Result<HashMap<String, Vec<u8>>, multer::Error> {
-    let stream =
-        futures_util::stream::once(async move { Ok::<Bytes, std::convert::Infallible>(body) });
+    // Fed in slices of the one buffer (no copies): the parser copies what it is given
+    // into its own buffer, so one 40 MiB piece would be held twice.
+    const SLICE: usize = 64 * 1024;
+    let slices = (0..body.len())
+        .step_by(SLICE)
+        .map(move |at| Ok::<Bytes, Infallible>(body.slice(at..(at + SLICE).min(body.len()))));
+    let stream = futures_util::stream::iter(slices);
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut fields = HashMap::new();
-    while let Some(field) = multipart.next_field().await? {
+    while let Some(mut field) = multipart.next_field().await? {
         let name = field.name().unwrap_or_default().to_string();
-        let is_file = field.file_name().is_some();
-        let data = field.bytes().await?;
-        if !is_file {
-            fields.insert(name, data.to_vec());
+        if field.file_name().is_some() {
+            // An attachment: passed over, never held whole.
+            while field.chunk().await?.is_some() {}
+            continue;
         }
+        fields.insert(name, Vec::from(field.bytes().await?));
     }
     Ok(fields)
 }
