@@ -96,9 +96,13 @@ const BUDGET_WAIT: Duration = Duration::from_secs(10);
 /// headers must fit in it. Bodies are not limited by it: they stream through.
 const MAX_CONNECTION_BUFFER: usize = 64 * 1024;
 
-/// Refusals (`429`, `503`) being written at once; beyond this a refused connection is
-/// just closed, so that a flood of them costs nothing.
-const MAX_REFUSALS: usize = 256;
+/// Connections waiting for a slot or being refused (`429`, `503`) at once; beyond this a
+/// connection that cannot be served is just closed, so that a flood of them costs nothing.
+const MAX_WAITING: usize = 256;
+
+/// How long a connection over `max_connections` waits for a slot before its `503`: a
+/// burst is served a moment later rather than refused, a full server still answers.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// The routes this configuration enables.
 pub fn app(ctx: Arc<HttpContext>) -> App {
@@ -139,8 +143,8 @@ pub fn app(ctx: Arc<HttpContext>) -> App {
 }
 
 /// Serves `app` until `shutdown`, then finishes the requests under way. At most
-/// `max_connections` are served at once and `[http] max_connections_per_ip` from one
-/// client; more are answered `503` or `429` and closed.
+/// `max_connections` are served at once (more wait up to [`SLOT_WAIT`] for a slot, then
+/// get `503`) and `[http] max_connections_per_ip` from one client (more get `429`).
 pub async fn serve(
     listener: TcpListener,
     max_connections: usize,
@@ -148,7 +152,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
-    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
+    let waiting = Arc::new(Semaphore::new(MAX_WAITING));
     let clients = Arc::new(Clients::default());
     let connections = TaskTracker::new();
     loop {
@@ -166,39 +170,57 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let limits = Limits::of(app.live.load().config.http.as_ref());
-        let refusal = match (
-            Arc::clone(&slots).try_acquire_owned(),
-            clients.admit(peer.ip(), limits.max_per_ip),
-        ) {
-            (Ok(slot), Some(ticket)) => {
-                let (router, shutdown) = (app.router.clone(), shutdown.clone());
+        let (router, shutdown) = (app.router.clone(), shutdown.clone());
+        let Some(ticket) = clients.admit(peer.ip(), limits.max_per_ip) else {
+            warn!(%peer, limit = limits.max_per_ip, "too many HTTP connections from one address; answered 429");
+            let answer = Canned::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections from your address; try again later",
+            )
+            .retry_after(1);
+            if let Ok(place) = Arc::clone(&waiting).try_acquire_owned() {
                 connections.spawn(async move {
+                    refuse(stream, answer).await;
+                    drop(place);
+                });
+            }
+            continue;
+        };
+        if let Ok(slot) = Arc::clone(&slots).try_acquire_owned() {
+            connections.spawn(async move {
+                connection(stream, peer, router, limits, shutdown).await;
+                drop((slot, ticket));
+            });
+            continue;
+        }
+        let Ok(place) = Arc::clone(&waiting).try_acquire_owned() else {
+            warn!(%peer, limit = max_connections, "too many HTTP connections, and too many waiting; closed");
+            continue;
+        };
+        let slots = Arc::clone(&slots);
+        connections.spawn(async move {
+            let slot = tokio::select! {
+                slot = tokio::time::timeout(SLOT_WAIT, slots.acquire_owned()) => slot.ok().and_then(Result::ok),
+                () = shutdown.cancelled() => None,
+            };
+            match slot {
+                Some(slot) => {
+                    drop(place);
                     connection(stream, peer, router, limits, shutdown).await;
                     drop((slot, ticket));
-                });
-                continue;
+                }
+                None => {
+                    warn!(%peer, limit = max_connections, "too many HTTP connections; answered 503");
+                    let answer = Canned::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many connections; try again later",
+                    )
+                    .retry_after(5);
+                    refuse(stream, answer).await;
+                    drop(place);
+                }
             }
-            (_, None) => {
-                warn!(%peer, limit = limits.max_per_ip, "too many HTTP connections from one address; answered 429");
-                Canned::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "too many connections from your address; try again later",
-                )
-            }
-            (Err(_), _) => {
-                warn!(%peer, limit = max_connections, "too many HTTP connections; answered 503");
-                Canned::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too many connections; try again later",
-                )
-            }
-        };
-        if let Ok(permit) = Arc::clone(&refusals).try_acquire_owned() {
-            connections.spawn(async move {
-                refuse(stream, refusal.retry_after(1)).await;
-                drop(permit);
-            });
-        }
+        });
     }
     connections.close();
     connections.wait().await;
