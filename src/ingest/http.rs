@@ -294,7 +294,9 @@ async fn connection(
     })
     .await;
     match result {
-        Ok(()) => {}
+        // Hyper is done (the client closed, or the connection cannot be kept alive, e.g.
+        // a body was refused unread) but leaves closing to us.
+        Ok(()) => linger(conn.into_parts().io.into_inner(), None).await,
         Err(e) if e.is_timeout() => {
             let parts = conn.into_parts();
             if parts.read_buf.is_empty() && requested.load(Ordering::Relaxed) {
@@ -302,16 +304,11 @@ async fn connection(
                 return;
             }
             warn!(%peer, timeout = ?limits.header_timeout, "no complete request headers within header_timeout; answered 408");
-            let mut io = parts.io.into_inner();
             let answer = Canned::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "request headers not received in time",
             );
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                io.write_all(&answer.bytes()).await?;
-                io.shutdown().await
-            })
-            .await;
+            linger(parts.io.into_inner(), Some(answer)).await;
         }
         Err(e) if timed_out(&e) => {
             warn!(%peer, "HTTP client stopped reading its response; closed");
@@ -373,21 +370,30 @@ impl Canned {
     }
 }
 
-/// Answers a connection that is not served, then closes it the way that lets the
-/// client read the answer: write, half-close, and read what it sends (bounded in bytes
-/// and time), since closing on unread data would reset the connection instead.
-async fn refuse(mut stream: TcpStream, answer: Canned) {
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        stream.write_all(&answer.bytes()).await?;
+/// Answers a connection that is not served, then closes it ([`linger`]).
+async fn refuse(stream: TcpStream, answer: Canned) {
+    linger(stream, Some(answer)).await;
+}
+
+/// How long a closing connection's unread input is drained.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// Closes a connection so that the client reads its answer rather than a reset: closing a
+/// socket with unread input (the rest of a body refused before it was read, say) makes
+/// the kernel send RST, which can destroy the answer in flight. So: write the `answer`
+/// (if any), half-close, and read and discard what still comes for at most [`LINGER`],
+/// as Apache's lingering close does.
+async fn linger<S>(mut stream: S, answer: Option<Canned>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = tokio::time::timeout(LINGER, async {
+        if let Some(answer) = answer {
+            stream.write_all(&answer.bytes()).await?;
+        }
         stream.shutdown().await?;
         let mut sink = [0u8; 4096];
-        let mut drained = 0;
-        while drained < 64 * 1024 {
-            match stream.read(&mut sink).await? {
-                0 => break,
-                n => drained += n,
-            }
-        }
+        while stream.read(&mut sink).await? > 0 {}
         Ok::<(), std::io::Error>(())
     })
     .await;
