@@ -75,8 +75,13 @@ pub struct Http {
     pub request_timeout: Duration,
     /// Body limit of every endpoint but SendGrid's.
     pub max_body_bytes: usize,
-    /// Concurrent connections; more wait in the listen backlog.
+    /// Concurrent connections; more are answered `503` and closed.
     pub max_connections: usize,
+    /// Concurrent connections from one client address; more are answered `429`.
+    pub max_connections_per_ip: usize,
+    /// How long a client may take to send a request's headers, and how long a kept-alive
+    /// connection may wait for its next request.
+    pub header_timeout: Duration,
 }
 
 /// SendGrid Inbound Parse.
@@ -99,6 +104,17 @@ pub struct Sendgrid {
 pub struct Webhook {
     /// The environment variable holding the bearer token.
     pub token_env: String,
+    /// Which numbers `/alert` may ring.
+    pub numbers: WebhookNumbers,
+}
+
+/// Which numbers `/alert` may ring: a leaked token should not reach every phone on earth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookNumbers {
+    /// Only numbers of `[contacts]` and `[groups]` (by name or by number).
+    Contacts,
+    /// Any E.164 number as well.
+    Any,
 }
 
 /// The embedded SMTP listener.
@@ -345,6 +361,27 @@ impl Config {
         prompt_set(&self.prompts, language)
     }
 
+    /// What is allowed but probably unintended: logged at start and printed by `check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(sg) = &self.sendgrid
+            && sg.basic.is_none()
+            && sg.public_key.is_none()
+        {
+            warnings.push(format!(
+                "[sendgrid] has neither `username` (Basic auth) nor `public_key` (signatures): anyone who finds {} can ring your phones; set `username` and `password_env`, or `public_key`",
+                sg.path
+            ));
+        }
+        warnings
+    }
+
+    /// Is `number` one of the numbers of `[contacts]` or `[groups]`?
+    pub fn is_known_number(&self, number: &str) -> bool {
+        self.contacts.values().any(|n| n == number)
+            || self.groups.values().flatten().any(|n| n == number)
+    }
+
     /// Looks up the E.164 numbers a `call` entry names: a contact, a group or a number.
     pub fn resolve_callee(&self, entry: &str) -> Option<Vec<String>> {
         if let Some(number) = self.contacts.get(entry) {
@@ -446,6 +483,8 @@ struct RawHttp {
     request_timeout: Option<Spanned<String>>,
     max_body_bytes: Option<Spanned<u64>>,
     max_connections: Option<Spanned<u64>>,
+    max_connections_per_ip: Option<Spanned<u64>>,
+    header_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -464,6 +503,7 @@ struct RawSendgrid {
 #[serde(deny_unknown_fields)]
 struct RawWebhook {
     token_env: Spanned<String>,
+    numbers: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1274,9 +1314,30 @@ fn validate(
             &mut p,
             h.max_connections.as_ref(),
             "max_connections",
-            100,
+            512,
         ))
         .unwrap_or(usize::MAX),
+        max_connections_per_ip: usize::try_from(positive(
+            &mut p,
+            h.max_connections_per_ip.as_ref(),
+            "max_connections_per_ip",
+            20,
+        ))
+        .unwrap_or(usize::MAX),
+        header_timeout: {
+            let t = p.duration(
+                h.header_timeout.as_ref(),
+                "header_timeout",
+                Duration::from_secs(10),
+            );
+            if let Some(v) = h.header_timeout.as_ref().filter(|_| t.is_zero()) {
+                p.push(
+                    v.span(),
+                    "`header_timeout` must be greater than 0; write e.g. \"10s\"",
+                );
+            }
+            t
+        },
     });
     let sendgrid = raw.sendgrid.as_ref().map(|sg| {
         if http.is_none() {
@@ -1325,8 +1386,18 @@ fn validate(
                 "[webhook] needs an HTTP server; add [http] with listen = \"127.0.0.1:8025\"",
             );
         }
+        let numbers = match w.numbers.as_ref() {
+            None => WebhookNumbers::Contacts,
+            Some(n) if n.get_ref() == "contacts" => WebhookNumbers::Contacts,
+            Some(n) if n.get_ref() == "any" => WebhookNumbers::Any,
+            Some(n) => {
+                p.push(n.span(), format!("`numbers` must be \"contacts\" (only numbers of [contacts] and [groups]) or \"any\", not `{}`", n.get_ref()));
+                WebhookNumbers::Contacts
+            }
+        };
         Webhook {
             token_env: w.token_env.get_ref().clone(),
+            numbers,
         }
     });
 
@@ -1704,5 +1775,53 @@ mod tests {
         assert!(r.matches("ops.team@pager.example.com"));
         assert!(!r.matches("someone@example.com"));
         assert!(!r.matches("x@pager.example.com.evil.org"));
+    }
+
+    #[test]
+    fn http_limits_webhook_numbers_and_the_unauthenticated_sendgrid_warning() {
+        let http = "[http]\nlisten = \"127.0.0.1:8025\"\n";
+        let c = Config::parse(
+            Path::new("r.toml"),
+            &format!("{MINIMAL}{http}[webhook]\ntoken_env = \"T\"\n[sendgrid]\n"),
+        )
+        .unwrap();
+        let h = c.http.as_ref().unwrap();
+        assert_eq!(h.header_timeout, Duration::from_secs(10));
+        assert_eq!(h.max_connections_per_ip, 20);
+        assert_eq!(h.max_connections, 512);
+        assert_eq!(
+            c.webhook.as_ref().unwrap().numbers,
+            WebhookNumbers::Contacts
+        );
+        let warnings = c.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("anyone who finds /sendgrid/inbound"));
+
+        let c = Config::parse(
+            Path::new("r.toml"),
+            &format!("{MINIMAL}{http}header_timeout = \"3s\"\nmax_connections_per_ip = 2\n[webhook]\ntoken_env = \"T\"\nnumbers = \"any\"\n[sendgrid]\nusername = \"u\"\npassword_env = \"P\"\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.http.as_ref().unwrap().header_timeout,
+            Duration::from_secs(3)
+        );
+        assert_eq!(c.http.as_ref().unwrap().max_connections_per_ip, 2);
+        assert_eq!(c.webhook.as_ref().unwrap().numbers, WebhookNumbers::Any);
+        assert!(c.warnings().is_empty());
+
+        let got = problems(&format!(
+            "{MINIMAL}{http}header_timeout = \"0s\"\nmax_connections_per_ip = 0\n[webhook]\ntoken_env = \"T\"\nnumbers = \"all\"\n"
+        ));
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(
+            got[0].starts_with("rules.toml:5:18: `header_timeout` must be greater than 0"),
+            "{got:?}"
+        );
+        assert!(
+            got[1].contains("`max_connections_per_ip` must be"),
+            "{got:?}"
+        );
+        assert!(got[2].contains("`numbers` must be \"contacts\""), "{got:?}");
     }
 }

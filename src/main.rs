@@ -186,6 +186,9 @@ fn check(path: &Path) -> ExitCode {
                 config.contacts.len(),
                 config.groups.len()
             );
+            for warning in config.warnings() {
+                println!("{}: warning: {warning}", path.display());
+            }
             ExitCode::SUCCESS
         }
         Err(ConfigError::Invalid(problems)) => {

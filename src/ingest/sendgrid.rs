@@ -8,14 +8,17 @@
 //! original headers, so that the store holds mail either way and routing has one input.
 //!
 //! Also here: the signed-webhook check (ECDSA P-256 over timestamp + body) and the SPF
-//! and DKIM verdicts. No I/O.
+//! and DKIM verdicts, with the DKIM domain held to the `From:` domain (DMARC's relaxed
+//! alignment), because a valid signature of *some* domain says nothing about the sender.
+//! No I/O.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use base64::Engine;
-use p256::ecdsa::signature::Verifier;
+use p256::ecdsa::signature::DigestVerifier;
 use p256::ecdsa::{Signature, VerifyingKey};
+use sha2::{Digest, Sha256};
 
 use crate::alert::{Alert, Envelope};
 
@@ -25,6 +28,8 @@ pub struct Inbound {
     pub raw: Vec<u8>,
     pub envelope: Envelope,
     pub message_id: Option<String>,
+    /// The address in the mail's `From:` header (empty without one): what DKIM must align with.
+    pub header_from: String,
     /// SendGrid's SPF verdict (`pass`, `fail`, `softfail`, …), if sent.
     pub spf: Option<String>,
     /// SendGrid's DKIM results, e.g. `{@example.com : pass}`.
@@ -58,15 +63,36 @@ pub enum SignatureError {
 }
 
 /// Verifies SendGrid's signature: ECDSA P-256 with SHA-256 over `timestamp` followed by
-/// the raw body, base64 DER in the signature header. Checked before anything is parsed.
+/// the raw body (given in the chunks it arrived in), base64 DER in the signature header.
+/// Checked before anything is parsed.
 pub fn verify_signature(
     key: &VerifyingKey,
     signature: Option<&str>,
     timestamp: Option<&str>,
-    body: &[u8],
+    body: &[impl AsRef<[u8]>],
     now_secs: i64,
     max_age: Duration,
 ) -> Result<(), SignatureError> {
+    let signature = precheck_signature(signature, timestamp, now_secs, max_age)?;
+    // Hashed in place, chunk by chunk as it arrived: a copy of timestamp + body would
+    // double a 40 MiB body.
+    let mut digest = Sha256::new_with_prefix(timestamp.unwrap_or_default().as_bytes());
+    for chunk in body {
+        digest.update(chunk);
+    }
+    key.verify_digest(digest, &signature)
+        .map_err(|_| SignatureError::Mismatch)
+}
+
+/// Checks what can be checked without the body (both headers there, the timestamp fresh,
+/// the signature base64 DER), so that a request without a chance is refused before its
+/// body is read. Returns the decoded signature.
+pub fn precheck_signature(
+    signature: Option<&str>,
+    timestamp: Option<&str>,
+    now_secs: i64,
+    max_age: Duration,
+) -> Result<Signature, SignatureError> {
     let (Some(signature), Some(timestamp)) = (signature, timestamp) else {
         return Err(SignatureError::Missing);
     };
@@ -81,29 +107,50 @@ pub fn verify_signature(
     let der = base64::engine::general_purpose::STANDARD
         .decode(signature.trim())
         .map_err(|_| SignatureError::Malformed)?;
-    let signature = Signature::from_der(&der).map_err(|_| SignatureError::Malformed)?;
-    let mut signed = Vec::with_capacity(timestamp.len() + body.len());
-    signed.extend_from_slice(timestamp.as_bytes());
-    signed.extend_from_slice(body);
-    key.verify(&signed, &signature)
-        .map_err(|_| SignatureError::Mismatch)
+    Signature::from_der(&der).map_err(|_| SignatureError::Malformed)
 }
 
-/// Did SendGrid find a passing DKIM signature? (`{@a.example : pass, @b.example : fail}`)
-pub fn dkim_passed(dkim: Option<&str>) -> bool {
+/// SendGrid's DKIM results (`{@a.example : pass, @b.example : fail}`) as (domain, passed).
+fn dkim_results(dkim: &str) -> impl Iterator<Item = (String, bool)> + '_ {
+    dkim.trim()
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .filter_map(|r| {
+            let (domain, verdict) = r.rsplit_once(':')?;
+            let domain = domain.trim().trim_start_matches('@').trim_end_matches('.');
+            Some((
+                domain.to_ascii_lowercase(),
+                verdict.trim().eq_ignore_ascii_case("pass"),
+            ))
+        })
+}
+
+/// Did SendGrid find a passing DKIM signature whose domain aligns with the `From:`
+/// address's domain? Relaxed alignment as DMARC defines it (RFC 7489 3.1.1): both have
+/// the same organisational domain (the registrable domain by the Public Suffix List), so
+/// `mail.example.com` aligns with `example.com` but `example.net` or `evil.co.uk` with
+/// `shop.co.uk` do not.
+pub fn dkim_aligned(dkim: Option<&str>, header_from: &str) -> bool {
+    let Some((_, from_domain)) = header_from.rsplit_once('@') else {
+        return false;
+    };
+    let from_domain = from_domain.trim_end_matches('.').to_ascii_lowercase();
+    let from_org = organisational_domain(&from_domain);
     dkim.is_some_and(|d| {
-        d.trim_matches(|c| c == '{' || c == '}')
-            .split(',')
-            .any(|r| {
-                r.rsplit(':')
-                    .next()
-                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("pass"))
-            })
+        dkim_results(d).any(|(domain, passed)| {
+            passed && !domain.is_empty() && organisational_domain(&domain) == from_org
+        })
     })
 }
 
+/// The registrable domain (`mail.example.co.uk` → `example.co.uk`); the name itself when
+/// the list has none (a public suffix, or a single label).
+fn organisational_domain(domain: &str) -> &str {
+    psl::domain_str(domain).unwrap_or(domain)
+}
+
 /// Builds the stored mail from the form fields (name → bytes; file parts left out).
-pub fn from_fields(fields: &HashMap<String, Vec<u8>>) -> Result<Inbound, PayloadError> {
+pub fn from_fields(mut fields: HashMap<String, Vec<u8>>) -> Result<Inbound, PayloadError> {
     let text_field = |name: &str| {
         fields
             .get(name)
@@ -126,17 +173,20 @@ pub fn from_fields(fields: &HashMap<String, Vec<u8>>) -> Result<Inbound, Payload
             }
         }
     };
-    let raw = match fields.get("email") {
-        Some(email) => email.clone(),
-        None => rebuild_mime(fields)?,
+    let (spf, dkim) = (text_field("SPF"), text_field("dkim"));
+    let raw = match fields.remove("email") {
+        Some(email) => email,
+        None => rebuild_mime(&fields)?,
     };
-    let message_id = Alert::from_mime(&raw, &envelope).message_id;
+    // Without the envelope, `from` is the header's address (or nothing).
+    let parsed = Alert::from_mime(&raw, &Envelope::default());
     Ok(Inbound {
         raw,
         envelope,
-        message_id,
-        spf: text_field("SPF"),
-        dkim: text_field("dkim"),
+        message_id: parsed.message_id,
+        header_from: parsed.from,
+        spf,
+        dkim,
     })
 }
 
@@ -248,7 +298,7 @@ mod tests {
             ),
             ("SPF", b"pass"),
         ]);
-        let inbound = from_fields(&f).unwrap();
+        let inbound = from_fields(f).unwrap();
         assert_eq!(inbound.raw, mail);
         assert_eq!(inbound.envelope.rcpt_to, ["alerts@example.com"]);
         assert_eq!(inbound.envelope.mail_from.as_deref(), Some("a@b.example"));
@@ -268,7 +318,7 @@ mod tests {
             ("charsets", br#"{"to":"UTF-8","html":"UTF-8","subject":"UTF-8","from":"UTF-8","text":"iso-2022-jp"}"#),
             ("subject", "停止 web01".as_bytes()),
         ]);
-        let inbound = from_fields(&f).unwrap();
+        let inbound = from_fields(f).unwrap();
         let alert = Alert::from_mime(&inbound.raw, &inbound.envelope);
         assert_eq!(alert.subject, "停止 web01");
         assert_eq!(alert.body, "サーバー web01 停止");
@@ -288,7 +338,7 @@ mod tests {
             ("subject", b"db1 is DOWN"),
             ("html", b"<p>Disk <b>full</b></p>"),
         ]);
-        let alert = Alert::from_mime(&from_fields(&f).unwrap().raw, &Envelope::default());
+        let alert = Alert::from_mime(&from_fields(f).unwrap().raw, &Envelope::default());
         assert_eq!(alert.subject, "db1 is DOWN");
         assert_eq!(alert.from, "n@example.com");
         assert_eq!(alert.body, "Disk full");
@@ -297,22 +347,50 @@ mod tests {
     #[test]
     fn not_sendgrid_at_all() {
         assert_eq!(
-            from_fields(&fields(&[("x", b"y")])),
+            from_fields(fields(&[("x", b"y")])),
             Err(PayloadError::NoMail)
         );
         assert!(matches!(
-            from_fields(&fields(&[("email", b"x"), ("envelope", b"nope")])),
+            from_fields(fields(&[("email", b"x"), ("envelope", b"nope")])),
             Err(PayloadError::Envelope(_))
         ));
     }
 
     #[test]
-    fn dkim_verdicts() {
-        assert!(dkim_passed(Some("{@sendgrid.com : pass}")));
-        assert!(dkim_passed(Some("{@a.example : fail, @b.example : pass}")));
-        assert!(!dkim_passed(Some("{@a.example : fail}")));
-        assert!(!dkim_passed(Some("none")));
-        assert!(!dkim_passed(None));
+    fn dkim_must_pass_and_align_with_the_from_domain() {
+        let from = "alerts@example.com";
+        assert!(dkim_aligned(Some("{@example.com : pass}"), from));
+        assert!(dkim_aligned(Some("{@Example.COM. : PASS}"), from));
+        assert!(dkim_aligned(
+            Some("{@evil.example : pass, @mail.example.com : pass}"),
+            from
+        ));
+        // Relaxed: the same organisational domain either way round.
+        assert!(dkim_aligned(
+            Some("{@example.com : pass}"),
+            "a@mon.eu.example.com"
+        ));
+        assert!(dkim_aligned(
+            Some("{@mail.example.co.uk : pass}"),
+            "a@example.co.uk"
+        ));
+        // A passing signature of someone else's domain is not enough.
+        assert!(!dkim_aligned(Some("{@sendgrid.net : pass}"), from));
+        assert!(!dkim_aligned(Some("{@example.com.evil.org : pass}"), from));
+        assert!(!dkim_aligned(
+            Some("{@other.co.uk : pass}"),
+            "a@example.co.uk"
+        ));
+        assert!(!dkim_aligned(Some("{@co.uk : pass}"), "a@example.co.uk"));
+        assert!(!dkim_aligned(Some("{@example.com : fail}"), from));
+        assert!(!dkim_aligned(
+            Some("{@a.example : fail, @example.com : neutral}"),
+            from
+        ));
+        assert!(!dkim_aligned(Some("none"), from));
+        assert!(!dkim_aligned(None, from));
+        assert!(!dkim_aligned(Some("{@example.com : pass}"), ""));
+        assert!(!dkim_aligned(Some("{@ : pass}"), "a@"));
     }
 
     #[test]
@@ -336,7 +414,20 @@ mod tests {
                 &key,
                 Some(&good),
                 Some("1700000000"),
-                body,
+                &[body],
+                1_700_000_100,
+                max
+            ),
+            Ok(())
+        );
+        // The same body in the chunks it may arrive in.
+        let (head, tail) = body.split_at(20);
+        assert_eq!(
+            verify_signature(
+                &key,
+                Some(&good),
+                Some("1700000000"),
+                &[head, tail],
                 1_700_000_100,
                 max
             ),
@@ -349,7 +440,7 @@ mod tests {
                 &key,
                 Some(&good),
                 Some("1700000000"),
-                &tampered,
+                &[&tampered],
                 1_700_000_100,
                 max
             ),
@@ -361,7 +452,7 @@ mod tests {
                 &key,
                 Some(&good),
                 Some("1700000001"),
-                body,
+                &[body],
                 1_700_000_100,
                 max
             ),
@@ -372,14 +463,14 @@ mod tests {
                 &key,
                 Some(&good),
                 Some("1700000000"),
-                body,
+                &[body],
                 1_700_001_000,
                 max
             ),
             Err(SignatureError::Stale(1000))
         );
         assert_eq!(
-            verify_signature(&key, None, Some("1"), body, 1, max),
+            verify_signature(&key, None, Some("1"), &[body], 1, max),
             Err(SignatureError::Missing)
         );
         assert_eq!(
@@ -387,7 +478,7 @@ mod tests {
                 &key,
                 Some("!!"),
                 Some("1700000000"),
-                body,
+                &[body],
                 1_700_000_000,
                 max
             ),
@@ -399,7 +490,7 @@ mod tests {
                 &other,
                 Some(&good),
                 Some("1700000000"),
-                body,
+                &[body],
                 1_700_000_000,
                 max
             ),

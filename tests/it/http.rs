@@ -1,7 +1,11 @@
 //! The HTTP ways in: SendGrid Inbound Parse (both modes, Basic auth, signatures,
 //! SPF/DKIM, duplicates, size), the `/alert` webhook and `/healthz`; and `mailcall call`.
+//! Also the server's limits against hostile clients (issue 13): authentication before the
+//! body, slow and greedy connections, and who may ring a phone.
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use p256::ecdsa::signature::Signer;
@@ -363,7 +367,8 @@ fn sendgrid_spf_dkim_and_recipient_failures_are_recorded_and_ring_nobody() {
     let url = format!("{base}/sendgrid/inbound");
     let post = |spf: &[u8], dkim: &[u8], to: &str, subject: &str| {
         let envelope = format!(r#"{{"to":["{to}"],"from":"m@example.com"}}"#);
-        let email = format!("Subject: {subject}\r\nMessage-ID: <{subject}@x>\r\n\r\nbody");
+        let email =
+            format!("From: m@x\r\nSubject: {subject}\r\nMessage-ID: <{subject}@x>\r\n\r\nbody");
         let body = sendgrid_body(
             &[
                 ("email", email.as_bytes()),
@@ -449,7 +454,8 @@ fn sendgrid_bodies_over_40_mib_get_413_and_a_store_failure_gets_503() {
 #[test]
 fn the_alert_webhook_takes_forms_and_queries_with_a_token() {
     let twilio = FakeTwilio::start();
-    let (_daemon, dir, base) = http_daemon(&twilio, "");
+    // Follows [webhook]: this test rings a number outside [contacts] too.
+    let (_daemon, dir, base) = http_daemon(&twilio, "numbers = \"any\"\n");
     let url = format!("{base}/alert");
     let form = (
         "Content-Type",
@@ -630,4 +636,479 @@ fn mailcall_call_places_calls_directly_or_through_a_running_daemon() {
     );
     daemon.wait_for_log("rule=\"cli\"", Duration::from_secs(5));
     assert_eq!(twilio.calls().len(), 3);
+}
+
+// ---- Issue 13: hostile clients ------------------------------------------------------
+
+/// A runtime for opening sockets from a chosen loopback address.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A raw connection from `from` (any of 127.0.0.0/8) to `to`, for tests that play a
+/// misbehaving client byte by byte, or many clients.
+fn connect_from(rt: &tokio::runtime::Runtime, from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), socket.connect(to))
+            .await
+            .expect("connect timed out")
+            .unwrap()
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+/// Reads an answer's status line and headers, waiting at most `timeout`; `None` if none
+/// came (the server is still waiting for something, or closed without a word).
+fn read_head(stream: &mut TcpStream, timeout: Duration) -> Option<(u16, String)> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    let status = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, text))
+}
+
+/// Reads until the server closes the connection (`Some(rest)`) or `timeout` (`None`).
+fn read_to_close(stream: &mut TcpStream, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).to_string()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Some(String::from_utf8_lossy(&got).to_string());
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+const LOCALHOST: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// `GET /healthz` over a fresh connection from `from`; the status, if one came in time.
+fn healthz_from(rt: &tokio::runtime::Runtime, from: Ipv4Addr, to: SocketAddr) -> Option<u16> {
+    let mut s = connect_from(rt, from, to);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    read_head(&mut s, Duration::from_secs(5)).map(|(status, _)| status)
+}
+
+/// Issue 13, defect 3: SendGrid bodies were read before auth, so 24 parallel
+/// unauthenticated 40 MiB posts took 958 MB. Now credentials in headers (Basic, token,
+/// signature headers) are checked first: a post announcing 40 MiB and sending 1 KiB gets
+/// its 401/403 without the rest ever being sent.
+#[test]
+fn regression_sendgrid_bodies_are_read_before_auth() {
+    let twilio = FakeTwilio::start();
+    let (daemon, dir, _) = http_daemon(
+        &twilio,
+        "[sendgrid]\nusername = \"sendgrid\"\npassword_env = \"MAILCALL_TEST_SENDGRID_PASSWORD\"\n",
+    );
+    let addr = daemon.http.unwrap();
+    let rt = runtime();
+    let basic = |user: &str, pass: &str| {
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    };
+    let post = |path: &str, headers: &str, length: usize| {
+        let mut s = connect_from(&rt, LOCALHOST, addr);
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n\
+             Content-Length: {length}\r\n{headers}\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&[b'a'; 1024]).unwrap();
+        let answer = read_head(&mut s, Duration::from_secs(10));
+        assert!(
+            answer.is_some(),
+            "POST {path} {headers:?}: no answer while the body is unsent; the server waits for it"
+        );
+        answer.unwrap()
+    };
+    let forty_mib = 40 * 1024 * 1024;
+    for (path, headers) in [
+        ("/sendgrid/inbound", String::new()),
+        ("/sendgrid/inbound", basic("sendgrid", "wrong")),
+        ("/sendgrid/inbound", basic("other", TEST_SENDGRID_PASSWORD)),
+        ("/alert", String::new()),
+        ("/alert?token=nope", String::new()),
+        ("/alert", "Authorization: Bearer nope\r\n".to_string()),
+    ] {
+        let (status, head) = post(path, &headers, forty_mib);
+        assert_eq!(status, 401, "{path} {headers:?}: {head}");
+    }
+    // Authenticated, but announcing more than the limit: 413 before reading it.
+    let (status, head) = post(
+        "/sendgrid/inbound",
+        &basic("sendgrid", TEST_SENDGRID_PASSWORD),
+        forty_mib + 1,
+    );
+    assert_eq!(status, 413, "{head}");
+    daemon.wait_for_log("SendGrid request refused", Duration::from_secs(5));
+    daemon.wait_for_log(
+        "body over the limit; refused with 413",
+        Duration::from_secs(5),
+    );
+    assert!(
+        daemon.logs().contains("peer=Some(\"127.0.0.1:"),
+        "{}",
+        daemon.logs()
+    );
+    drop(daemon);
+
+    // Signatures: the headers are checked before the body, the body after it is read.
+    let signing = SigningKey::from_bytes(&[42u8; 32].into()).unwrap();
+    let der = signing.verifying_key().to_public_key_der().unwrap();
+    let public_key = base64::engine::general_purpose::STANDARD.encode(der.as_bytes());
+    let (daemon, _dir2, _) = http_daemon(
+        &twilio,
+        &format!("[sendgrid]\npublic_key = \"{public_key}\"\n"),
+    );
+    let addr = daemon.http.unwrap();
+    let post = |headers: &str| {
+        let mut s = connect_from(&rt, LOCALHOST, addr);
+        let head = format!(
+            "POST /sendgrid/inbound HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary={BOUNDARY}\r\n\
+             Content-Length: {forty_mib}\r\n{headers}\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        read_head(&mut s, Duration::from_secs(10))
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let good_sig = {
+        let sig: Signature = signing.sign(b"anything");
+        base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes())
+    };
+    for headers in [
+        String::new(),
+        format!("X-Twilio-Email-Event-Webhook-Timestamp: {now}\r\n"),
+        format!(
+            "X-Twilio-Email-Event-Webhook-Signature: {good_sig}\r\nX-Twilio-Email-Event-Webhook-Timestamp: {}\r\n",
+            now - 3600
+        ),
+        format!(
+            "X-Twilio-Email-Event-Webhook-Signature: not base64!\r\nX-Twilio-Email-Event-Webhook-Timestamp: {now}\r\n"
+        ),
+    ] {
+        let answer = post(&headers);
+        assert_eq!(
+            answer.as_ref().map(|a| a.0),
+            Some(403),
+            "{headers:?}: {answer:?}"
+        );
+    }
+    assert!(incidents(dir.path()).is_empty());
+    assert!(twilio.calls().is_empty());
+}
+
+/// Issue 13, defect 4: HTTP slowloris. A few hundred connections trickling their headers
+/// made every endpoint, `/healthz` included, unreachable. Now: 500 connections stuck in
+/// their headers from 25 other addresses (20 each, the per-address cap) leave `/healthz`
+/// answering; one more from a full address gets 429; after `header_timeout` (10 s by
+/// default) the slow ones get 408 and are closed. All with the default settings.
+#[test]
+fn regression_http_slowloris_makes_every_endpoint_unreachable() {
+    let twilio = FakeTwilio::start();
+    let (daemon, _dir, _) = http_daemon(&twilio, "");
+    let addr = daemon.http.unwrap();
+    let rt = runtime();
+    let mut slow = Vec::new();
+    for host in 2..27u8 {
+        for _ in 0..20 {
+            let mut s = connect_from(&rt, Ipv4Addr::new(127, 0, 0, host), addr);
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+                .unwrap();
+            slow.push(s);
+        }
+    }
+    let opened = Instant::now();
+    // A kept-alive connection that goes quiet after its request: closed after
+    // header_timeout too, but without a 408 (it had nothing under way).
+    let mut idle = connect_from(&rt, Ipv4Addr::new(127, 0, 0, 98), addr);
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    assert_eq!(
+        read_head(&mut idle, Duration::from_secs(5)).map(|a| a.0),
+        Some(200)
+    );
+
+    let mut over = connect_from(&rt, Ipv4Addr::new(127, 0, 0, 2), addr);
+    over.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let answer = read_head(&mut over, Duration::from_secs(5));
+    let (status, head) = answer.expect("no answer over the per-address cap");
+    assert_eq!(status, 429, "{head}");
+    assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+
+    let started = Instant::now();
+    let status = healthz_from(&rt, LOCALHOST, addr);
+    eprintln!(
+        "/healthz with 500 slow connections open: {status:?} in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        status,
+        Some(200),
+        "/healthz unreachable behind slow clients"
+    );
+    // Another address with no slow connection of its own is served as well.
+    assert_eq!(
+        healthz_from(&rt, Ipv4Addr::new(127, 0, 0, 99), addr),
+        Some(200)
+    );
+
+    // The slow ones are answered 408 once the default header_timeout (10 s) is over.
+    for s in slow.iter_mut().step_by(50) {
+        let answer = read_head(s, Duration::from_secs(30));
+        let (status, head) = answer.expect("a slow client was never timed out");
+        assert_eq!(status, 408, "{head}");
+        assert!(
+            read_to_close(s, Duration::from_secs(5)).is_some(),
+            "not closed after 408"
+        );
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_secs(9),
+        "timed out too early"
+    );
+    let rest = read_to_close(&mut idle, Duration::from_secs(10)).expect("idle connection kept");
+    assert!(!rest.contains("408"), "{rest}");
+    daemon.wait_for_log(
+        "too many HTTP connections from one address; answered 429",
+        Duration::from_secs(5),
+    );
+    daemon.wait_for_log("answered 408", Duration::from_secs(5));
+    assert!(
+        daemon
+            .logs()
+            .lines()
+            .any(|l| l.contains("answered 408") && l.contains("peer=127.0.0.2")),
+        "the 408 log line names the client"
+    );
+}
+
+/// The limits follow `[http]`: `header_timeout` (408), `max_connections_per_ip` (429) and
+/// `max_connections` (503 once a connection has waited 5 s for a slot).
+#[test]
+fn http_limits_follow_the_config() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let cfg = config(
+        Some(&twilio),
+        "[http]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"7s\"\nmax_connections_per_ip = 2\nmax_connections = 4\n",
+    );
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    let addr = daemon.http.unwrap();
+    let rt = runtime();
+    let a = Ipv4Addr::new(127, 0, 0, 3);
+    let b = Ipv4Addr::new(127, 0, 0, 4);
+    let opened = Instant::now();
+    let mut slow: Vec<TcpStream> = [a, a, b, b]
+        .into_iter()
+        .map(|from| {
+            let mut s = connect_from(&rt, from, addr);
+            s.write_all(b"POST /alert HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    let mut third = connect_from(&rt, a, addr);
+    let (status, head) = read_head(&mut third, Duration::from_secs(5)).expect("no 429");
+    assert_eq!(status, 429, "{head}");
+    let mut fifth = connect_from(&rt, Ipv4Addr::new(127, 0, 0, 5), addr);
+    fifth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let (status, head) = read_head(&mut fifth, Duration::from_secs(15)).expect("no 503");
+    assert_eq!(status, 503, "{head}");
+    for s in &mut slow {
+        let (status, head) = read_head(s, Duration::from_secs(15)).expect("no 408");
+        assert_eq!(status, 408, "{head}");
+        assert!(read_to_close(s, Duration::from_secs(5)).is_some());
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_secs(6),
+        "timed out too early"
+    );
+    daemon.wait_for_log(
+        "too many HTTP connections; answered 503",
+        Duration::from_secs(5),
+    );
+    // Once the clients close, their slots are free again.
+    drop((slow, third, fifth));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while healthz_from(&rt, a, addr) != Some(200) {
+        assert!(Instant::now() < deadline, "slots not released");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 13, defect 9 (the webhook part): `/alert` with a valid token called any number
+/// in the world, and `Authorization: bearer …` (lowercase, which RFC 9110 allows) was
+/// refused. Now only numbers of `[contacts]` and `[groups]` ring unless `[webhook]
+/// numbers = "any"`, and the scheme is matched case-insensitively.
+#[test]
+fn regression_who_may_ring_a_phone_alert_calls_any_number_and_refuses_lowercase_bearer() {
+    let twilio = FakeTwilio::start();
+    let (_daemon, dir, base) = http_daemon(&twilio, "");
+    let url = format!("{base}/alert");
+    let form = (
+        "Content-Type",
+        "application/x-www-form-urlencoded".to_string(),
+    );
+    let bearer = ("Authorization", format!("bearer {TEST_TOKEN}"));
+    // bob's number written out is fine: it is reachable through [contacts].
+    let (status, _, text) = request(
+        "POST",
+        &url,
+        &[form.clone(), bearer.clone()],
+        b"tels=alice,%2B15005550002&message=db+down".to_vec(),
+    );
+    assert_eq!(status, 200, "{text}");
+    twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
+    let (status, _, text) = request(
+        "POST",
+        &url,
+        &[
+            form.clone(),
+            ("Authorization", format!("BEARER  {TEST_TOKEN}")),
+        ],
+        b"tels=oncall,%2B15005550009&message=other".to_vec(),
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(
+        text.contains("+15005550009") && text.contains("numbers = \"any\""),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(twilio.calls().len(), 2, "a refused alert rang someone");
+    assert_eq!(incidents(dir.path()).len(), 1);
+
+    let (_daemon, _dir, base) = http_daemon(&twilio, "numbers = \"any\"\n");
+    let (status, _, text) = request(
+        "POST",
+        &format!("{base}/alert"),
+        &[form, bearer],
+        b"tels=%2B15005550009&message=other".to_vec(),
+    );
+    assert_eq!(status, 200, "{text}");
+    twilio.wait_until(Duration::from_secs(10), |c| {
+        c.iter().any(|c| c.to == "+15005550009")
+    });
+}
+
+/// Issue 13, defect 9 (the SendGrid part): SendGrid without auth was accepted with no
+/// warning, `[smtp] senders` was not applied to SendGrid mail, and `require_dkim` took a
+/// passing signature of any domain. Now: a warning at start and in `mailcall check`, the
+/// envelope sender must be in `senders`, and the DKIM domain must align with `From:`.
+#[test]
+fn regression_who_may_ring_a_phone_sendgrid_unwarned_senders_ignored_dkim_unaligned() {
+    let twilio = FakeTwilio::start();
+    let (daemon, dir, _) = http_daemon(&twilio, "[sendgrid]\nrequire_dkim = true\n");
+    daemon.wait_for_log(
+        "[sendgrid] has neither `username` (Basic auth) nor `public_key`",
+        Duration::from_secs(5),
+    );
+    let out = command(dir.path()).arg("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("warning: [sendgrid] has neither"),
+        "{stdout}"
+    );
+    drop(daemon);
+
+    let cfg = std::fs::read_to_string(dir.path().join("rules.toml"))
+        .unwrap()
+        .replace(
+            "hostname = \"mx.test\"\n",
+            "hostname = \"mx.test\"\nsenders = [\"*@monitoring.example.com\"]\n",
+        );
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    let url = format!("http://{}/sendgrid/inbound", daemon.http.unwrap());
+    let post = |envelope_from: &str, from: &str, dkim: &str, subject: &str| {
+        let envelope = format!(r#"{{"to":["alerts@example.com"],"from":"{envelope_from}"}}"#);
+        let email =
+            format!("From: {from}\r\nSubject: {subject}\r\nMessage-ID: <{subject}@x>\r\n\r\nbody");
+        let body = sendgrid_body(
+            &[
+                ("email", email.as_bytes()),
+                ("envelope", envelope.as_bytes()),
+                ("dkim", dkim.as_bytes()),
+            ],
+            &[],
+        );
+        request("POST", &url, &[multipart()], body).0
+    };
+    let ours = "m@monitoring.example.com";
+    assert_eq!(
+        post(
+            "intruder@elsewhere.example",
+            ours,
+            "{@monitoring.example.com : pass}",
+            "sender-refused"
+        ),
+        200
+    );
+    assert_eq!(
+        post(ours, ours, "{@evil.example : pass}", "dkim-unaligned"),
+        200
+    );
+    assert_eq!(
+        post(
+            ours,
+            "boss@elsewhere.example",
+            "{@monitoring.example.com : pass}",
+            "from-unaligned"
+        ),
+        200
+    );
+    assert_eq!(
+        post(
+            ours,
+            "Monitor <alerts@eu.monitoring.example.com>",
+            "{@evil.example : pass, @monitoring.example.com : pass}",
+            "all-good"
+        ),
+        200
+    );
+    let calls = twilio.wait_until(Duration::from_secs(10), |c| !c.is_empty());
+    assert!(calls[0].twiml.contains("all-good"), "{}", calls[0].twiml);
+    for reason in [
+        "envelope sender <intruder@elsewhere.example> is not allowed by [smtp] senders",
+        "DKIM {@evil.example : pass} for From: m@monitoring.example.com",
+        "for From: boss@elsewhere.example",
+    ] {
+        daemon.wait_for_log(reason, Duration::from_secs(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(twilio.calls().len(), 1, "a refused mail rang someone");
+    assert_eq!(incidents(dir.path()).len(), 1);
 }
