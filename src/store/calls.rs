@@ -166,12 +166,24 @@ impl Store {
     /// each number, and none of a number with a request in flight.
     pub async fn due_calls(&self, now: i64, limit: usize) -> Result<Vec<CallJob>, StoreError> {
         self.run(move |c| {
+            // The numbers with waiting calls, one index seek each (a loose index scan:
+            // a backlog of thousands of calls to a few numbers costs a few seeks), then
+            // each number's oldest waiting call.
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {JOB_COLUMNS} FROM (
-                     SELECT id, ROW_NUMBER() OVER (PARTITION BY number ORDER BY next_attempt_at, id) AS nth
-                     FROM calls WHERE state IN ('queued', 'retrying') AND next_attempt_at <= ?1
-                 ) d JOIN calls c ON c.id = d.id JOIN incidents i ON i.id = c.incident_id
-                 WHERE d.nth = 1 AND c.number NOT IN (SELECT number FROM calls WHERE state = 'requesting')
+                "WITH RECURSIVE numbers(number) AS (
+                     SELECT MIN(number) FROM calls WHERE state IN ('queued', 'retrying')
+                     UNION ALL
+                     SELECT (SELECT MIN(number) FROM calls
+                             WHERE state IN ('queued', 'retrying') AND number > numbers.number)
+                     FROM numbers WHERE numbers.number IS NOT NULL
+                 )
+                 SELECT {JOB_COLUMNS} FROM numbers n
+                 JOIN calls c ON c.id = (SELECT id FROM calls
+                                         WHERE state IN ('queued', 'retrying') AND number = n.number
+                                         ORDER BY next_attempt_at, id LIMIT 1)
+                 JOIN incidents i ON i.id = c.incident_id
+                 WHERE c.next_attempt_at <= ?1
+                   AND NOT EXISTS (SELECT 1 FROM calls r WHERE r.state = 'requesting' AND r.number = n.number)
                  ORDER BY c.next_attempt_at, c.id LIMIT ?2"
             ))?;
             let rows =

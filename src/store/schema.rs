@@ -242,6 +242,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX calls_incident ON calls(incident_id);
     CREATE INDEX calls_sid ON calls(sid) WHERE sid IS NOT NULL;
     CREATE INDEX calls_due ON calls(next_attempt_at) WHERE state IN ('queued', 'retrying');
+    CREATE INDEX calls_waiting ON calls(number, next_attempt_at, id) WHERE state IN ('queued', 'retrying');
     CREATE INDEX calls_requesting ON calls(number) WHERE state = 'requesting';
 
     CREATE TABLE rounds_new (

@@ -593,6 +593,9 @@ async fn hot_lookups_use_indexes() {
                 "SELECT id FROM alerts WHERE state = 'received' ORDER BY id",
                 "SELECT id FROM calls WHERE incident_id = 1",
                 "SELECT id FROM attempts WHERE call_id = 1",
+                "SELECT MIN(number) FROM calls WHERE state IN ('queued', 'retrying') AND number > 'x'",
+                "SELECT id FROM calls WHERE state IN ('queued', 'retrying') AND number = 'x' ORDER BY next_attempt_at, id LIMIT 1",
+                "SELECT 1 FROM calls r WHERE r.state = 'requesting' AND r.number = 'x'",
             ];
             let mut plans = Vec::new();
             for q in queries {
