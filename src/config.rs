@@ -247,8 +247,11 @@ pub enum RuleAction {
 pub struct State {
     /// The SQLite file, already resolved against the config file's directory.
     pub path: PathBuf,
-    /// An upper bound on the store's size, so a runaway storm cannot fill the disk.
+    /// An upper bound on the store's data: the oldest closed incidents are pruned first,
+    /// and new mail is refused only while open data alone fills it.
     pub max_bytes: Option<u64>,
+    /// How long closed incidents (with their alerts, raw mail and calls) are kept.
+    pub retain: Duration,
 }
 
 /// Global safety limits.
@@ -580,6 +583,7 @@ struct RawRule {
 struct RawState {
     path: Option<String>,
     max_bytes: Option<Spanned<u64>>,
+    retain: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1277,6 +1281,11 @@ fn validate(
             base.join(state_path)
         },
         max_bytes: raw.state.max_bytes.as_ref().map(|m| *m.get_ref()),
+        retain: p.duration(
+            raw.state.retain.as_ref(),
+            "retain",
+            Duration::from_secs(30 * 24 * 3600),
+        ),
     };
     let limits = Limits {
         max_calls_per_hour: raw

@@ -26,14 +26,17 @@ pub enum Worker {
     Reconciler,
     /// Rounds, and who answered.
     Rounds,
+    /// Retention: what the store forgets.
+    Pruner,
 }
 
 impl Worker {
-    pub const ALL: [Worker; 4] = [
+    pub const ALL: [Worker; 5] = [
         Worker::Router,
         Worker::Placer,
         Worker::Reconciler,
         Worker::Rounds,
+        Worker::Pruner,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Worker {
             Worker::Placer => "placer",
             Worker::Reconciler => "reconciler",
             Worker::Rounds => "rounds",
+            Worker::Pruner => "pruner",
         }
     }
 }
@@ -67,6 +71,8 @@ pub struct WorkerReport {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
     pub store: bool,
+    /// New mail is refused: open data alone fills `[state] max_bytes`.
+    pub store_full: bool,
     /// Every running dispatch worker's heartbeat is fresh.
     pub dispatcher: bool,
     pub smtp: bool,
@@ -76,7 +82,7 @@ pub struct Report {
 
 impl Report {
     pub fn healthy(&self) -> bool {
-        self.store && self.dispatcher && self.smtp
+        self.store && !self.store_full && self.dispatcher && self.smtp
     }
 }
 
@@ -121,6 +127,7 @@ impl Health {
         let workers = self.workers();
         Report {
             store: store_ok,
+            store_full: store.is_full(),
             dispatcher: !workers.is_empty() && workers.values().all(|w| w.ok),
             smtp: self.smtp_running.load(Ordering::Relaxed),
             workers,

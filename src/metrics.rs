@@ -45,6 +45,11 @@ pub struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Pruned {
+    pub what: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabel {
     pub worker: &'static str,
 }
@@ -77,6 +82,10 @@ pub struct Metrics {
     pub worker_heartbeat: Family<WorkerLabel, Gauge>,
     /// Log lines dropped because stderr did not keep up.
     pub log_lines_dropped: Counter,
+    /// 1 while new mail is refused because open data alone fills `[state] max_bytes`.
+    pub store_full: Gauge,
+    /// Closed incidents and alerts the retention deleted, by `what`.
+    pub pruned: Family<Pruned, Counter>,
     /// Where dropped log lines are counted (the non-blocking log writer).
     log_drops: Option<tracing_appender::non_blocking::ErrorCounter>,
     /// How many of those `log_lines_dropped` already counts.
@@ -107,6 +116,8 @@ impl Metrics {
             reconciliations: Family::default(),
             worker_heartbeat: Family::default(),
             log_lines_dropped: Counter::default(),
+            store_full: Gauge::default(),
+            pruned: Family::default(),
             log_drops: None,
             log_drops_seen: AtomicU64::new(0),
         };
@@ -193,6 +204,16 @@ impl Metrics {
             "worker_heartbeat_timestamp_seconds",
             "when each dispatch worker last completed a pass of its loop",
             m.worker_heartbeat.clone(),
+        );
+        registry.register(
+            "store_full",
+            "1 while new mail is refused (452/503) because open incidents alone fill [state] max_bytes",
+            m.store_full.clone(),
+        );
+        registry.register(
+            "pruned",
+            "closed incidents and unattached alerts deleted by retention, by what",
+            m.pruned.clone(),
         );
         registry.register(
             "log_lines_dropped",

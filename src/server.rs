@@ -94,6 +94,13 @@ pub async fn run(
     ));
     dispatcher.start(&tasks, dispatcher.workers()).await;
     let calls = dispatcher.calls.clone();
+    tasks.spawn(crate::pruner::run(
+        store.clone(),
+        Arc::clone(&live),
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
 
     if let Some(listener) = listeners.http {
         if let Ok(addr) = listener.local_addr() {

@@ -106,7 +106,12 @@ impl Dispatcher {
     /// the rounds of dry runs without.
     pub fn workers(&self) -> &'static [Worker] {
         match self.caller {
-            Caller::Twilio(_) => &Worker::ALL,
+            Caller::Twilio(_) => &[
+                Worker::Router,
+                Worker::Placer,
+                Worker::Reconciler,
+                Worker::Rounds,
+            ],
             Caller::DryRun => &[Worker::Router, Worker::Rounds],
         }
     }
@@ -135,6 +140,7 @@ impl Dispatcher {
                 Worker::Placer => tasks.spawn(me.place_loop()),
                 Worker::Reconciler => tasks.spawn(me.reconcile_loop()),
                 Worker::Rounds => tasks.spawn(me.rounds_loop()),
+                Worker::Pruner => continue,
             };
         }
     }

@@ -7,14 +7,96 @@ use tracing::{error, info, warn};
 
 use super::{Caller, Dispatcher, IDLE_POLL, new_public_id};
 use crate::alert::Alert;
+use crate::config::Config;
 use crate::health::Worker;
 use crate::metrics::Routing;
 use crate::route::{self, Action};
 use crate::store::{CallState, IncidentKind, NewIncident, PendingAlert, Routed};
 use crate::twilio::twiml;
 
-/// Alerts routed per store transaction.
+/// Alerts routed per store transaction, at most.
 const BATCH: usize = 256;
+/// Raw mail read per batch, at most (but always one mail): a backlog of big mails is
+/// routed a few at a time, not all in memory at once.
+const BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// What the log says about a routed alert (the mail itself is dropped once parsed).
+struct Seen {
+    message_id: Option<String>,
+    from: String,
+    subject: String,
+}
+
+/// One batch's decisions: what to record, and what to log about each alert.
+type Decided = (
+    Vec<(i64, route::Decision, NewIncident)>,
+    Vec<(i64, String, Seen, route::Decision, NewIncident)>,
+);
+
+/// Parses and routes a batch of stored alerts (pure CPU work: no I/O).
+fn decide(config: &Config, batch: Vec<PendingAlert>) -> Decided {
+    let mut items = Vec::with_capacity(batch.len());
+    let mut alerts = Vec::with_capacity(batch.len());
+    for pending in batch {
+        let (alert, decision) = match &pending.direct {
+            Some(direct) => (
+                Alert {
+                    subject: direct.message.clone(),
+                    ..Alert::default()
+                },
+                route::direct(config, &pending.source, direct),
+            ),
+            None => {
+                let alert = Alert::from_mime(&pending.raw, &pending.envelope);
+                let decision = route::route(config, &alert);
+                (alert, decision)
+            }
+        };
+        let public_id = new_public_id();
+        let twiml = match &config.twilio.public_url {
+            // Press 1 to join: only a person who chose to is in the bridge.
+            Some(base) => twiml::gather_call(
+                &config.prompts(&decision.language),
+                &decision.message,
+                &decision.language,
+                &decision.voice,
+                &format!("{base}/twilio/gather?room={public_id}"),
+            ),
+            None => twiml::call(
+                &decision.message,
+                &decision.language,
+                &decision.voice,
+                &twiml::room_name(&public_id),
+            ),
+        };
+        let kind = if pending.source == "canary" {
+            IncidentKind::Canary
+        } else {
+            IncidentKind::Alert
+        };
+        let new = NewIncident {
+            twiml,
+            public_id,
+            kind,
+            dry_run: pending.dry_run,
+            received_at: pending.received_at,
+        };
+        let seen = Seen {
+            message_id: alert.message_id,
+            from: alert.from,
+            subject: alert.subject,
+        };
+        alerts.push((
+            pending.id,
+            pending.source,
+            seen,
+            decision.clone(),
+            new.clone(),
+        ));
+        items.push((pending.id, decision, new));
+    }
+    (items, alerts)
+}
 
 impl Dispatcher {
     /// Routes stored alerts as they arrive, until shutdown.
@@ -31,7 +113,7 @@ impl Dispatcher {
     /// Routes every stored alert not yet routed.
     pub(super) async fn drain(&self) {
         loop {
-            let batch = match self.store.pending_alerts(BATCH).await {
+            let batch = match self.store.pending_alerts(BATCH, BATCH_BYTES).await {
                 Ok(b) if b.is_empty() => return,
                 Ok(b) => b,
                 Err(e) => {
@@ -50,62 +132,16 @@ impl Dispatcher {
     /// it, so that the caller waits before trying again instead of spinning.
     async fn route_batch(&self, batch: Vec<PendingAlert>) -> bool {
         let settings = self.live.load_full();
+        // Parsing big mails and matching rules is CPU work (tens of milliseconds for a
+        // mail of megabytes): off the async workers.
+        let decide_with = Arc::clone(&settings);
+        let Ok((items, alerts)) =
+            tokio::task::spawn_blocking(move || decide(&decide_with.config, batch)).await
+        else {
+            error!("routing a batch of alerts panicked; will try again");
+            return false;
+        };
         let config = &settings.config;
-        let mut items = Vec::with_capacity(batch.len());
-        let mut alerts = Vec::with_capacity(batch.len());
-        for pending in batch {
-            let (alert, decision) = match &pending.direct {
-                Some(direct) => (
-                    Alert {
-                        subject: direct.message.clone(),
-                        ..Alert::default()
-                    },
-                    route::direct(config, &pending.source, direct),
-                ),
-                None => {
-                    let alert = Alert::from_mime(&pending.raw, &pending.envelope);
-                    let decision = route::route(config, &alert);
-                    (alert, decision)
-                }
-            };
-            let public_id = new_public_id();
-            let twiml = match &config.twilio.public_url {
-                // Press 1 to join: only a person who chose to is in the bridge.
-                Some(base) => twiml::gather_call(
-                    &config.prompts(&decision.language),
-                    &decision.message,
-                    &decision.language,
-                    &decision.voice,
-                    &format!("{base}/twilio/gather?room={public_id}"),
-                ),
-                None => twiml::call(
-                    &decision.message,
-                    &decision.language,
-                    &decision.voice,
-                    &twiml::room_name(&public_id),
-                ),
-            };
-            let kind = if pending.source == "canary" {
-                IncidentKind::Canary
-            } else {
-                IncidentKind::Alert
-            };
-            let new = NewIncident {
-                twiml,
-                public_id,
-                kind,
-                dry_run: pending.dry_run,
-                received_at: pending.received_at,
-            };
-            alerts.push((
-                pending.id,
-                pending.source,
-                alert,
-                decision.clone(),
-                new.clone(),
-            ));
-            items.push((pending.id, decision, new));
-        }
         let results = match self
             .store
             .record_routings(items, config.limits.max_calls_per_hour)

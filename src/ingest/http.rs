@@ -536,6 +536,7 @@ async fn healthz(State(ctx): State<Arc<HttpContext>>) -> Response {
     let body = serde_json::json!({
         "status": if report.healthy() { "ok" } else { "unhealthy" },
         "store": report.store,
+        "store_full": report.store_full,
         "dispatcher": report.dispatcher,
         "smtp": report.smtp,
         "workers": report.workers,
@@ -545,6 +546,7 @@ async fn healthz(State(ctx): State<Arc<HttpContext>>) -> Response {
 
 async fn metrics(State(ctx): State<Arc<HttpContext>>) -> Response {
     // Rendering reads the store's size from the file system: off the async workers.
+    ctx.metrics.store_full.set(i64::from(ctx.store.is_full()));
     let metrics = Arc::clone(&ctx.metrics);
     let Ok(text) = tokio::task::spawn_blocking(move || metrics.render()).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();

@@ -1103,12 +1103,20 @@ fn too_big(max: usize) -> Reply {
 
 /// The answer to a store that could not take a message: always a 4xx, so the sender
 /// keeps the message and tries again.
-fn store_failed(_error: &StoreError) -> Reply {
-    Reply::new(
-        451,
-        (4, 3, 0),
-        "cannot store the message right now, try again later",
-    )
+fn store_failed(error: &StoreError) -> Reply {
+    match error {
+        // RFC 3463: 4.3.1 "mail system full"; the sender keeps it queued and retries.
+        StoreError::Full { .. } => Reply::new(
+            452,
+            (4, 3, 1),
+            "insufficient system storage, try again later",
+        ),
+        _ => Reply::new(
+            451,
+            (4, 3, 0),
+            "cannot store the message right now, try again later",
+        ),
+    }
 }
 
 /// `VERB args` → the upper-cased verb and the trimmed arguments.

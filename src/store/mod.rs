@@ -24,6 +24,7 @@
 
 mod calls;
 mod incidents;
+mod retention;
 mod routing;
 mod schema;
 pub mod states;
@@ -46,6 +47,7 @@ pub use incidents::{
     AttemptReport, CallReport, DueRound, EventReport, IncidentReport, LiveCall, RoundEnd,
     RoundReport,
 };
+pub use retention::{Pruned, Usage};
 pub use routing::{NewIncident, Routed, RoutedCall};
 pub use states::{
     AlertState, AttemptState, CallState, IncidentKind, IncidentStatus, RoundOutcome, TwilioStatus,
@@ -90,6 +92,10 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[error(
+        "the store is full: open incidents and unrouted alerts alone fill [state] max_bytes ({max_bytes} bytes); raise it, or resolve incidents"
+    )]
+    Full { max_bytes: u64 },
     #[error("store query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("store commit failed: {0}")]
@@ -171,6 +177,20 @@ pub struct Store {
     /// Alerts stored through this handle are dry runs (`serve --dry-run`,
     /// `call --dry-run`): their incidents are never dialled, by any process.
     dry_run: bool,
+    capacity: Arc<Capacity>,
+}
+
+/// `[state] max_bytes`, and whether new mail is being refused for it.
+#[derive(Debug, Default)]
+struct Capacity {
+    max_bytes: Option<u64>,
+    full: AtomicBool,
+}
+
+impl Capacity {
+    fn is_full(&self) -> bool {
+        self.full.load(Ordering::Relaxed)
+    }
 }
 
 /// An alert as an ingest path hands it over.
@@ -285,15 +305,9 @@ impl Store {
             });
         }
         schema::migrate(&conn, path)?;
-        if let Some(max) = max_bytes {
-            let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-            let pages = i64::try_from(max).unwrap_or(i64::MAX) / page_size.max(1);
-            conn.query_row(
-                &format!("PRAGMA max_page_count = {}", pages.max(1)),
-                [],
-                |_| Ok(()),
-            )?;
-        }
+        // `max_bytes` is not SQLite's `max_page_count`: that would refuse the
+        // dispatcher's own writes too and strand accepted alerts. Only new alerts are
+        // refused (see `insert_alert`).
         let identity = file_identity(path).ok_or_else(|| StoreError::Missing {
             path: path.to_path_buf(),
         })?;
@@ -325,7 +339,16 @@ impl Store {
             jobs,
             path: path.to_path_buf(),
             dry_run: false,
+            capacity: Arc::new(Capacity {
+                max_bytes,
+                full: AtomicBool::new(false),
+            }),
         })
+    }
+
+    /// New mail is being refused: open data alone fills `[state] max_bytes`.
+    pub fn is_full(&self) -> bool {
+        self.capacity.is_full()
     }
 
     /// This handle, storing every alert as a dry run.
@@ -382,7 +405,9 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Stores a received alert durably; resolves once it is committed.
+    /// Stores a received alert durably; resolves once it is committed. Under
+    /// `[state] max_bytes` the oldest closed data makes room first; `Full` when open
+    /// data alone leaves none.
     pub async fn insert_alert(&self, alert: NewAlert) -> Result<Inserted, StoreError> {
         let rcpt = serde_json::to_string(&alert.envelope.rcpt_to).unwrap_or_else(|_| "[]".into());
         let direct = alert
@@ -395,7 +420,16 @@ impl Store {
             AlertState::Received
         };
         let dry_run = self.dry_run;
-        self.run(move |c| {
+        let capacity = Arc::clone(&self.capacity);
+        let stored = self.run(move |c| {
+            if let Some(max) = capacity.max_bytes {
+                let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
+                let room = retention::make_room(c, max, need)?;
+                capacity.full.store(!room, Ordering::Relaxed);
+                if !room {
+                    return Ok(None);
+                }
+            }
             let inserted = c
                 .prepare_cached(
                     "INSERT INTO alerts (received_at, source, peer, mail_from, rcpt_to, raw, direct, dedup_id, state, note, dry_run)
@@ -416,14 +450,17 @@ impl Store {
                     dry_run
                 ])?;
             if inserted == 1 {
-                return Ok(Inserted { id: c.last_insert_rowid(), duplicate: false });
+                return Ok(Some(Inserted { id: c.last_insert_rowid(), duplicate: false }));
             }
             let id = c
                 .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
                 .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
-            Ok(Inserted { id, duplicate: true })
+            Ok(Some(Inserted { id, duplicate: true }))
         })
-        .await
+        .await?;
+        stored.ok_or(StoreError::Full {
+            max_bytes: self.capacity.max_bytes.unwrap_or_default(),
+        })
     }
 
     /// A value from the `meta` table (e.g. when the canary last ran).
@@ -473,31 +510,46 @@ impl Store {
         .await
     }
 
-    /// Alerts stored but not yet routed, oldest first.
-    pub async fn pending_alerts(&self, limit: usize) -> Result<Vec<PendingAlert>, StoreError> {
+    /// Alerts stored but not yet routed, oldest first: at most `limit` of them, and no
+    /// more raw mail than `max_bytes` (but always the first), so that a backlog of big
+    /// mails is routed a few at a time instead of all in memory at once.
+    pub async fn pending_alerts(
+        &self,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<PendingAlert>, StoreError> {
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, source, mail_from, rcpt_to, raw, direct, received_at, dry_run FROM alerts
-                 WHERE state = 'received' ORDER BY id LIMIT ?1",
+                "SELECT id, source, mail_from, rcpt_to, direct, received_at, dry_run, length(raw), raw
+                 FROM alerts WHERE state = 'received' ORDER BY id LIMIT ?1",
             )?;
-            let rows = stmt.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            let mut rows = stmt.query([i64::try_from(limit).unwrap_or(i64::MAX)])?;
+            let (mut alerts, mut bytes) = (Vec::new(), 0usize);
+            while let Some(r) = rows.next()? {
+                // The length is in the row's header: the mail itself is read only if
+                // it fits the budget.
+                let size = usize::try_from(r.get::<_, i64>(7)?).unwrap_or(usize::MAX);
+                if !alerts.is_empty() && bytes.saturating_add(size) > max_bytes {
+                    break;
+                }
+                bytes = bytes.saturating_add(size);
                 let rcpt: String = r.get(3)?;
-                Ok(PendingAlert {
+                alerts.push(PendingAlert {
                     id: r.get(0)?,
                     source: r.get(1)?,
                     envelope: Envelope {
                         mail_from: r.get(2)?,
                         rcpt_to: serde_json::from_str(&rcpt).unwrap_or_default(),
                     },
-                    raw: r.get(4)?,
                     direct: r
-                        .get::<_, Option<String>>(5)?
+                        .get::<_, Option<String>>(4)?
                         .and_then(|d| serde_json::from_str(&d).ok()),
-                    received_at: r.get(6)?,
-                    dry_run: r.get(7)?,
-                })
-            })?;
-            rows.collect()
+                    received_at: r.get(5)?,
+                    dry_run: r.get(6)?,
+                    raw: r.get(8)?,
+                });
+            }
+            Ok(alerts)
         })
         .await
     }

@@ -259,6 +259,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
         FROM rounds;
     DROP TABLE rounds;
     ALTER TABLE rounds_new RENAME TO rounds;",
+    // 8: what retention looks up: closed incidents by when they closed, bridged ones by
+    // their last alert, and alerts no incident holds by when they came.
+    "CREATE INDEX incidents_closed ON incidents(closed_at) WHERE closed_at IS NOT NULL;
+    CREATE INDEX incidents_bridged ON incidents(last_alert_at) WHERE status = 'bridged';
+    CREATE INDEX alerts_orphans ON alerts(received_at) WHERE incident_id IS NULL AND state != 'received';",
 ];
 
 pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {

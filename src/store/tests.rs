@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, params};
 
 use super::schema::MIGRATIONS;
 use super::states::checked_columns;
@@ -87,7 +87,7 @@ async fn a_version_1_store_is_migrated_and_keeps_its_data() {
         .unwrap();
     }
     let store = Store::open(&path, None).unwrap();
-    assert_eq!(store.pending_alerts(10).await.unwrap().len(), 1);
+    assert_eq!(store.pending_alerts(10, usize::MAX).await.unwrap().len(), 1);
     assert_eq!(
         scalar(&store, "PRAGMA user_version").await,
         MIGRATIONS.len() as i64
@@ -228,7 +228,10 @@ async fn concurrent_writes_are_committed_together_and_each_gets_its_answer() {
     let (bad, good) = tokio::join!(bad, good);
     assert!(bad.is_err());
     assert!(good > 0);
-    assert_eq!(store.pending_alerts(1000).await.unwrap().len(), 201);
+    assert_eq!(
+        store.pending_alerts(1000, usize::MAX).await.unwrap().len(),
+        201
+    );
 }
 
 #[tokio::test]
@@ -282,7 +285,7 @@ async fn the_same_delivery_is_stored_once_and_rejections_are_never_routed() {
         ..delivery("<e@f>")
     };
     store.insert_alert(rejected).await.unwrap();
-    assert_eq!(store.pending_alerts(10).await.unwrap().len(), 2);
+    assert_eq!(store.pending_alerts(10, usize::MAX).await.unwrap().len(), 2);
     store.check_writable().await.unwrap();
 }
 
@@ -344,7 +347,13 @@ async fn routing_deduplicates_within_the_cooldown_and_enforces_the_budget() {
         [CallState::Queued, CallState::Refused],
         "one call left in the budget of 3"
     );
-    assert!(store.pending_alerts(10).await.unwrap().is_empty());
+    assert!(
+        store
+            .pending_alerts(10, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Cooldown zero: always a new incident.
     opened(&route(&store, decision("k", &[], Duration::ZERO), "z").await);
 }
@@ -596,6 +605,13 @@ async fn hot_lookups_use_indexes() {
                 "SELECT MIN(number) FROM calls WHERE state IN ('queued', 'retrying') AND number > 'x'",
                 "SELECT id FROM calls WHERE state IN ('queued', 'retrying') AND number = 'x' ORDER BY next_attempt_at, id LIMIT 1",
                 "SELECT 1 FROM calls r WHERE r.state = 'requesting' AND r.number = 'x'",
+                "SELECT id FROM incidents WHERE closed_at IS NOT NULL AND closed_at < 1 ORDER BY closed_at LIMIT 5",
+                "SELECT id FROM incidents WHERE status = 'bridged' AND last_alert_at < 1 ORDER BY last_alert_at LIMIT 5",
+                "SELECT id FROM alerts WHERE incident_id IS NULL AND state != 'received' AND received_at < 1 ORDER BY received_at LIMIT 5",
+                "SELECT id FROM alerts WHERE incident_id = 1",
+                "SELECT 1 FROM rounds WHERE incident_id = 1",
+                "SELECT id FROM call_events WHERE call_id = 1",
+                "SELECT id FROM incidents WHERE public_id = 'x'",
             ];
             let mut plans = Vec::new();
             for q in queries {
@@ -668,4 +684,127 @@ async fn one_request_per_number_is_in_flight_at_a_time() {
         store.claim(later, "+1000", 5000).await.unwrap(),
         Claim::Go { .. }
     ));
+}
+
+/// Routes one alert with a raw mail of `size` bytes; returns the incident.
+async fn big_incident(store: &Store, key: &str, size: usize) -> Result<i64, StoreError> {
+    let id = store
+        .insert_alert(NewAlert {
+            source: "test",
+            raw: vec![b'x'; size],
+            ..NewAlert::default()
+        })
+        .await?
+        .id;
+    let routed = store
+        .record_routings(
+            vec![(id, decision(key, &["+1555"], Duration::ZERO), incident(key))],
+            1000,
+        )
+        .await?
+        .pop()
+        .unwrap()?;
+    Ok(opened(&routed).0)
+}
+
+async fn resolve_now(store: &Store, incident_id: i64) {
+    store
+        .run(move |c| {
+            c.execute(
+                "UPDATE incidents SET status = 'resolved', next_round_at = NULL, closed_at = ?2 WHERE id = ?1",
+                params![incident_id, now_ms()],
+            )
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_closed_incidents_with_everything_of_them_and_keeps_live_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let closed = big_incident(&store, "old", 100).await.unwrap();
+    let live = big_incident(&store, "live", 100).await.unwrap();
+    let bridged = big_incident(&store, "bridged", 100).await.unwrap();
+    store.mark_bridged(bridged).await.unwrap();
+    resolve_now(&store, closed).await;
+    // A dropped alert no incident holds.
+    let dropped = alert(&store).await;
+    let drop = Decision {
+        action: Action::Drop,
+        ..decision("d", &[], Duration::ZERO)
+    };
+    store
+        .record_routings(vec![(dropped, drop, incident("x"))], 10)
+        .await
+        .unwrap();
+    // Nothing is older than a day.
+    assert!(!store.prune(now_ms() - 86_400_000, 10).await.unwrap().any());
+    let pruned = store.prune(now_ms() + 1000, 10).await.unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            incidents: 2,
+            alerts: 1
+        },
+        "the closed one and the bridged one silent since the cutoff"
+    );
+    assert!(store.incident(closed).await.unwrap().is_none());
+    assert!(store.incident(live).await.unwrap().is_some());
+    for table in ["calls", "alerts", "rounds", "attempts", "call_events"] {
+        let sql = format!(
+            "SELECT COUNT(*) FROM {table} WHERE {} IN (SELECT id FROM {})",
+            if table == "attempts" || table == "call_events" {
+                "call_id"
+            } else {
+                "incident_id"
+            },
+            if table == "attempts" || table == "call_events" {
+                "calls WHERE incident_id IN (1, 3)"
+            } else {
+                "(SELECT 1 AS id UNION SELECT 3)"
+            }
+        );
+        let left: i64 = store
+            .run(move |c| c.query_row(&sql, [], |r| r.get(0)))
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "{table}");
+    }
+}
+
+#[tokio::test]
+async fn max_bytes_prunes_the_oldest_closed_data_first_and_refuses_only_for_open_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db"), Some(2 * 1024 * 1024)).unwrap();
+    // Closed incidents of 200 KB each, far more than the cap holds: each new one makes
+    // room by deleting the oldest.
+    let mut first = None;
+    for i in 0..30 {
+        let id = big_incident(&store, &format!("k{i}"), 200_000)
+            .await
+            .unwrap();
+        first.get_or_insert(id);
+        resolve_now(&store, id).await;
+    }
+    assert!(!store.is_full());
+    assert!(store.incident(first.unwrap()).await.unwrap().is_none());
+    assert!(store.usage().await.unwrap().used_bytes <= 2 * 1024 * 1024);
+    // Open incidents are never deleted: once they alone fill it, new mail is refused.
+    let mut refused = None;
+    for i in 0..30 {
+        match big_incident(&store, &format!("open{i}"), 200_000).await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("open data must fill the store");
+    assert!(matches!(refused, StoreError::Full { .. }), "{refused}");
+    assert!(store.is_full());
+    // The dispatcher's own writes still succeed (no SQLite page cap).
+    route(&store, decision("small", &["+1666"], Duration::ZERO), "s").await;
+    store.check_writable().await.unwrap();
 }

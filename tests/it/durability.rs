@@ -389,7 +389,7 @@ fn calls_over_the_hourly_budget_are_refused_and_recorded() {
 }
 
 #[test]
-fn a_full_store_answers_451_and_the_daemon_keeps_running() {
+fn a_full_store_answers_452_and_the_daemon_keeps_running() {
     let twilio = FakeTwilio::start();
     let dir = workdir();
     // A store capped at 256 KiB stands in for a full disk.
@@ -401,7 +401,9 @@ fn a_full_store_answers_451_and_the_daemon_keeps_running() {
         &["a@example.com"],
         &mail("huge", &"y".repeat(400_000)),
     );
-    assert_eq!(code, 451, "{text}");
+    // Open data alone would not fit: the store is full for this mail (RFC 3463 4.3.1).
+    assert_eq!(code, 452, "{text}");
+    assert!(text.starts_with("4.3.1"), "{text}");
     daemon.wait_for_log("cannot store a mail", Duration::from_secs(2));
     // Nothing was stored, so nothing rings; the next (small) mail is accepted and rings.
     let (code, text) = smtp.send("m@example.com", &["a@example.com"], &mail("small", "z"));

@@ -14,5 +14,6 @@ mod fuzz;
 mod harness;
 mod http;
 mod ops;
+mod retention;
 mod smtp;
 mod source_files;

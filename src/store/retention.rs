@@ -1,0 +1,162 @@
+//! What the store forgets, so that it stays small for a year on a small VM: closed
+//! incidents (resolved, unanswered, or bridged with no alert for the retention period)
+//! and alerts no incident holds, once older than `[state] retain`, each with everything
+//! that hangs off it (alerts and raw mail, calls, attempts, events, rounds). Deletion
+//! goes in small batches, each its own short transaction, so it never holds up ingest.
+//!
+//! Under `[state] max_bytes` the oldest closed data goes first, whatever its age — inside
+//! the transaction of the alert that needs the room — and new mail is refused only while
+//! open data alone fills the store. Nothing a daemon needs to finish an accepted alert is
+//! ever deleted, and its own writes are never refused.
+
+use rusqlite::{Connection, params};
+
+use super::{Store, StoreError};
+
+/// Rows' overhead besides the raw mail, when judging whether an alert fits.
+const ROW_OVERHEAD: u64 = 4096;
+
+/// What one pass of the pruner deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub incidents: usize,
+    pub alerts: usize,
+}
+
+impl Pruned {
+    pub fn any(&self) -> bool {
+        self.incidents + self.alerts > 0
+    }
+
+    fn add(&mut self, other: Pruned) {
+        self.incidents += other.incidents;
+        self.alerts += other.alerts;
+    }
+}
+
+/// How full the store is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of the database file holding data (free pages excluded).
+    pub used_bytes: u64,
+    /// `[state] max_bytes`.
+    pub max_bytes: Option<u64>,
+    /// New mail is being refused: open data alone fills `max_bytes`.
+    pub full: bool,
+}
+
+impl Store {
+    /// Deletes up to `batch` closed incidents (and alerts no incident holds) that ended
+    /// before `before` (Unix ms), oldest first; under `max_bytes`, while the store is
+    /// above nine tenths of it, the oldest closed ones whatever their age.
+    pub async fn prune(&self, before: i64, batch: usize) -> Result<Pruned, StoreError> {
+        let max_bytes = self.capacity.max_bytes;
+        self.run(move |c| {
+            let mut pruned = prune_closed(c, before, batch, false)?;
+            if let Some(max) = max_bytes
+                && !pruned.any()
+                && data_bytes(c)? > max / 10 * 9
+            {
+                pruned.add(prune_closed(c, i64::MAX, batch, true)?);
+            }
+            Ok(pruned)
+        })
+        .await
+    }
+
+    /// How full the store is.
+    pub async fn usage(&self) -> Result<Usage, StoreError> {
+        let capacity = std::sync::Arc::clone(&self.capacity);
+        self.run(move |c| {
+            Ok(Usage {
+                used_bytes: data_bytes(c)?,
+                max_bytes: capacity.max_bytes,
+                full: capacity.is_full(),
+            })
+        })
+        .await
+    }
+}
+
+/// Makes room for `need` bytes under `max`, deleting the oldest closed data a little at
+/// a time; false when open data alone leaves no room.
+pub(super) fn make_room(c: &Connection, max: u64, need: u64) -> rusqlite::Result<bool> {
+    // Each round deletes a few incidents: bounded work for the alert that waits.
+    for _ in 0..20 {
+        if data_bytes(c)?.saturating_add(need + ROW_OVERHEAD) <= max {
+            return Ok(true);
+        }
+        if !prune_closed(c, i64::MAX, 8, true)?.any() {
+            return Ok(false);
+        }
+    }
+    Ok(data_bytes(c)?.saturating_add(need + ROW_OVERHEAD) <= max)
+}
+
+/// Bytes of the database holding data: pages in use (free pages are reused first).
+fn data_bytes(c: &Connection) -> rusqlite::Result<u64> {
+    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    Ok(u64::try_from((pages - free).max(0) * size).unwrap_or(0))
+}
+
+/// Deletes up to `batch` incidents closed before `before`, and up to `batch` alerts no
+/// incident holds, received before it; oldest first. Bridged incidents silent since
+/// before `before` count as closed, but never under `pressure` (they may be live).
+fn prune_closed(
+    c: &Connection,
+    before: i64,
+    batch: usize,
+    pressure: bool,
+) -> rusqlite::Result<Pruned> {
+    let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+    let mut incidents: Vec<i64> = c
+        .prepare_cached(
+            "SELECT id FROM incidents WHERE closed_at IS NOT NULL AND closed_at < ?1
+             ORDER BY closed_at LIMIT ?2",
+        )?
+        .query_map(params![before, limit], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    // A bridged incident no recovery ever closed: over once nothing came for as long.
+    if !pressure {
+        incidents.extend(
+            c.prepare_cached(
+                "SELECT id FROM incidents WHERE status = 'bridged' AND last_alert_at < ?1
+             ORDER BY last_alert_at LIMIT ?2",
+            )?
+            .query_map(params![before, limit], |r| r.get::<_, i64>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?,
+        );
+    }
+    incidents.truncate(batch);
+    for id in &incidents {
+        delete_incident(c, *id)?;
+    }
+    let alerts = c
+        .prepare_cached(
+            "DELETE FROM alerts WHERE id IN (
+                 SELECT id FROM alerts WHERE incident_id IS NULL AND state != 'received'
+                   AND received_at < ?1 ORDER BY received_at LIMIT ?2)",
+        )?
+        .execute(params![before, limit])?;
+    Ok(Pruned {
+        incidents: incidents.len(),
+        alerts,
+    })
+}
+
+/// Deletes an incident and everything that hangs off it.
+fn delete_incident(c: &Connection, id: i64) -> rusqlite::Result<()> {
+    for sql in [
+        "DELETE FROM call_events WHERE call_id IN (SELECT id FROM calls WHERE incident_id = ?1)",
+        "DELETE FROM attempts WHERE call_id IN (SELECT id FROM calls WHERE incident_id = ?1)",
+        "DELETE FROM calls WHERE incident_id = ?1",
+        "DELETE FROM rounds WHERE incident_id = ?1",
+        "DELETE FROM alerts WHERE incident_id = ?1",
+        "DELETE FROM incidents WHERE id = ?1",
+    ] {
+        c.prepare_cached(sql)?.execute([id])?;
+    }
+    Ok(())
+}
