@@ -808,3 +808,32 @@ async fn max_bytes_prunes_the_oldest_closed_data_first_and_refuses_only_for_open
     route(&store, decision("small", &["+1666"], Duration::ZERO), "s").await;
     store.check_writable().await.unwrap();
 }
+
+/// Issue 13, defect 2: the router loaded up to 256 raw mails at once (300 queued mails of
+/// 9 MiB: 1.9 GB). Stored alerts are read under a byte budget, but always one.
+#[tokio::test]
+async fn pending_alerts_are_read_under_a_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    for _ in 0..5 {
+        store
+            .insert_alert(NewAlert {
+                source: "test",
+                raw: vec![b'x'; 1000],
+                ..NewAlert::default()
+            })
+            .await
+            .unwrap();
+    }
+    let sizes = |alerts: Vec<PendingAlert>| alerts.iter().map(|a| a.raw.len()).collect::<Vec<_>>();
+    assert_eq!(
+        sizes(store.pending_alerts(100, 2500).await.unwrap()),
+        [1000, 1000]
+    );
+    assert_eq!(
+        sizes(store.pending_alerts(100, 10).await.unwrap()),
+        [1000],
+        "a mail bigger than the budget is still read, alone"
+    );
+    assert_eq!(store.pending_alerts(3, usize::MAX).await.unwrap().len(), 3);
+}
