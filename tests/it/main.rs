@@ -14,5 +14,6 @@ mod fuzz;
 mod harness;
 mod http;
 mod ops;
+mod review;
 mod smtp;
 mod source_files;
