@@ -549,3 +549,42 @@ fn an_upgraded_store_finds_the_call_of_a_request_sent_late() {
         crate::harness::incidents(dir.path())
     );
 }
+
+/// Once the cooldown has passed, a repeated DOWN opens a second live incident with the
+/// same key while the first is still open (rounds outlast the cooldown). A recovery
+/// then resolves only the newest: the older incident stays open and keeps calling
+/// everyone, round after round, about a problem that is over.
+#[test]
+fn a_recovery_closes_every_live_incident_with_its_key() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let rules = "[defaults]\ncooldown = \"2s\"\nround_interval = \"1500ms\"\nrounds = 10\n\
+        [[rule]]\nname = \"recovery\"\nsubject = '(?P<host>\\S+) is UP'\nresolve = true\ndedup_key = \"{host}\"\n\
+        [[rule]]\nname = \"down\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\"]\ndedup_key = \"{host}\"\n";
+    let daemon = Daemon::start(dir.path(), &tuned(&twilio, rules), false);
+    let mut smtp = daemon.smtp();
+    smtp.alert("db1 is DOWN");
+    twilio.wait_until(Duration::from_secs(10), |c| !c.is_empty());
+    // The monitor repeats itself after the cooldown: a second incident for db1.
+    std::thread::sleep(Duration::from_millis(2500));
+    smtp.alert("db1 is DOWN");
+    wait_incidents(dir.path(), Duration::from_secs(10), |l| l.len() == 2);
+    smtp.alert("db1 is UP");
+    wait_incidents(dir.path(), Duration::from_secs(10), |l| {
+        l.iter().any(|i| i["status"] == "resolved")
+    });
+    let at_resolve = twilio.calls().len();
+    // Several rounds' worth of time.
+    std::thread::sleep(Duration::from_secs(5));
+    let list = crate::harness::incidents(dir.path());
+    let open: Vec<&Value> = list.iter().filter(|i| i["status"] == "open").collect();
+    assert!(
+        open.is_empty(),
+        "db1 recovered, yet an incident for it is still open: {open:#?}"
+    );
+    assert_eq!(
+        twilio.calls().len(),
+        at_resolve,
+        "alice was called again after db1 recovered"
+    );
+}
