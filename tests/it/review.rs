@@ -588,3 +588,39 @@ fn a_recovery_closes_every_live_incident_with_its_key() {
         "alice was called again after db1 recovered"
     );
 }
+
+/// A resolution cancels the calls not yet sent, and a request whose answer was lost is
+/// only sent again while its incident is not resolved (`requeue`). But a request that
+/// was in flight when the recovery came, and that Twilio answers with a retryable
+/// error (429, 503), becomes `retrying` all the same: the retry goes out, and the phone
+/// rings for an incident that is already resolved.
+#[test]
+fn a_retry_after_the_resolution_never_rings() {
+    let twilio = FakeTwilio::start();
+    // Twilio takes 1.5 s to answer; the first answer to alice is a 503.
+    twilio.set_delay(Duration::from_millis(1500));
+    twilio.script(ALICE, vec![Reply::error(503, 20500, "Service Unavailable")]);
+    let dir = workdir();
+    let rules = "[defaults]\ncooldown = \"1h\"\n\
+        [[rule]]\nname = \"recovery\"\nsubject = '(?P<host>\\S+) is UP'\nresolve = true\ndedup_key = \"{host}\"\n\
+        [[rule]]\nname = \"down\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\"]\ndedup_key = \"{host}\"\n";
+    let cfg = config(Some(&twilio), rules)
+        .replace("request_timeout = \"2s\"", "request_timeout = \"5s\"");
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    let mut smtp = daemon.smtp();
+    smtp.alert("db1 is DOWN");
+    // The request is at Twilio; the recovery lands before its answer.
+    twilio.wait_until(Duration::from_secs(10), |c| c.len() == 1);
+    smtp.alert("db1 is UP");
+    wait_incidents(dir.path(), Duration::from_secs(5), |l| {
+        l.first().is_some_and(|i| i["status"] == "resolved")
+    });
+    // The 503, a retry 50-200 ms later, and its 1.5 s answer.
+    std::thread::sleep(Duration::from_secs(5));
+    let created = twilio.created();
+    assert!(
+        created.is_empty(),
+        "alice was rung for a resolved incident: {created:#?}\n{:#?}",
+        crate::harness::incidents(dir.path())
+    );
+}
