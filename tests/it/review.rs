@@ -624,3 +624,63 @@ fn a_retry_after_the_resolution_never_rings() {
         crate::harness::incidents(dir.path())
     );
 }
+
+/// A mail whose subject is one long `x@x@x@…` token (adjacent encoded-words decode to
+/// one word) is acknowledged, then the router speaks it: `speech::speak_piece` recurses
+/// once per `@`, the worker's stack overflows and the daemon aborts. The alert is still
+/// `received`, so every restart routes it again and dies again: no later alert is ever
+/// called. (The property test `fuzz::hostile_headers_and_bodies_make_valid_twiml`
+/// aborts the test binary the same way now and then.)
+#[test]
+fn a_mail_that_crashes_the_router_never_stops_later_calls() {
+    use base64::Engine;
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let rules = "[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n";
+    let mut daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
+    let token = "a@".repeat(30_000);
+    let subject: Vec<String> = token
+        .as_bytes()
+        .chunks(45)
+        .map(|c| {
+            format!(
+                "=?utf-8?B?{}?=",
+                base64::engine::general_purpose::STANDARD.encode(c)
+            )
+        })
+        .collect();
+    let poison = format!(
+        "From: m@example.com\r\nTo: alerts@example.com\r\nSubject: {}\r\n\r\nx\r\n",
+        subject.join("\r\n ")
+    );
+    let (code, text) = daemon
+        .smtp()
+        .send("m@example.com", &["a@example.com"], poison.as_bytes());
+    assert_eq!(code, 250, "{text}");
+    // The router gets to it at once.
+    std::thread::sleep(Duration::from_secs(2));
+    let alive = |addr: SocketAddr| {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok()
+    };
+    if !alive(daemon.smtp) {
+        // Crashed: as systemd would, start it again on the same store.
+        daemon.kill9();
+        daemon = Daemon::start_existing(dir.path(), false);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(
+        alive(daemon.smtp),
+        "the daemon died routing the stored mail, and again after a restart: every later alert is lost; log:\n{}",
+        daemon
+            .logs()
+            .lines()
+            .rev()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    daemon.smtp().alert("db1 is DOWN");
+    twilio.wait_until(Duration::from_secs(10), |c| {
+        c.iter().any(|c| c.twiml.contains("db1"))
+    });
+}
