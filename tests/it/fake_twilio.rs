@@ -73,6 +73,15 @@ pub enum Reply {
     /// Create the call, then answer only after this long (longer than the client's
     /// timeout: Twilio accepting late).
     CreatedLate(Duration),
+    /// Read the request, and create the call (then answer 201) only this long after:
+    /// Twilio processing a request late, so the call's `date_created` is late too.
+    CreatedAfter(Duration),
+    /// Read the request, create nothing, and close the connection without answering
+    /// (a request lost inside Twilio's edge).
+    LostThenDrop,
+    /// Create the call, then answer this 5xx status (a gateway that gave up waiting
+    /// for the backend that created it, e.g. 504).
+    CreatedThenError(u16),
     Error {
         status: u16,
         code: i64,
@@ -173,6 +182,8 @@ struct Inner {
     /// Reads of conferences and their participants answer this late.
     conference_delay: Duration,
     callbacks: Option<Callbacks>,
+    /// Status callbacks are delivered this long after the call was created.
+    callback_delay: Duration,
     next_sid: u64,
 }
 
@@ -195,6 +206,7 @@ impl Default for Inner {
             ring_time: Duration::from_millis(400),
             conference_delay: Duration::ZERO,
             callbacks: None,
+            callback_delay: Duration::ZERO,
             next_sid: 0,
         }
     }
@@ -323,6 +335,43 @@ impl FakeTwilio {
             public_url: public_url.into(),
             local,
         });
+    }
+
+    /// Status callbacks are delivered `delay` after their call was created (Twilio's
+    /// callbacks lagging behind, e.g. after the client gave up on the request).
+    pub fn set_callback_delay(&self, delay: Duration) {
+        self.lock().callback_delay = delay;
+    }
+
+    /// A call Twilio already has (created `created`, e.g. by an earlier process whose
+    /// request timed out); it shows in the call list like any other. Returns its SID.
+    pub fn seed_call(&self, to: &str, from: &str, twiml: &str, created: SystemTime) -> String {
+        let mut inner = self.lock();
+        inner.next_sid += 1;
+        let sid = format!("CA{:032x}", inner.next_sid);
+        inner.live.insert(
+            sid.clone(),
+            LiveCall {
+                answered_by: None,
+                room: room_of(twiml),
+                in_room: false,
+                created: Instant::now(),
+                ended: Some("completed"),
+            },
+        );
+        inner.calls.push(CallRecord {
+            to: to.into(),
+            from: from.into(),
+            twiml: twiml.into(),
+            timeout: "25".into(),
+            at: Instant::now(),
+            status: 201,
+            sid: Some(sid.clone()),
+            created,
+            form: HashMap::new(),
+            dropped: false,
+        });
+        sid
     }
 
     /// Every request so far.
@@ -604,9 +653,72 @@ async fn create_call(
     body: Bytes,
 ) -> Response {
     let at = Instant::now();
-    let (response, reply, callback) = record_call(&inner, &account, &headers, &body, at);
+    // Twilio processing the request late, or losing it: decided before anything is
+    // created.
+    let early = {
+        let to = serde_urlencoded_pairs(&body)
+            .get("To")
+            .cloned()
+            .unwrap_or_default();
+        let mut inner = inner.lock().unwrap();
+        let queue = inner.script.get_mut(&to);
+        match queue.as_ref().and_then(|q| q.front()) {
+            Some(Reply::CreatedAfter(_) | Reply::LostThenDrop | Reply::CreatedThenError(_)) => {
+                queue.and_then(VecDeque::pop_front)
+            }
+            _ => None,
+        }
+    };
+    let gateway_error = match early {
+        Some(Reply::CreatedThenError(status)) => Some(status),
+        _ => None,
+    };
+    let forced = match early {
+        Some(Reply::CreatedThenError(_)) => Some(Reply::Created),
+        Some(Reply::CreatedAfter(after)) => {
+            // In a task of its own: the client hanging up (its timeout) must not stop
+            // Twilio from creating the call.
+            let inner = Arc::clone(&inner);
+            let task = tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                let (response, _, callback) =
+                    record_call(&inner, &account, &headers, &body, at, Some(Reply::Created));
+                if let Some(delivery) = callback {
+                    let delay = inner.lock().unwrap().callback_delay;
+                    tokio::time::sleep(delay).await;
+                    deliver_callback(delivery).await;
+                }
+                response
+            });
+            return task.await.unwrap();
+        }
+        Some(Reply::LostThenDrop) => {
+            let form = serde_urlencoded_pairs(&body);
+            inner.lock().unwrap().calls.push(CallRecord {
+                to: form.get("To").cloned().unwrap_or_default(),
+                from: form.get("From").cloned().unwrap_or_default(),
+                twiml: form.get("Twiml").cloned().unwrap_or_default(),
+                timeout: form.get("Timeout").cloned().unwrap_or_default(),
+                at,
+                status: 0,
+                sid: None,
+                created: SystemTime::now(),
+                form,
+                dropped: true,
+            });
+            kill.0.notify_one();
+            std::future::pending::<()>().await;
+            unreachable!()
+        }
+        _ => None,
+    };
+    let (response, reply, callback) = record_call(&inner, &account, &headers, &body, at, forced);
     if let Some(delivery) = callback {
-        tokio::spawn(deliver_callback(delivery));
+        let delay = inner.lock().unwrap().callback_delay;
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            deliver_callback(delivery).await;
+        });
     }
     let delay = {
         let inner = inner.lock().unwrap();
@@ -618,6 +730,10 @@ async fn create_call(
         }
     };
     match reply {
+        _ if gateway_error.is_some() => {
+            let status = gateway_error.unwrap_or(504);
+            return twilio_error(status, 20504, "Gateway Timeout", None);
+        }
         Some(Reply::CreatedThenDrop) => {
             tokio::time::sleep(delay).await;
             kill.0.notify_one();
@@ -645,6 +761,7 @@ fn record_call(
     headers: &HeaderMap,
     body: &[u8],
     at: Instant,
+    forced: Option<Reply>,
 ) -> (Response, Option<Reply>, Option<Delivery>) {
     let form = match validate(account, headers, body) {
         Ok(f) => f,
@@ -668,9 +785,8 @@ fn record_call(
     let mut inner = inner.lock().unwrap();
     let to = form["To"].clone();
     let answer = inner.answers.get(&to).cloned();
-    let mut reply = inner
-        .global
-        .pop_front()
+    let mut reply = forced
+        .or_else(|| inner.global.pop_front())
         .or_else(|| inner.script.get_mut(&to).and_then(VecDeque::pop_front))
         .unwrap_or(Reply::Created);
     if matches!(reply, Reply::Created)
@@ -681,7 +797,12 @@ fn record_call(
     }
     let twiml = form.get("Twiml").cloned().unwrap_or_default();
     let (status, sid, response, callback) = match &reply {
-        Reply::Created | Reply::CreatedThenDrop | Reply::CreatedLate(_) => {
+        Reply::Created
+        | Reply::CreatedThenDrop
+        | Reply::CreatedLate(_)
+        | Reply::CreatedAfter(_)
+        | Reply::LostThenDrop
+        | Reply::CreatedThenError(_) => {
             inner.next_sid += 1;
             let sid = format!("CA{:032x}", inner.next_sid);
             inner.live.insert(

@@ -15,5 +15,6 @@ mod harness;
 mod http;
 mod ops;
 mod retention;
+mod review;
 mod smtp;
 mod source_files;
