@@ -16,12 +16,33 @@ pub const MAX_LINE: usize = 8 * 1024;
 /// Lines waiting for stderr, at most (so at most 16 MiB).
 pub const MAX_QUEUED_LINES: usize = 2048;
 
-/// Keeps the log thread; dropping it flushes what is queued (waiting at most a second).
+/// Keeps the log thread. Dropping it flushes what is queued, waiting at most a second:
+/// `tracing-appender`'s own flush can block for good when the log pipe is stalled (it
+/// then prints to stdout, which under systemd is the same stalled journal stream), so
+/// it runs on a thread of its own and is abandoned when it does not come back.
 #[derive(Debug)]
 pub struct Logs {
-    _guard: WorkerGuard,
+    guard: Option<WorkerGuard>,
     /// Lines dropped so far because stderr did not keep up.
     pub dropped: ErrorCounter,
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let (done, flushed) = std::sync::mpsc::channel();
+        let flushing = std::thread::Builder::new()
+            .name("mailcall-log-flush".into())
+            .spawn(move || {
+                drop(guard);
+                let _ = done.send(());
+            });
+        if flushing.is_ok() {
+            let _ = flushed.recv_timeout(std::time::Duration::from_secs(1));
+        }
+    }
 }
 
 /// Sets up the global subscriber: the level from `RUST_LOG` (default `info`), human or
@@ -45,7 +66,7 @@ pub fn init(json: bool) -> Logs {
         builder.init();
     }
     Logs {
-        _guard: guard,
+        guard: Some(guard),
         dropped,
     }
 }

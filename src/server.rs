@@ -82,6 +82,7 @@ pub async fn run(
         Caller::Twilio(client) => Some(client.clone()),
         Caller::DryRun => None,
     };
+    let places_calls = twilio.is_some();
 
     let dispatcher = Arc::new(Dispatcher::new(
         Arc::clone(&live),
@@ -147,13 +148,17 @@ pub async fn run(
         smtp_health.set_smtp_running(false);
     });
 
-    tasks.spawn(canary(
-        Arc::clone(&live),
-        store.clone(),
-        Arc::clone(&wake),
-        Arc::clone(&metrics),
-        shutdown.clone(),
-    ));
+    // A dry run does not test the phone path, and must not use up the canary's
+    // schedule, which lives in the store a real daemon shares.
+    if places_calls {
+        tasks.spawn(canary(
+            Arc::clone(&live),
+            store.clone(),
+            Arc::clone(&wake),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ));
+    }
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tasks.spawn(watchdog(
             interval,

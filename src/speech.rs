@@ -427,30 +427,42 @@ fn speak_core(core: &str, words: &Words, out: &mut Speech) {
 }
 
 /// An identifier without grouping characters: mail addresses, paths, `host:port`,
-/// IPv4 and IPv6 addresses, dotted names.
+/// IPv4 and IPv6 addresses, dotted names. Loops, never recursing on what the input
+/// holds: a hostile `a@a@a@…` of any length cannot grow the stack.
 fn speak_piece(piece: &str, words: &Words, out: &mut Speech) {
-    if let Some((local, domain)) = piece.split_once('@') {
-        speak_piece(local, words, out);
-        out.word(words.at);
-        speak_piece(domain, words, out);
-        return;
+    for (i, part) in piece.split('@').enumerate() {
+        if i > 0 {
+            out.word(words.at);
+        }
+        speak_path(part, words, out);
     }
-    if piece.contains('/') {
-        if piece
-            .split('/')
-            .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
-        {
-            // A date (`03/03/25`) or a ratio (`2/1`).
-            return out.word(piece);
+}
+
+/// A piece without `@`: a path's segments, each spoken on its own.
+fn speak_path(piece: &str, words: &Words, out: &mut Speech) {
+    if !piece.contains('/') {
+        return speak_segment(piece, words, out);
+    }
+    if piece
+        .split('/')
+        .all(|p| p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        // A date (`03/03/25`) or a ratio (`2/1`).
+        return out.word(piece);
+    }
+    let mut first = true;
+    for segment in piece.split('/').filter(|s| !s.is_empty()) {
+        if !first {
+            out.word(words.slash);
         }
-        let mut first = true;
-        for segment in piece.split('/').filter(|s| !s.is_empty()) {
-            if !first {
-                out.word(words.slash);
-            }
-            first = false;
-            speak_piece(segment, words, out);
-        }
+        first = false;
+        speak_segment(segment, words, out);
+    }
+}
+
+/// A piece without `@` or `/`: `host:port`, IPv4 and IPv6 addresses, dotted names.
+fn speak_segment(piece: &str, words: &Words, out: &mut Speech) {
+    if piece.is_empty() {
         return;
     }
     if !piece.contains(':') {

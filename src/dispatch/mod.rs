@@ -37,6 +37,7 @@ use crate::settings::Live;
 use crate::store::{Store, now_ms};
 use crate::twilio;
 
+pub use placer::follow_up;
 pub use reconcile::{Candidate, Decision as Reconciliation, Pending, decide};
 
 /// How often an idle worker looks at the store even when nobody woke it: work stored by

@@ -1,7 +1,7 @@
 //! The placer: queued calls → requests to Twilio. Each request is committed as a
 //! `requesting` attempt before it leaves and its answer is committed after, so a crash
 //! in between leaves a record the reconciler settles instead of a blind resend.
-//! Twilio's answers are classified by [`twilio::Outcome`]: 429, 5xx and connection
+//! Twilio's answers are classified by [`twilio::Outcome`]: 429, 503 and connection
 //! failures are retried with capped, jittered exponential backoff (honouring
 //! `Retry-After`) until `retry_for` after the call was decided; 4xx errors are
 //! permanent for that number; a lost answer is `unknown`, for the reconciler.
@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use super::{Caller, Dispatcher, IDLE_POLL, WINDOW_SLACK, backoff, error_hint};
 use crate::health::Worker;
-use crate::metrics::{CallError, Outcome as CanaryOutcome};
+use crate::metrics::{CallError, Metrics, Outcome as CanaryOutcome};
 use crate::store::{
     AttemptOutcome, AttemptState, CALLBACK, CallJob, Claim, Recorded, StoreError, ms, now_ms,
 };
@@ -91,7 +91,8 @@ impl Dispatcher {
         };
         let settings = self.live.load_full();
         let t = &settings.config.twilio;
-        let window = ms(t.request_timeout + WINDOW_SLACK);
+        // The client's own timeout bounds the request (a reload does not change it).
+        let window = ms(client.timeout() + WINDOW_SLACK);
         let attempt_id = match self.store.claim(job.call_id, &t.from, window).await {
             Ok(Claim::Go { attempt_id }) => attempt_id,
             Ok(Claim::Gone(_) | Claim::Busy) => return,
@@ -100,7 +101,7 @@ impl Dispatcher {
                 return;
             }
         };
-        if let Some(received) = job.received_at {
+        if let Some(received) = job.received_at.filter(|_| !job.canary) {
             let waited = now_ms().saturating_sub(received).max(0);
             self.metrics
                 .dispatch_latency
@@ -235,23 +236,15 @@ impl Dispatcher {
         }
     }
 
-    /// A call became placed (by its answer, or by reconciliation): counted, the
-    /// canary's result noted, and the SMS summary sent.
+    /// A call became placed (by its answer, or by reconciliation).
     pub(super) async fn placed(&self, client: &twilio::Client, job: &CallJob) {
-        if job.canary {
-            self.canary_result(job, None);
-        } else {
-            self.metrics.calls_placed.inc();
-        }
-        if let Some(text) = &job.sms {
-            let from = self.live.load().config.twilio.from.clone();
-            send_sms(client, &self.store, job, &from, text).await;
-        }
+        let from = self.live.load().config.twilio.from.clone();
+        follow_up(client, &self.store, &self.metrics, &from, job).await;
     }
 
     fn count_failure(&self, job: &CallJob, code: Option<i64>, error: &str) {
         if job.canary {
-            self.canary_result(job, Some(error));
+            canary_result(&self.metrics, job, Some(error));
             return;
         }
         self.metrics
@@ -261,25 +254,44 @@ impl Dispatcher {
             })
             .inc();
     }
+}
 
-    /// Accounts for a canary call's outcome (`error` is `None` when Twilio accepted it).
-    fn canary_result(&self, job: &CallJob, error: Option<&str>) {
-        let metrics = &self.metrics;
-        match error {
-            None => {
-                metrics
-                    .canary_runs
-                    .get_or_create(&CanaryOutcome { result: "ok" })
-                    .inc();
-                metrics.canary_last_success.set(now_ms() / 1000);
-            }
-            Some(error) => {
-                metrics
-                    .canary_runs
-                    .get_or_create(&CanaryOutcome { result: "failed" })
-                    .inc();
-                error!(number = %job.number, error, "CANARY FAILED: the phone path is broken; real alerts would not ring either");
-            }
+/// What follows a call becoming placed, whoever settled it (its answer, the reconciler,
+/// a status callback that came after the answer was lost): counted, the canary's result
+/// noted, and the SMS summary sent. Each settlement happens once, so this does too.
+pub async fn follow_up(
+    client: &twilio::Client,
+    store: &crate::store::Store,
+    metrics: &Metrics,
+    from: &str,
+    job: &CallJob,
+) {
+    if job.canary {
+        canary_result(metrics, job, None);
+    } else {
+        metrics.calls_placed.inc();
+    }
+    if let Some(text) = &job.sms {
+        send_sms(client, store, job, from, text).await;
+    }
+}
+
+/// Accounts for a canary call's outcome (`error` is `None` when Twilio accepted it).
+fn canary_result(metrics: &Metrics, job: &CallJob, error: Option<&str>) {
+    match error {
+        None => {
+            metrics
+                .canary_runs
+                .get_or_create(&CanaryOutcome { result: "ok" })
+                .inc();
+            metrics.canary_last_success.set(now_ms() / 1000);
+        }
+        Some(error) => {
+            metrics
+                .canary_runs
+                .get_or_create(&CanaryOutcome { result: "failed" })
+                .inc();
+            error!(number = %job.number, error, "CANARY FAILED: the phone path is broken; real alerts would not ring either");
         }
     }
 }

@@ -288,9 +288,11 @@ impl Dispatcher {
         human.into_inner()
     }
 
-    /// Is a person in the incident's conference? A participant that is not one of our
-    /// calls dialled in; one of ours is a person if they pressed 1 to get there (public
-    /// URL) or answering-machine detection said `human` (polling).
+    /// Is a person in the incident's conference? A participant that dialled in is; one
+    /// of our calls is a person if they pressed 1 to get there (public URL) or
+    /// answering-machine detection said `human` (polling). A participant the store does
+    /// not know may still be our call (its request's answer was lost): Twilio is asked
+    /// which way it went.
     async fn someone_in_bridge(
         &self,
         client: &twilio::Client,
@@ -302,7 +304,12 @@ impl Dispatcher {
             .await?
         {
             let person = match self.store.answered_by(&sid).await {
-                Ok(None) => true,
+                Ok(None) => match client.get_call(&sid).await {
+                    Ok(info) if info.outbound() => !polling || info.human(),
+                    Ok(_) => true,
+                    // Cannot tell: not counted (calling again beats leaving nobody).
+                    Err(_) => false,
+                },
                 Ok(Some(answered_by)) => !polling || answered_by.as_deref() == Some("human"),
                 Err(e) => return Err(e.to_string()),
             };

@@ -1,6 +1,14 @@
 //! The router: stored alerts → routing decisions → incidents and their first round of
 //! calls, each alert in one store transaction. It queues calls; it never places them.
+//!
+//! A mail whose parsing kills the process (a parser bug a hostile mail finds) must not
+//! kill every restart too, leaving all later alerts acknowledged and never called. So a
+//! marker file next to the store names the alerts being parsed while they are; a start
+//! that finds it counts a strike against each, alerts with a strike are then routed one
+//! at a time, and an alert with [`MAX_CRASHES`] strikes is set aside (kept, `rejected`,
+//! never routed) with a loud log line. A panic counts the same way.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tracing::{error, info, warn};
@@ -19,6 +27,15 @@ const BATCH: usize = 256;
 /// Raw mail read per batch, at most (but always one mail): a backlog of big mails is
 /// routed a few at a time, not all in memory at once.
 const BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Runs of the daemon that may die routing one alert before it is set aside.
+pub const MAX_CRASHES: i64 = 3;
+
+/// The marker naming the alerts being parsed: `<store>.routing`.
+pub fn routing_marker(store: &Path) -> PathBuf {
+    let mut name = store.file_name().unwrap_or_default().to_os_string();
+    name.push(".routing");
+    store.with_file_name(name)
+}
 
 /// What the log says about a routed alert (the mail itself is dropped once parsed).
 struct Seen {
@@ -101,6 +118,7 @@ fn decide(config: &Config, batch: Vec<PendingAlert>) -> Decided {
 impl Dispatcher {
     /// Routes stored alerts as they arrive, until shutdown.
     pub(super) async fn route_loop(self: Arc<Self>) {
+        self.count_crashed_batch().await;
         loop {
             self.beat(Worker::Router);
             self.drain().await;
@@ -110,10 +128,31 @@ impl Dispatcher {
         }
     }
 
+    /// A marker left behind means the last run died routing those alerts: a strike
+    /// each.
+    async fn count_crashed_batch(&self) {
+        let marker = routing_marker(self.store.path());
+        let read = tokio::task::spawn_blocking(move || {
+            let ids = std::fs::read_to_string(&marker).ok()?;
+            let _ = std::fs::remove_file(&marker);
+            Some(ids)
+        })
+        .await;
+        let Ok(Some(ids)) = read else { return };
+        let ids: Vec<i64> = ids
+            .split_whitespace()
+            .filter_map(|i| i.parse().ok())
+            .collect();
+        warn!(alerts = ?ids, "mailcall stopped while routing these alerts: routing them one at a time now, in case one of them is what stopped it");
+        if let Err(e) = self.store.note_routing_crash(ids).await {
+            error!(error = %e, "cannot count the routing crash");
+        }
+    }
+
     /// Routes every stored alert not yet routed.
     pub(super) async fn drain(&self) {
         loop {
-            let batch = match self.store.pending_alerts(BATCH, BATCH_BYTES).await {
+            let mut batch = match self.store.pending_alerts(BATCH, BATCH_BYTES).await {
                 Ok(b) if b.is_empty() => return,
                 Ok(b) => b,
                 Err(e) => {
@@ -121,10 +160,33 @@ impl Dispatcher {
                     return;
                 }
             };
+            if let Some(poison) = batch.iter().find(|a| a.crashes >= MAX_CRASHES) {
+                self.set_aside(poison.id).await;
+                continue;
+            }
+            // Suspects go alone, so that a strike lands on the right alert.
+            match batch.iter().position(|a| a.crashes > 0) {
+                Some(0) => batch.truncate(1),
+                Some(first) => batch.truncate(first),
+                None => {}
+            }
             if !self.route_batch(batch).await {
                 return;
             }
             self.beat(Worker::Router);
+        }
+    }
+
+    async fn set_aside(&self, id: i64) {
+        let why = format!(
+            "mailcall died {MAX_CRASHES} times routing this alert; set aside so that later alerts are routed"
+        );
+        error!(
+            alert = id,
+            "ALERT SET ASIDE: {why}; nobody is called for it (see the stored mail with `mailcall incidents` or sqlite3)"
+        );
+        if let Err(e) = self.store.quarantine(id, why).await {
+            error!(alert = id, error = %e, "cannot set the alert aside");
         }
     }
 
@@ -135,10 +197,28 @@ impl Dispatcher {
         // Parsing big mails and matching rules is CPU work (tens of milliseconds for a
         // mail of megabytes): off the async workers.
         let decide_with = Arc::clone(&settings);
-        let Ok((items, alerts)) =
-            tokio::task::spawn_blocking(move || decide(&decide_with.config, batch)).await
-        else {
-            error!("routing a batch of alerts panicked; will try again");
+        let ids: Vec<i64> = batch.iter().map(|a| a.id).collect();
+        let marker = routing_marker(self.store.path());
+        let marked = ids
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let decided = tokio::task::spawn_blocking(move || {
+            // Not synced: it only has to outlive this process, not the machine.
+            let _ = std::fs::write(&marker, marked);
+            let decided = decide(&decide_with.config, batch);
+            let _ = std::fs::remove_file(&marker);
+            decided
+        })
+        .await;
+        let Ok((items, alerts)) = decided else {
+            error!(alerts = ?ids, "routing these alerts panicked; routing them one at a time next");
+            let marker = routing_marker(self.store.path());
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(marker)).await;
+            if let Err(e) = self.store.note_routing_crash(ids).await {
+                error!(error = %e, "cannot count the routing crash");
+            }
             return false;
         };
         let config = &settings.config;
@@ -183,17 +263,18 @@ impl Dispatcher {
                     action = "none", "unrouted: no rule matches this mail; nobody is called"
                 ),
                 Ok(Routed::Resolved {
-                    incident_id,
-                    public_id,
+                    incidents,
                     canceled,
                 }) => {
-                    info!(
-                        alert = alert_id, source, message_id, from = %alert.from, rule, action = "resolve",
-                        incident = incident_id, dedup_key = %decision.dedup_key, canceled,
-                        "incident resolved: no further rounds"
-                    );
-                    if !new.dry_run {
-                        self.announce_resolution(incident_id, public_id, &decision);
+                    for (incident_id, public_id) in incidents {
+                        info!(
+                            alert = alert_id, source, message_id, from = %alert.from, rule, action = "resolve",
+                            incident = incident_id, dedup_key = %decision.dedup_key, canceled,
+                            "incident resolved: no further rounds"
+                        );
+                        if !new.dry_run {
+                            self.announce_resolution(incident_id, public_id, &decision);
+                        }
                     }
                 }
                 Ok(Routed::NotCalled) if decision.action == Action::Resolve => info!(

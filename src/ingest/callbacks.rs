@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::ingest::http::{HttpContext, HttpError};
 use crate::settings::Settings;
 use crate::speech::Prompts;
-use crate::store::TwilioStatus;
+use crate::store::{AttemptState, TwilioStatus};
 use crate::twilio::{signature, twiml};
 
 /// The callback routes (under `/twilio/`).
@@ -223,9 +223,19 @@ async fn status(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
         .await;
     match logged(recorded) {
         Some((Some((_, incident, number)), settled)) => {
-            if settled.is_some() {
+            if let Some(settled) = settled {
                 info!(incident, number = %number, attempt, sid = %sid,
                     "status callback: the request did reach Twilio; not calling again");
+                // Its answer was lost, so the placer is not waiting for it: follow up
+                // here (count it, send its SMS), off the callback's answer.
+                if let (AttemptState::Unknown, Some(client)) = (settled.was, ctx.twilio.clone()) {
+                    let (store, metrics) = (ctx.store.clone(), Arc::clone(&ctx.metrics));
+                    let from = cb.settings.config.twilio.from.clone();
+                    tokio::spawn(async move {
+                        crate::dispatch::follow_up(&client, &store, &metrics, &from, &settled.call)
+                            .await;
+                    });
+                }
             }
             info!(incident, number = %number, status = %status, "call progress");
         }

@@ -118,6 +118,9 @@ pub struct Settled {
     pub call: CallJob,
     /// The call's state afterwards.
     pub state: CallState,
+    /// The attempt's state before: `requesting` (its request still out: the placer
+    /// follows up when its answer comes) or `unknown` (nobody waits for it).
+    pub was: AttemptState,
 }
 
 /// A placed call whose answerer or status is still to be learned by polling.
@@ -221,6 +224,10 @@ impl Store {
             if !matches!(state, CallState::Queued | CallState::Retrying) {
                 return Ok(Claim::Gone(state));
             }
+            if resolved(c, call_id)? {
+                cancel(c, call_id, now_ms())?;
+                return Ok(Claim::Gone(CallState::Canceled));
+            }
             let busy = c
                 .prepare_cached("SELECT 1 FROM calls WHERE number = ?1 AND state = 'requesting'")?
                 .exists([&number])?;
@@ -291,7 +298,9 @@ impl Store {
                         "UPDATE attempts SET state = ?2, http_status = ?3, error_code = ?4, error = ?5, settled_at = ?6 WHERE id = ?1",
                     )?
                     .execute(params![attempt_id, AttemptState::Failed, http_status, code, error, now])?;
+                    // No retry for an incident resolved while the request was out.
                     let (state, next) = match retry_at {
+                        Some(_) if resolved(c, call_id)? => (CallState::Canceled, None),
                         Some(at) => (CallState::Retrying, Some(at)),
                         None => (CallState::Failed, None),
                     };
@@ -425,8 +434,28 @@ impl Store {
                         .execute(params![call_id, status])?;
                 }
                 add_event(c, *call_id, &event)?;
+                return Ok((call, settled));
             }
-            Ok((call, settled))
+            // The request was given up (absent, undecided) and sent again, but it did
+            // reach Twilio: the number rang twice. Say so on the call.
+            if let (Some(id), None) = (attempt_id, &settled) {
+                let given_up: Option<(i64, i64, String, AttemptState)> = c
+                    .prepare_cached(
+                        "SELECT c.id, c.incident_id, c.number, a.state FROM attempts a JOIN calls c ON c.id = a.call_id
+                         WHERE a.id = ?1 AND a.state IN ('absent', 'undecided')",
+                    )?
+                    .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .optional()?;
+                if let Some((call_id, incident_id, number, state)) = given_up {
+                    add_event(
+                        c,
+                        call_id,
+                        &format!("late status callback: request {id} ({state}) did reach Twilio as {sid}; the call was also sent again"),
+                    )?;
+                    return Ok((Some((call_id, incident_id, number)), None));
+                }
+            }
+            Ok((None, settled))
         })
         .await
     }
@@ -585,26 +614,40 @@ fn settle(
     Ok(Some(Settled {
         call: call_job(c, call_id)?,
         state: call_state,
+        was: state,
     }))
 }
 
 /// Sends a call again (its last request created nothing, or nobody can tell), unless
 /// its incident was resolved meanwhile.
 fn requeue(c: &Connection, call_id: i64, now: i64, why: &str) -> rusqlite::Result<CallState> {
+    if resolved(c, call_id)? {
+        cancel(c, call_id, now)?;
+        return Ok(CallState::Canceled);
+    }
+    c.prepare_cached(
+        "UPDATE calls SET state = ?2, next_attempt_at = ?3, error = ?4, updated_at = ?5 WHERE id = ?1",
+    )?
+    .execute(params![call_id, CallState::Queued, now, why, now])?;
+    Ok(CallState::Queued)
+}
+
+/// The call's incident was resolved: nothing more is sent for it. (The canary's
+/// incident is closed from the start; its calls still go out.)
+fn resolved(c: &Connection, call_id: i64) -> rusqlite::Result<bool> {
     let (status, kind): (IncidentStatus, IncidentKind) = c
         .prepare_cached(
             "SELECT i.status, i.kind FROM calls c JOIN incidents i ON i.id = c.incident_id WHERE c.id = ?1",
         )?
         .query_row([call_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    // The canary's incident is closed from the start; its calls still go out.
-    let (state, next) = if status == IncidentStatus::Resolved && kind == IncidentKind::Alert {
-        (CallState::Canceled, None)
-    } else {
-        (CallState::Queued, Some(now))
-    };
+    Ok(status == IncidentStatus::Resolved && kind == IncidentKind::Alert)
+}
+
+fn cancel(c: &Connection, call_id: i64, now: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
-        "UPDATE calls SET state = ?2, next_attempt_at = ?3, error = ?4, updated_at = ?5 WHERE id = ?1",
+        "UPDATE calls SET state = ?2, next_attempt_at = NULL, error = 'the incident was resolved before this call went out', updated_at = ?3
+         WHERE id = ?1",
     )?
-    .execute(params![call_id, state, next, why, now])?;
-    Ok(state)
+    .execute(params![call_id, CallState::Canceled, now])
+    .map(|_| ())
 }

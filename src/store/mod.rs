@@ -30,12 +30,12 @@ mod schema;
 pub mod states;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::alert::{DirectAlert, Envelope};
 
@@ -231,6 +231,8 @@ pub struct PendingAlert {
     pub raw: Vec<u8>,
     pub direct: Option<DirectAlert>,
     pub dry_run: bool,
+    /// How many runs of the daemon died while routing it.
+    pub crashes: i64,
 }
 
 /// The current time in Unix milliseconds.
@@ -253,6 +255,9 @@ pub fn rfc3339(unix_ms: i64) -> String {
 
 /// The most jobs committed together; bounds the latency one batch adds.
 const MAX_BATCH: usize = 512;
+/// Jobs waiting for the writer, at most; each caller waits for its own, so what a job
+/// carries (a mail) is bounded by the ingest limits that admitted it.
+const QUEUE: usize = 4096;
 
 /// Why a batch did not commit; every job of the batch gets it.
 #[derive(Debug, Clone)]
@@ -321,7 +326,9 @@ impl Store {
         })?;
         checkpointer.busy_timeout(Duration::from_secs(5))?;
         let running = Arc::new(AtomicBool::new(true));
-        let (jobs, queue) = mpsc::channel::<Job>();
+        // Bounded: when the writer falls behind, callers wait for room (asynchronously)
+        // instead of piling up work without end.
+        let (jobs, queue) = mpsc::channel::<Job>(QUEUE);
         let writer_running = Arc::clone(&running);
         let writer_path = path.to_path_buf();
         std::thread::Builder::new()
@@ -401,7 +408,7 @@ impl Store {
                 ),
             }
         });
-        self.jobs.send(job).map_err(|_| StoreError::Closed)?;
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -520,7 +527,7 @@ impl Store {
     ) -> Result<Vec<PendingAlert>, StoreError> {
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, source, mail_from, rcpt_to, direct, received_at, dry_run, length(raw), raw
+                "SELECT id, source, mail_from, rcpt_to, direct, received_at, dry_run, length(raw), raw, route_attempts
                  FROM alerts WHERE state = 'received' ORDER BY id LIMIT ?1",
             )?;
             let mut rows = stmt.query([i64::try_from(limit).unwrap_or(i64::MAX)])?;
@@ -547,9 +554,39 @@ impl Store {
                     received_at: r.get(5)?,
                     dry_run: r.get(6)?,
                     raw: r.get(8)?,
+                    crashes: r.get(9)?,
                 });
             }
             Ok(alerts)
+        })
+        .await
+    }
+}
+
+impl Store {
+    /// The daemon died while routing these alerts (see `dispatch/router.rs`): one more
+    /// strike each.
+    pub async fn note_routing_crash(&self, ids: Vec<i64>) -> Result<(), StoreError> {
+        self.run(move |c| {
+            let mut stmt = c.prepare_cached(
+                "UPDATE alerts SET route_attempts = route_attempts + 1 WHERE id = ?1 AND state = 'received'",
+            )?;
+            for id in ids {
+                stmt.execute([id])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sets an alert aside: kept for the record (`rejected`, with why), never routed.
+    pub async fn quarantine(&self, id: i64, why: String) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.execute(
+                "UPDATE alerts SET state = ?2, note = ?3 WHERE id = ?1 AND state = 'received'",
+                params![id, AlertState::Rejected, why],
+            )
+            .map(|_| ())
         })
         .await
     }
@@ -577,9 +614,9 @@ fn checkpoint(conn: &Connection, running: &AtomicBool) {
 
 /// The writer thread: batches queued jobs into one transaction each, and commits a
 /// batch only while the database file is still the one it opened.
-fn writer(conn: Connection, queue: mpsc::Receiver<Job>, path: &Path, identity: (u64, u64)) {
+fn writer(conn: Connection, mut queue: mpsc::Receiver<Job>, path: &Path, identity: (u64, u64)) {
     let mut lost_logged = false;
-    while let Ok(first) = queue.recv() {
+    while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match queue.try_recv() {

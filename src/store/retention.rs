@@ -15,6 +15,15 @@ use super::{Store, StoreError};
 
 /// Rows' overhead besides the raw mail, when judging whether an alert fits.
 const ROW_OVERHEAD: u64 = 4096;
+/// Mails up to this size may use the last of the room; bigger ones leave [`reserve`]
+/// free, so that when big mails fill the store, a recovery (which is small) still gets
+/// in and closes the incidents that fill it.
+const SMALL_MAIL: u64 = 64 * 1024;
+
+/// The room a big mail must leave free under `max`.
+fn reserve(max: u64) -> u64 {
+    (max / 10).min(1024 * 1024)
+}
 
 /// What one pass of the pruner deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -81,16 +90,19 @@ impl Store {
 /// Makes room for `need` bytes under `max`, deleting the oldest closed data a little at
 /// a time; false when open data alone leaves no room.
 pub(super) fn make_room(c: &Connection, max: u64, need: u64) -> rusqlite::Result<bool> {
+    let need = need
+        .saturating_add(ROW_OVERHEAD)
+        .saturating_add(if need > SMALL_MAIL { reserve(max) } else { 0 });
     // Each round deletes a few incidents: bounded work for the alert that waits.
     for _ in 0..20 {
-        if data_bytes(c)?.saturating_add(need + ROW_OVERHEAD) <= max {
+        if data_bytes(c)?.saturating_add(need) <= max {
             return Ok(true);
         }
         if !prune_closed(c, i64::MAX, 8, true)?.any() {
             return Ok(false);
         }
     }
-    Ok(data_bytes(c)?.saturating_add(need + ROW_OVERHEAD) <= max)
+    Ok(data_bytes(c)?.saturating_add(need) <= max)
 }
 
 /// Bytes of the database holding data: pages in use (free pages are reused first).

@@ -2,7 +2,7 @@
 //! against the live incidents with its key, resolution, a new incident with its first
 //! round of calls, and the hourly call budget.
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use super::{
     AlertState, CallState, IncidentKind, IncidentStatus, RoundOutcome, Store, StoreError, ms,
@@ -47,11 +47,11 @@ pub enum Routed {
     Deduplicated { incident_id: i64, alert_count: i64 },
     /// Dropped by a rule, or matched by none (or a resolve with nothing open to close).
     NotCalled,
-    /// A resolve rule closed this incident: no further rounds, and calls not yet sent
-    /// are canceled.
+    /// A resolve rule closed these incidents (every live one with the key): no further
+    /// rounds, and calls not yet sent are canceled.
     Resolved {
-        incident_id: i64,
-        public_id: String,
+        /// `(id, public id)` of each, newest first.
+        incidents: Vec<(i64, String)>,
         canceled: usize,
     },
 }
@@ -112,29 +112,34 @@ fn record_routing(
         ])
     };
     // Only a live incident of the same kind of run is the same problem: a real alert
-    // never joins (or resolves) a dry run's incident, nor the reverse.
-    let live = |c: &Connection, since: i64| -> rusqlite::Result<Option<(i64, String)>> {
+    // never joins (or resolves) a dry run's incident, nor the reverse. Newest first.
+    let live = |c: &Connection, since: i64| -> rusqlite::Result<Vec<(i64, String)>> {
         c.prepare_cached(
             "SELECT id, public_id FROM incidents
              WHERE dedup_key = ?1 AND status IN ('open', 'bridged') AND kind = 'alert'
                AND dry_run = ?2 AND opened_at > ?3
-             ORDER BY opened_at DESC LIMIT 1",
+             ORDER BY opened_at DESC, id DESC",
         )?
-        .query_row(params![decision.dedup_key, new.dry_run, since], |r| {
+        .query_map(params![decision.dedup_key, new.dry_run, since], |r| {
             Ok((r.get(0)?, r.get(1)?))
-        })
-        .optional()
+        })?
+        .collect()
     };
     if decision.action == Action::Resolve {
-        let Some((incident_id, public_id)) = live(c, i64::MIN)? else {
+        // The recovery is over for every live incident of the problem (a repeat after
+        // the cooldown opens a second one).
+        let incidents = live(c, i64::MIN)?;
+        let Some((newest, _)) = incidents.first() else {
             mark("resolve", None)?;
             return Ok(Routed::NotCalled);
         };
-        let canceled = resolve(c, incident_id, now)?;
-        mark("resolve", Some(incident_id))?;
+        let mut canceled = 0;
+        for (incident_id, _) in &incidents {
+            canceled += resolve(c, *incident_id, now)?;
+        }
+        mark("resolve", Some(*newest))?;
         return Ok(Routed::Resolved {
-            incident_id,
-            public_id,
+            incidents,
             canceled,
         });
     }
@@ -144,7 +149,7 @@ fn record_routing(
     }
     if !decision.cooldown.is_zero()
         && new.kind == IncidentKind::Alert
-        && let Some((incident_id, _)) = live(c, now - ms(decision.cooldown))?
+        && let Some((incident_id, _)) = live(c, now - ms(decision.cooldown))?.into_iter().next()
     {
         let alert_count: i64 = c
             .prepare_cached(

@@ -101,9 +101,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 7: typed states mirrored by CHECKs (see `states.rs`); every request to Twilio as an
     // attempt of its own, whose SID no other attempt may own; dry-run and canary as
     // properties of the incident. SQLite cannot add a CHECK to a table, so the tables
-    // are rebuilt (foreign keys are off while migrating).
+    // are rebuilt (foreign keys are off while migrating). Ids are AUTOINCREMENT: they go
+    // out (an attempt's id in its status callback URL, `alert N`, `incident #N`), so a
+    // pruned row's id must never come back as another's.
     "CREATE TABLE alerts_new (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         received_at INTEGER NOT NULL,
         source TEXT NOT NULL,
         peer TEXT,
@@ -128,7 +130,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX alerts_incident ON alerts(incident_id) WHERE incident_id IS NOT NULL;
 
     CREATE TABLE incidents_new (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         public_id TEXT NOT NULL UNIQUE,
         kind TEXT NOT NULL DEFAULT 'alert' CHECK (kind IN ('alert', 'canary')),
         dry_run INTEGER NOT NULL DEFAULT 0 CHECK (dry_run IN (0, 1)),
@@ -173,7 +175,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX incidents_next_round ON incidents(next_round_at) WHERE next_round_at IS NOT NULL;
 
     CREATE TABLE calls_new (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         incident_id INTEGER NOT NULL REFERENCES incidents(id),
         round INTEGER NOT NULL DEFAULT 1,
         number TEXT NOT NULL,
@@ -201,7 +203,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
         FROM calls;
 
     CREATE TABLE attempts (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         call_id INTEGER NOT NULL REFERENCES calls(id),
         state TEXT NOT NULL CHECK (state IN ('requesting', 'placed', 'failed', 'unknown', 'absent', 'undecided')),
         requested_at INTEGER NOT NULL,
@@ -220,14 +222,30 @@ pub(super) const MIGRATIONS: &[&str] = &[
             CASE WHEN outcome = 'placed' AND ROW_NUMBER() OVER (PARTITION BY sid ORDER BY id) = 1 THEN sid END,
             error_code, error
         FROM call_attempts WHERE outcome IN ('placed', 'retry', 'failed') ORDER BY id;
+    -- A retry after a lost answer (a timeout, a dropped connection, a 500 or a gateway's
+    -- 502/504) may have followed a request that created the call: reconciled, like a
+    -- request that was in flight. Older versions retried those blindly.
+    UPDATE calls_new SET state = 'unknown', next_attempt_at = NULL
+        WHERE state = 'retrying' AND (
+            SELECT a.error NOT LIKE 'HTTP %' AND a.error != 'cannot connect to Twilio'
+                OR a.error LIKE 'HTTP 500%' OR a.error LIKE 'HTTP 502%' OR a.error LIKE 'HTTP 504%'
+            FROM call_attempts a WHERE a.call_id = calls_new.id ORDER BY a.id DESC LIMIT 1);
+    -- When such a request was sent (and how long it could take) is not recorded: its
+    -- window opens when the call was decided, or a minute before its last recorded
+    -- outcome if that is earlier (a request times out before its retry is recorded), and
+    -- closes now; no later request can be confused with it.
     INSERT INTO attempts (call_id, state, requested_at, window_end, from_number)
-        SELECT id, 'unknown', updated_at, updated_at + 17000, '' FROM calls_new WHERE state = 'unknown';
+        SELECT id, 'unknown',
+            MIN(created_at, updated_at - 60000,
+                COALESCE((SELECT MAX(a.at) FROM call_attempts a WHERE a.call_id = calls_new.id), updated_at) - 60000),
+            CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), ''
+        FROM calls_new WHERE state = 'unknown';
     CREATE UNIQUE INDEX attempts_sid ON attempts(sid) WHERE sid IS NOT NULL;
     CREATE INDEX attempts_call ON attempts(call_id);
     CREATE INDEX attempts_unresolved ON attempts(call_id) WHERE state IN ('requesting', 'unknown');
 
     CREATE TABLE call_events (
-        id INTEGER PRIMARY KEY,
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
         call_id INTEGER NOT NULL REFERENCES calls(id),
         at INTEGER NOT NULL,
         event TEXT NOT NULL
@@ -260,8 +278,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     DROP TABLE rounds;
     ALTER TABLE rounds_new RENAME TO rounds;",
     // 8: what retention looks up: closed incidents by when they closed, bridged ones by
-    // their last alert, and alerts no incident holds by when they came.
-    "CREATE INDEX incidents_closed ON incidents(closed_at) WHERE closed_at IS NOT NULL;
+    // their last alert, and alerts no incident holds by when they came; how many runs
+    // of the daemon died routing an alert (a poison mail is set aside, not retried
+    // forever).
+    "ALTER TABLE alerts ADD COLUMN route_attempts INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX incidents_closed ON incidents(closed_at) WHERE closed_at IS NOT NULL;
     CREATE INDEX incidents_bridged ON incidents(last_alert_at) WHERE status = 'bridged';
     CREATE INDEX alerts_orphans ON alerts(received_at) WHERE incident_id IS NULL AND state != 'received';",
 ];

@@ -370,7 +370,7 @@ async fn dedup_joins_only_live_incidents() {
     };
     assert!(matches!(
         route(&store, resolve.clone(), "r").await,
-        Routed::Resolved { incident_id, canceled: 1, .. } if incident_id == first
+        Routed::Resolved { ref incidents, canceled: 1 } if incidents[0].0 == first
     ));
     // After the resolution the same key opens a new incident.
     let (second, _) = opened(&route(&store, decision("k", &["+1555"], hour), "b").await);

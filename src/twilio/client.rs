@@ -113,6 +113,10 @@ pub struct CallInfo {
     pub status: String,
     /// `human`, `machine_start`, `machine_end_beep`, `fax`, `unknown`…; absent until known.
     pub answered_by: Option<String>,
+    /// `outbound-api` for calls made through the REST API (ours), `inbound` for calls
+    /// to our number (a dial-in).
+    #[serde(default)]
+    pub direction: Option<String>,
 }
 
 impl CallInfo {
@@ -126,6 +130,13 @@ impl CallInfo {
     /// Did answering-machine detection say a person picked up? (`unknown` is not one.)
     pub fn human(&self) -> bool {
         self.answered_by.as_deref() == Some("human")
+    }
+
+    /// Was the call made through the REST API (so, by mailcall), not dialled in?
+    pub fn outbound(&self) -> bool {
+        self.direction
+            .as_deref()
+            .is_some_and(|d| d.starts_with("outbound"))
     }
 }
 
@@ -158,8 +169,8 @@ pub enum Outcome {
     /// connection lost after sending, an unreadable `2xx`). Twilio has no idempotency
     /// key for calls, so this must be reconciled, never simply sent again.
     Unknown { reason: String },
-    /// Twilio answered and created nothing, but trying again may work: 429, 5xx, or
-    /// the connection could not even be made.
+    /// Twilio answered and created nothing, but trying again may work: 429, 503 and
+    /// other 5xx that turn a request away, or the connection could not even be made.
     Retry {
         /// `Retry-After`, when Twilio sent one.
         after: Option<Duration>,
@@ -206,6 +217,7 @@ pub struct Client {
     http: reqwest::Client,
     api_base: String,
     credentials: Credentials,
+    timeout: Duration,
 }
 
 impl Client {
@@ -224,7 +236,14 @@ impl Client {
             http,
             api_base: api_base.trim_end_matches('/').to_string(),
             credentials,
+            timeout,
         })
+    }
+
+    /// The timeout of every request (`request_timeout` when the client was made; a
+    /// reload does not change it).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// `POST /2010-04-01/Accounts/{AccountSid}/Calls.json` with inline TwiML.
@@ -296,10 +315,12 @@ impl Client {
 
     /// The calls Twilio created to `to` from `from` at or after `since_ms` (Unix
     /// milliseconds; Twilio's timestamps are whole seconds, so the caller leaves a
-    /// second of slack), newest first, as `(sid, created at in Unix milliseconds)`.
-    /// Reconciliation matches these to requests whose answer was lost. Reads up to
-    /// [`MAX_LIST_PAGES`] pages, stopping at the first page that reaches back past
-    /// `since_ms`.
+    /// second of slack), as `(sid, created at in Unix milliseconds)`. Reconciliation
+    /// matches these to requests whose answer was lost.
+    ///
+    /// `StartTime>` filters on when a call started, which a call still queued at
+    /// Twilio (an account's calls beyond its calls per second wait there) does not have
+    /// yet: the queued ones are asked for apart (`Status=queued`).
     pub async fn calls_to(
         &self,
         to: &str,
@@ -307,17 +328,44 @@ impl Client {
         since_ms: i64,
     ) -> Result<Vec<(String, i64)>, String> {
         let day = crate::store::rfc3339(since_ms);
-        let mut list: CallList = self
-            .get_json(
-                "Calls.json",
+        let mut calls = self
+            .list_calls(
                 &[
                     ("To", to),
                     ("From", from),
                     ("StartTime>", &day[..10]),
                     ("PageSize", "100"),
                 ],
+                since_ms,
             )
             .await?;
+        let queued = self
+            .list_calls(
+                &[
+                    ("To", to),
+                    ("From", from),
+                    ("Status", "queued"),
+                    ("PageSize", "100"),
+                ],
+                since_ms,
+            )
+            .await?;
+        for call in queued {
+            if !calls.iter().any(|(sid, _)| *sid == call.0) {
+                calls.push(call);
+            }
+        }
+        Ok(calls)
+    }
+
+    /// One filtered call list, newest first: up to [`MAX_LIST_PAGES`] pages, stopping at
+    /// the first page that reaches back past `since_ms`.
+    async fn list_calls(
+        &self,
+        query: &[(&str, &str)],
+        since_ms: i64,
+    ) -> Result<Vec<(String, i64)>, String> {
+        let mut list: CallList = self.get_json("Calls.json", query).await?;
         let mut calls = Vec::new();
         for page in 1.. {
             let mut reached_back = list.calls.is_empty();
@@ -504,6 +552,14 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outc
             .trim()
             .to_string()
     });
+    // A 500, or a gateway's 502/504 in front of Twilio, says nothing about whether the
+    // request was processed before it failed: a call may exist. Only 429 and 503 say
+    // it was turned away.
+    if matches!(status, 500 | 502 | 504) {
+        return Outcome::Unknown {
+            reason: format!("HTTP {status}: {message}"),
+        };
+    }
     // 10004 (the account's concurrent-call limit) and 22005 are 4xx answers that clear
     // by themselves: retry them like a 429.
     if status == 429
@@ -638,6 +694,15 @@ mod tests {
             classify(503, None, b"<html>down</html>"),
             Outcome::Retry { after: None, .. }
         ));
+        for status in [500, 502, 504] {
+            assert!(
+                matches!(
+                    classify(status, None, b"<html>gateway</html>"),
+                    Outcome::Unknown { .. }
+                ),
+                "{status} may have created the call"
+            );
+        }
         for code in [10004, 22005] {
             let body = format!(r#"{{"code":{code},"message":"limit reached"}}"#);
             assert!(

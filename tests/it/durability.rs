@@ -100,7 +100,7 @@ fn twilio_outage_503_and_429_is_retried_until_the_call_goes_out() {
                 message: "Too Many Requests".into(),
                 retry_after: Some(1),
             },
-            Reply::error(502, 20500, "Bad Gateway"),
+            Reply::error(503, 20503, "Service Unavailable"),
         ],
     );
     let dir = workdir();
@@ -125,7 +125,7 @@ fn twilio_outage_503_and_429_is_retried_until_the_call_goes_out() {
     let alice: Vec<&CallRecord> = calls.iter().filter(|c| c.to == "+15005550001").collect();
     assert_eq!(
         alice.iter().map(|c| c.status).collect::<Vec<_>>(),
-        [503, 429, 502, 201]
+        [503, 429, 503, 201]
     );
     // The 429 said Retry-After: 1, and it was honoured.
     assert!(

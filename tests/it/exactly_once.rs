@@ -537,3 +537,52 @@ fn the_canary_rings_once_per_number_without_rounds_sms_or_dial_in() {
     let list = incidents(dir.path());
     assert_eq!(list[0]["kind"], "canary");
 }
+
+/// A mail whose routing kills the daemon (a parser bug a hostile mail finds) must not
+/// kill every restart: the marker the router leaves names it, each start counts a
+/// strike, a suspect is routed alone, and after three it is set aside while later
+/// alerts ring. (The crash is simulated by what it leaves behind: the marker and the
+/// strikes of earlier runs.)
+#[test]
+fn an_alert_that_keeps_killing_the_router_is_set_aside() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let rules = "[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n";
+    let mut daemon = Daemon::start(dir.path(), &tuned(&twilio, rules), false);
+    daemon.terminate(Duration::from_secs(8));
+    let db = rusqlite::Connection::open(dir.path().join("mailcall.db")).unwrap();
+    let store = |subject: &str, strikes: i64| -> i64 {
+        db.execute(
+            "INSERT INTO alerts (received_at, source, rcpt_to, raw, state, route_attempts)
+             VALUES (1, 'smtp', '[]', ?1, 'received', ?2)",
+            rusqlite::params![mail(subject, "x"), strikes],
+        )
+        .unwrap();
+        db.last_insert_rowid()
+    };
+    let poison = store("poison", 2);
+    let suspect = store("suspect", 0);
+    // The last run died routing both.
+    std::fs::write(
+        dir.path().join("mailcall.db.routing"),
+        format!("{poison}\n{suspect}\n"),
+    )
+    .unwrap();
+    let daemon = Daemon::start_existing(dir.path(), false);
+    daemon.wait_for_log("ALERT SET ASIDE", Duration::from_secs(10));
+    // The suspect had one strike: routed alone, it rings; the poison does not.
+    let calls = twilio.wait_until(Duration::from_secs(10), |c| c.len() == 1);
+    assert!(calls[0].twiml.contains("suspect"), "{}", calls[0].twiml);
+    daemon.smtp().alert("db1 is DOWN");
+    twilio.wait_until(Duration::from_secs(10), |c| c.len() == 2);
+    let (state, note): (String, String) = db
+        .query_row(
+            "SELECT state, note FROM alerts WHERE id = ?1",
+            [poison],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(state, "rejected");
+    assert!(note.contains("died 3 times"), "{note}");
+    assert!(!dir.path().join("mailcall.db.routing").exists());
+}

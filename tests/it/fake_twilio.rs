@@ -943,6 +943,7 @@ async fn get_call(
             "sid": sid,
             "status": call.status(inner.ring_time),
             "answered_by": call.answered_by,
+            "direction": "outbound-api",
         }))
         .into_response(),
         None => twilio_error(404, 20404, "The requested resource was not found", None),
