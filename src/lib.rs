@@ -31,6 +31,7 @@ pub mod ingest;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod oncall;
 pub mod pruner;
 pub mod route;
 pub mod server;
