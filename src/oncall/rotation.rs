@@ -235,7 +235,7 @@ mod tests {
         );
         assert_eq!(
             r.on_call(&[], at("2026-11-23T12:00:00+09:00")).unwrap().who,
-            "carol"
+            "bob"
         );
     }
 
