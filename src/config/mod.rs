@@ -8,6 +8,7 @@
 //! `PATH:LINE:COLUMN: message` in one go. Nothing after this module needs to handle an
 //! invalid configuration.
 
+mod oncall;
 mod problems;
 mod raw;
 mod validate;
@@ -21,14 +22,15 @@ use std::time::Duration;
 use globset::GlobSet;
 use regex::Regex;
 
+use crate::oncall::{OnCall, Override, Policy, Rotation, When};
 use crate::speech::Prompts;
 use crate::template::Template;
 
 pub use problems::{ConfigError, Problem, Problems};
 
 /// What stands where a rule name would for alerts that skip the rules (`/alert`,
-/// `mailcall call`, the canary); a rule of the same name would be mistaken for them.
-pub const RESERVED_RULE_NAMES: [&str; 3] = ["webhook", "cli", "canary"];
+/// `mailcall call`, the canary, a heartbeat); a rule of the same name would be mistaken for them.
+pub const RESERVED_RULE_NAMES: [&str; 4] = ["webhook", "cli", "canary", "heartbeat"];
 
 /// The placeholders every template may use, whatever its rule captures.
 pub const BUILTIN_PLACEHOLDERS: [&str; 5] = ["subject", "from", "to", "body", "rule"];
@@ -62,6 +64,53 @@ pub struct Config {
     /// `[prompts."<language>"]`: the fixed phrases per language (lower-case tag), the
     /// built-in ones with the file's overrides applied. See [`Config::prompts`].
     pub prompts: BTreeMap<String, Prompts>,
+    /// `[[rotation]]`s by name; their names stand in `call` lists like groups.
+    pub rotations: BTreeMap<String, Rotation>,
+    /// `[[heartbeat]]` monitors, in file order.
+    pub heartbeats: Vec<Heartbeat>,
+}
+
+/// One entry of a `call` list: numbers known at load time, or a rotation, resolved to
+/// whoever is on call when the alert is routed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Callee {
+    /// An E.164 number (contacts and groups are resolved to these at load).
+    Number(String),
+    Rotation(String),
+}
+
+/// One step of a rule's `escalate`: if nobody is in the bridge `after` the incident
+/// opened, `call` is rung too and joins the incident's rounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Escalation {
+    pub after: Duration,
+    pub call: Vec<Callee>,
+}
+
+/// A `[[heartbeat]]` (dead man's switch): a beat is a mail matching its fields or a
+/// `POST /heartbeat/<name>`; no beat within `every + grace` opens an incident.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    pub name: String,
+    pub from: Option<Regex>,
+    pub to: Option<Regex>,
+    pub subject: Option<Regex>,
+    pub body: Option<Regex>,
+    pub every: Duration,
+    pub grace: Duration,
+    pub call: Vec<Callee>,
+    /// May use `{name}` and `{last_seen}`.
+    pub message: Template,
+    pub language: String,
+    pub voice: String,
+}
+
+impl Heartbeat {
+    /// Can a mail be a beat (does it have a match field)? Without one, only
+    /// `POST /heartbeat/<name>` beats.
+    pub fn matches_mail(&self) -> bool {
+        self.from.is_some() || self.to.is_some() || self.subject.is_some() || self.body.is_some()
+    }
 }
 
 /// A scheduled end-to-end test call through the whole pipeline.
@@ -232,13 +281,18 @@ pub struct Rule {
     pub sms: bool,
     pub round_interval: Duration,
     pub rounds: u32,
+    /// The rule applies only inside this (else the next rule is tried).
+    pub when: Option<When>,
+    /// Who else is called while nobody is in the bridge, and when.
+    pub escalate: Vec<Escalation>,
 }
 
 /// What a matching rule does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuleAction {
-    /// Call these E.164 numbers (resolved from contacts and groups, de-duplicated).
-    Call(Vec<String>),
+    /// Call these (contacts and groups resolved to E.164 numbers, de-duplicated;
+    /// rotations resolved when an alert is routed).
+    Call(Vec<Callee>),
     /// Call nobody.
     Drop,
     /// Close the open incident with the same dedup key (a recovery): no further rounds,
@@ -339,6 +393,61 @@ impl Config {
     pub fn is_known_number(&self, number: &str) -> bool {
         self.contacts.values().any(|n| n == number)
             || self.groups.values().flatten().any(|n| n == number)
+    }
+
+    /// The numbers `callees` name at `policy.now` (a rotation rings whoever is on call:
+    /// an override's person or the member whose turn it is), each once, in order; and
+    /// who each rotation rang.
+    pub fn resolve(&self, callees: &[Callee], policy: &Policy) -> (Vec<String>, Vec<OnCall>) {
+        let mut numbers = Vec::new();
+        let mut on_call = Vec::new();
+        for callee in callees {
+            match callee {
+                Callee::Number(n) => numbers.push(n.clone()),
+                Callee::Rotation(name) => {
+                    let Some(rotation) = self.rotations.get(name) else {
+                        continue;
+                    };
+                    // An override naming someone no longer in [contacts] (the file
+                    // changed since) falls back to the turn.
+                    let overrides: Vec<Override> = policy
+                        .overrides
+                        .iter()
+                        .filter(|o| self.contacts.contains_key(&o.who))
+                        .cloned()
+                        .collect();
+                    let Some(seg) = rotation.on_call(&overrides, policy.now) else {
+                        continue;
+                    };
+                    numbers.extend(self.contacts.get(&seg.who).cloned());
+                    on_call.push(OnCall {
+                        rotation: name.clone(),
+                        who: seg.who,
+                        until: seg.until,
+                        override_id: seg.override_id,
+                    });
+                }
+            }
+        }
+        dedup_in_order(&mut numbers);
+        (numbers, on_call)
+    }
+
+    /// The names silence matchers may use: the alert fields and every rule's captures.
+    pub fn silence_names(&self) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = crate::oncall::silence::FIELDS
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        for rule in &self.rules {
+            for re in [&rule.from, &rule.to, &rule.subject, &rule.body]
+                .into_iter()
+                .flatten()
+            {
+                names.extend(re.capture_names().flatten().map(str::to_string));
+            }
+        }
+        names
     }
 
     /// Looks up the E.164 numbers a `call` entry names: a contact, a group or a number.

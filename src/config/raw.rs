@@ -32,6 +32,52 @@ pub(super) struct RawConfig {
     pub(super) bridge: Option<RawBridge>,
     #[serde(default)]
     pub(super) prompts: BTreeMap<String, Spanned<BTreeMap<String, Spanned<String>>>>,
+    #[serde(default, rename = "rotation")]
+    pub(super) rotations: Vec<RawRotation>,
+    #[serde(default, rename = "heartbeat")]
+    pub(super) heartbeats: Vec<RawHeartbeat>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRotation {
+    pub(super) name: Spanned<String>,
+    pub(super) members: Spanned<Vec<Spanned<String>>>,
+    pub(super) shift: Spanned<String>,
+    pub(super) start: Spanned<String>,
+    pub(super) timezone: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWhen {
+    pub(super) days: Option<Vec<Spanned<String>>>,
+    pub(super) hours: Option<Spanned<String>>,
+    pub(super) timezone: Option<Spanned<String>>,
+    pub(super) holidays: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEscalation {
+    pub(super) after: Spanned<String>,
+    pub(super) call: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHeartbeat {
+    pub(super) name: Spanned<String>,
+    pub(super) from: Option<Spanned<String>>,
+    pub(super) to: Option<Spanned<String>>,
+    pub(super) subject: Option<Spanned<String>>,
+    pub(super) body: Option<Spanned<String>>,
+    pub(super) every: Spanned<String>,
+    pub(super) grace: Option<Spanned<String>>,
+    pub(super) call: Spanned<Vec<Spanned<String>>>,
+    pub(super) message: Option<Spanned<String>>,
+    pub(super) language: Option<Spanned<String>>,
+    pub(super) voice: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -145,6 +191,8 @@ pub(super) struct RawRule {
     pub(super) sms: Option<bool>,
     pub(super) round_interval: Option<Spanned<String>>,
     pub(super) rounds: Option<Spanned<u32>>,
+    pub(super) when: Option<Spanned<RawWhen>>,
+    pub(super) escalate: Option<Vec<Spanned<RawEscalation>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
+use super::oncall;
 use super::problems::{Problemset, positive};
 use super::raw::RawConfig;
 use super::*;
@@ -344,6 +345,14 @@ pub(super) fn validate(
         prompts.insert(language.to_ascii_lowercase(), set);
     }
 
+    // [[rotation]]: before the rules and heartbeats, whose `call` lists may name them.
+    let rotations = oncall::rotations(&mut p, &raw.rotations, &contacts, &groups);
+    let known = oncall::Known {
+        contacts: &contacts,
+        groups: &groups,
+        rotations: &rotations,
+    };
+
     // [[rule]]
     let mut rules = Vec::new();
     let mut names = BTreeSet::new();
@@ -352,7 +361,7 @@ pub(super) fn validate(
         if RESERVED_RULE_NAMES.contains(&name.as_str()) {
             p.push(
                 r.name.span(),
-                format!("rule name `{name}` is reserved for alerts that come without a rule (webhook, cli, canary); rename the rule"),
+                format!("rule name `{name}` is reserved for alerts that come without a rule (webhook, cli, canary, heartbeat); rename the rule"),
             );
         }
         if !names.insert(name.clone()) {
@@ -397,10 +406,12 @@ pub(super) fn validate(
                 if call.get_ref().is_empty() {
                     p.push(call.span(), format!("rule `{name}` has an empty `call` list; name a contact, group or number, or use drop = true"));
                 }
-                RuleAction::Call(p.callees(
+                RuleAction::Call(oncall::call_list(
+                    &mut p,
                     call.get_ref(),
                     &contacts,
                     &groups,
+                    &rotations,
                     &format!("rule `{name}`"),
                 ))
             }
@@ -423,6 +434,19 @@ pub(super) fn validate(
             .dedup_key
             .as_ref()
             .and_then(|k| p.template(k, "dedup_key", regexes_ok.then_some(&placeholders)));
+        let round_interval = p.duration(
+            r.round_interval.as_ref(),
+            "round_interval",
+            defaults.round_interval,
+        );
+        let rounds = p.rounds(r.rounds.as_ref()).unwrap_or(defaults.rounds);
+        let when = r.when.as_ref().and_then(|w| oncall::when(&mut p, w));
+        let escalate = r.escalate.as_ref().map_or_else(Vec::new, |steps| {
+            if !matches!(action, RuleAction::Call(_)) && !steps.is_empty() {
+                p.push(steps[0].span(), format!("rule `{name}` escalates but calls nobody; `escalate` needs `call`"));
+            }
+            oncall::escalations(&mut p, steps, &known, &name, rounds, round_interval)
+        });
         rules.push(Rule {
             name,
             from,
@@ -440,14 +464,13 @@ pub(super) fn validate(
             dedup_key,
             cooldown: p.duration(r.cooldown.as_ref(), "cooldown", defaults.cooldown),
             sms: r.sms.unwrap_or(defaults.sms),
-            round_interval: p.duration(
-                r.round_interval.as_ref(),
-                "round_interval",
-                defaults.round_interval,
-            ),
-            rounds: p.rounds(r.rounds.as_ref()).unwrap_or(defaults.rounds),
+            round_interval,
+            rounds,
+            when,
+            escalate,
         });
     }
+    let heartbeats = oncall::heartbeats(&mut p, &raw.heartbeats, text, &known, &defaults);
 
     // [state] and [limits]
     let state_path = PathBuf::from(raw.state.path.as_deref().unwrap_or("mailcall.db"));
@@ -642,5 +665,7 @@ pub(super) fn validate(
         canary,
         bridge_pin,
         prompts,
+        rotations,
+        heartbeats,
     })
 }

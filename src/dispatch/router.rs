@@ -11,7 +11,8 @@ use crate::config::Config;
 use crate::health::Worker;
 use crate::metrics::Routing;
 use crate::route::{self, Action};
-use crate::store::{CallState, IncidentKind, NewIncident, PendingAlert, Routed};
+use crate::oncall::Policy;
+use crate::store::{CallState, IncidentKind, NewIncident, PendingAlert, Routed, now_ms};
 use crate::twilio::twiml;
 
 /// Alerts routed per store transaction, at most.
@@ -33,8 +34,9 @@ type Decided = (
     Vec<(i64, String, Seen, route::Decision, NewIncident)>,
 );
 
-/// Parses and routes a batch of stored alerts (pure CPU work: no I/O).
-fn decide(config: &Config, batch: Vec<PendingAlert>) -> Decided {
+/// Parses and routes a batch of stored alerts (pure CPU work: no I/O) under `policy`
+/// (the time, and the overrides and silences in force).
+fn decide(config: &Config, batch: Vec<PendingAlert>, policy: &Policy) -> Decided {
     let mut items = Vec::with_capacity(batch.len());
     let mut alerts = Vec::with_capacity(batch.len());
     for pending in batch {
@@ -44,11 +46,11 @@ fn decide(config: &Config, batch: Vec<PendingAlert>) -> Decided {
                     subject: direct.message.clone(),
                     ..Alert::default()
                 },
-                route::direct(config, &pending.source, direct),
+                route::direct(config, &pending.source, direct, policy),
             ),
             None => {
                 let alert = Alert::from_mime(&pending.raw, &pending.envelope);
-                let decision = route::route(config, &alert);
+                let decision = route::route(config, &alert, policy);
                 (alert, decision)
             }
         };
@@ -135,8 +137,15 @@ impl Dispatcher {
         // Parsing big mails and matching rules is CPU work (tens of milliseconds for a
         // mail of megabytes): off the async workers.
         let decide_with = Arc::clone(&settings);
+        let policy = match self.store.policy(now_ms()).await {
+            Ok(policy) => policy,
+            Err(e) => {
+                error!(error = %e, "cannot read the overrides and silences; will try again");
+                return false;
+            }
+        };
         let Ok((items, alerts)) =
-            tokio::task::spawn_blocking(move || decide(&decide_with.config, batch)).await
+            tokio::task::spawn_blocking(move || decide(&decide_with.config, batch, &policy)).await
         else {
             error!("routing a batch of alerts panicked; will try again");
             return false;
@@ -163,7 +172,8 @@ impl Dispatcher {
                 Ok(Routed::NotCalled) => Some(decision.action.as_str()),
                 Ok(Routed::Deduplicated { .. }) => Some("deduplicated"),
                 Ok(Routed::Opened { .. }) => Some("call"),
-                Ok(Routed::Resolved { .. }) => Some("resolve"),
+                Ok(Routed::Resolved { .. }) => Some(decision.action.as_str()),
+                Ok(Routed::Silenced { .. }) => Some("silenced"),
             };
             if let Some(action) = action {
                 self.metrics
@@ -196,6 +206,18 @@ impl Dispatcher {
                         self.announce_resolution(incident_id, public_id, &decision);
                     }
                 }
+                Ok(Routed::Silenced {
+                    incident_id,
+                    silence_id,
+                    alert_count,
+                }) => info!(
+                    alert = alert_id, source, message_id, from = %alert.from, rule, action = "silenced",
+                    incident = incident_id, silence = silence_id, alert_count, dedup_key = %decision.dedup_key,
+                    "silenced: recorded on the incident, nobody is called"
+                ),
+                Ok(Routed::NotCalled) if decision.action == Action::Beat => info!(
+                    alert = alert_id, source, message_id, heartbeat = rule, "heartbeat beat"
+                ),
                 Ok(Routed::NotCalled) if decision.action == Action::Resolve => info!(
                     alert = alert_id, source, message_id, rule, dedup_key = %decision.dedup_key,
                     "resolve: no open incident with this dedup key"

@@ -686,6 +686,7 @@ async fn webhook(
         language: non_empty("language"),
         voice: non_empty("voice"),
         dedup_key: non_empty("dedup_key"),
+        ..DirectAlert::default()
     };
     let stored = ctx
         .store

@@ -14,6 +14,17 @@ pub use rotation::{Override, Rotation, Segment, parse_start, rfc3339_in};
 pub use silence::{Matcher, Silence};
 pub use when::When;
 
+/// Who a rotation rang for an alert, and until when they are on call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnCall {
+    pub rotation: String,
+    /// A contact name.
+    pub who: String,
+    pub until: Timestamp,
+    /// The override that put them there, if any.
+    pub override_id: Option<i64>,
+}
+
 /// What routing needs besides the configuration and the alert: the time it happens
 /// at, and the overrides and silences in the store.
 #[derive(Debug, Clone)]
