@@ -237,27 +237,6 @@ pub enum SilenceCmd {
     Expire { id: i64 },
 }
 
-/// A silence to add, checked: at least one matcher on names the configuration knows,
-/// an end in the future, a comment. Shared by the CLI and `POST /silences`.
-pub fn silence_end(
-    duration: Option<&str>,
-    until: Option<&str>,
-    now: Timestamp,
-) -> anyhow::Result<Timestamp> {
-    let end = match (duration, until) {
-        (Some(d), None) => {
-            let d = humantime::parse_duration(d)
-                .map_err(|e| anyhow::anyhow!("invalid --for `{d}`: {e}; write e.g. 2h or 30m"))?;
-            now.checked_add(jiff::SignedDuration::from_millis(ms(d)))
-                .context("--for is too long")?
-        }
-        (None, Some(u)) => oncall::parse_time(u).map_err(anyhow::Error::msg)?,
-        _ => anyhow::bail!("give --for (e.g. 2h) or --until (RFC 3339), one of them"),
-    };
-    anyhow::ensure!(end > now, "the silence would end before it starts; give a later --until");
-    Ok(end)
-}
-
 /// `mailcall silence …`.
 pub fn silences(config: &Config, cmd: SilenceCmd) -> anyhow::Result<()> {
     let store = Store::open(&config.state.path, config.state.max_bytes)?;
@@ -280,7 +259,8 @@ pub fn silences(config: &Config, cmd: SilenceCmd) -> anyhow::Result<()> {
                 !comment.trim().is_empty(),
                 "--comment is empty; say why, e.g. --comment \"kernel upgrade\""
             );
-            let end = silence_end(duration.as_deref(), until.as_deref(), now)?;
+            let end = oncall::silence::end(duration.as_deref(), until.as_deref(), now)
+                .map_err(anyhow::Error::msg)?;
             let texts: Vec<String> = parsed.iter().map(ToString::to_string).collect();
             let id = rt.block_on(store.add_silence(
                 texts.clone(),
