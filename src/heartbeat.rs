@@ -40,7 +40,12 @@ pub struct Missed {
 }
 
 /// Which heartbeats are past their deadline at `now` and not yet missed (pure).
-pub fn due(heartbeats: &[Heartbeat], rows: &[HeartbeatRow], now: i64, tz: &TimeZone) -> Vec<Missed> {
+pub fn due(
+    heartbeats: &[Heartbeat],
+    rows: &[HeartbeatRow],
+    now: i64,
+    tz: &TimeZone,
+) -> Vec<Missed> {
     heartbeats
         .iter()
         .zip(rows)
@@ -126,7 +131,9 @@ async fn check(store: &Store, heartbeats: &[Heartbeat], wake: &Notify, tz: &Time
                 wake.notify_one();
             }
             Ok(None) => {}
-            Err(e) => warn!(heartbeat = %missed.name, error = %e, "cannot record a missed heartbeat; will try again"),
+            Err(e) => {
+                warn!(heartbeat = %missed.name, error = %e, "cannot record a missed heartbeat; will try again")
+            }
         }
     }
 }
@@ -157,8 +164,25 @@ mod tests {
         let missed = due(hb, &[row(HeartbeatState::Waiting, None)], 1_015_000, &utc);
         assert_eq!(missed.len(), 1);
         assert_eq!(missed[0].message, "No backup since 1970-01-01 00:16 UTC.");
-        assert!(due(hb, &[row(HeartbeatState::Ok, Some(1_010_000))], 1_020_000, &utc).is_empty());
-        assert_eq!(due(hb, &[row(HeartbeatState::Ok, Some(1_010_000))], 1_025_000, &utc)[0].base, 1_010_000);
+        assert!(
+            due(
+                hb,
+                &[row(HeartbeatState::Ok, Some(1_010_000))],
+                1_020_000,
+                &utc
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            due(
+                hb,
+                &[row(HeartbeatState::Ok, Some(1_010_000))],
+                1_025_000,
+                &utc
+            )[0]
+            .base,
+            1_010_000
+        );
         // Missed once is missed until the next beat: no second incident.
         assert!(due(hb, &[row(HeartbeatState::Missed, None)], 9_999_999, &utc).is_empty());
     }

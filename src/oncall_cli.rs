@@ -147,7 +147,11 @@ pub fn overrides(config: &Config, cmd: OverrideCmd) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "no rotation `{rotation}` in {}; rotations: {}",
                     config.path.display(),
-                    if names.is_empty() { "none".into() } else { names.join(", ") }
+                    if names.is_empty() {
+                        "none".into()
+                    } else {
+                        names.join(", ")
+                    }
                 );
             };
             anyhow::ensure!(
@@ -219,7 +223,11 @@ pub enum SilenceCmd {
         #[arg(long = "match", required = true)]
         matchers: Vec<String>,
         /// How long, e.g. 2h.
-        #[arg(long = "for", conflicts_with = "until", required_unless_present = "until")]
+        #[arg(
+            long = "for",
+            conflicts_with = "until",
+            required_unless_present = "until"
+        )]
         duration: Option<String>,
         /// Until when (RFC 3339).
         #[arg(long)]
@@ -312,7 +320,9 @@ pub fn silences(config: &Config, cmd: SilenceCmd) -> anyhow::Result<()> {
 pub fn route_trace(config: &Config, d: &Decision, policy: &Policy) -> Vec<String> {
     let mut lines = Vec::new();
     for (rule, why) in &d.trace.skipped {
-        lines.push(format!("  skipped:   rule {rule:?}: outside its time: {why}"));
+        lines.push(format!(
+            "  skipped:   rule {rule:?}: outside its time: {why}"
+        ));
     }
     if let Some(when) = &d.trace.when {
         lines.push(format!("  when:      {when} (inside)"));

@@ -399,6 +399,9 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// A Tuesday afternoon in Tokyo.
+    const NOW: &str = "2026-11-24T06:00:00Z";
+
     fn config(rules: &str) -> Config {
         let text = format!(
             "[twilio]\nfrom = \"+15005550006\"\n[contacts]\nalice = \"+15005550001\"\nbob = \"+15005550002\"\n\
@@ -433,6 +436,7 @@ mod tests {
                 "db1.example.com is DOWN",
                 "",
             ),
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(d.rule.as_deref(), Some("host down"));
         assert_eq!(d.action, Action::Call);
@@ -450,13 +454,18 @@ mod tests {
         let d = route(
             &c,
             &alert("nagios@monitoring.example.com", "db1 is DOWN: RESOLVED", ""),
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(
             (d.rule.as_deref(), d.action),
             (Some("recoveries"), Action::Drop)
         );
 
-        let d = route(&c, &alert("someone@else.example.org", "db1 is DOWN", ""));
+        let d = route(
+            &c,
+            &alert("someone@else.example.org", "db1 is DOWN", ""),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!((d.rule, d.action), (None, Action::None));
         assert!(d.numbers.is_empty());
     }
@@ -464,8 +473,16 @@ mod tests {
     #[test]
     fn default_dedup_key_is_rule_and_normalised_subject() {
         let c = config("[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n");
-        let a = route(&c, &alert("x@y", "Re:  FWD: Disk  FULL on web1", ""));
-        let b = route(&c, &alert("x@y", "disk full on WEB1", ""));
+        let a = route(
+            &c,
+            &alert("x@y", "Re:  FWD: Disk  FULL on web1", ""),
+            &Policy::at(NOW.parse().unwrap()),
+        );
+        let b = route(
+            &c,
+            &alert("x@y", "disk full on WEB1", ""),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!(a.dedup_key, "all: disk full on web1");
         assert_eq!(a.dedup_key, b.dedup_key);
         assert_eq!(a.message, "Alert. Re: FWD: Disk FULL on web1");
@@ -477,9 +494,17 @@ mod tests {
             "[[rule]]\nname = \"body\"\nto = '^alerts@'\nbody = 'severity: (?P<sev>\\w+)'\n\
              call = [\"bob\"]\nmessage = \"{sev} {rule} for {to}\"\n",
         );
-        let d = route(&c, &alert("a@b", "x", "host: web\nseverity: critical\n"));
+        let d = route(
+            &c,
+            &alert("a@b", "x", "host: web\nseverity: critical\n"),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!(d.message, "critical body for alerts at example dot com");
-        let d = route(&c, &alert("a@b", "x", "no severity here"));
+        let d = route(
+            &c,
+            &alert("a@b", "x", "no severity here"),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!(d.action, Action::None);
     }
 
@@ -494,6 +519,7 @@ mod tests {
                 message: "DB is down https://x/y".into(),
                 ..Default::default()
             },
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(
             (d.rule.as_deref(), d.action),
@@ -527,6 +553,7 @@ mod tests {
                 "x",
                 "db down\n\nhttps://grafana/d/1   id 0123456789abcdef01",
             ),
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(d.message, "db down link id");
     }

@@ -128,13 +128,16 @@ pub(super) fn when(p: &mut Problemset, raw: &Spanned<RawWhen>) -> Option<When> {
     if w.days.as_ref().is_some_and(Vec::is_empty) {
         p.push(raw.span(), "`days` is empty: the rule would never apply; list days, e.g. days = [\"mon\", \"tue\"]");
     }
-    let hours = w.hours.as_ref().and_then(|h| match when::parse_hours(h.get_ref()) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            p.push(h.span(), format!("invalid `hours` `{}`: {e}", h.get_ref()));
-            None
-        }
-    });
+    let hours = w
+        .hours
+        .as_ref()
+        .and_then(|h| match when::parse_hours(h.get_ref()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                p.push(h.span(), format!("invalid `hours` `{}`: {e}", h.get_ref()));
+                None
+            }
+        });
     let holidays_jp = match &w.holidays {
         None => false,
         Some(h) if h.get_ref() == "jp" => true,
@@ -147,7 +150,10 @@ pub(super) fn when(p: &mut Problemset, raw: &Spanned<RawWhen>) -> Option<When> {
         }
     };
     let Some(tz) = &w.timezone else {
-        p.push(raw.span(), "`when` needs a `timezone`, e.g. timezone = \"Asia/Tokyo\"");
+        p.push(
+            raw.span(),
+            "`when` needs a `timezone`, e.g. timezone = \"Asia/Tokyo\"",
+        );
         return None;
     };
     let timezone = timezone(p, tz)?;
@@ -216,7 +222,10 @@ pub(super) fn escalations(
         let s = step.get_ref();
         let after = p.duration(Some(&s.after), "after", Duration::ZERO);
         if after.is_zero() && humantime::parse_duration(s.after.get_ref()).is_ok() {
-            p.push(s.after.span(), "`after` must be greater than 0; write e.g. \"5m\"");
+            p.push(
+                s.after.span(),
+                "`after` must be greater than 0; write e.g. \"5m\"",
+            );
         } else if after >= last_round_ends {
             p.push(
                 s.after.span(),
@@ -229,10 +238,16 @@ pub(super) fn escalations(
             );
         }
         if steps.last().is_some_and(|prev| prev.after >= after) {
-            p.push(s.after.span(), "escalation steps must come in order of `after`");
+            p.push(
+                s.after.span(),
+                "escalation steps must come in order of `after`",
+            );
         }
         if s.call.get_ref().is_empty() {
-            p.push(s.call.span(), format!("an escalation step of rule `{rule}` has an empty `call` list"));
+            p.push(
+                s.call.span(),
+                format!("an escalation step of rule `{rule}` has an empty `call` list"),
+            );
         }
         let call = call_list(
             p,
@@ -265,7 +280,10 @@ pub(super) fn heartbeats(
             p.push(h.name.span(), "a heartbeat's `name` must not be empty nor contain `/` (it is the last part of POST /heartbeat/<name>)");
         }
         if !names.insert(name.clone()) {
-            p.push(h.name.span(), format!("duplicate heartbeat `{name}`; names must be unique"));
+            p.push(
+                h.name.span(),
+                format!("duplicate heartbeat `{name}`; names must be unique"),
+            );
         }
         let [from, to, subject, body] = [
             (&h.from, "from"),

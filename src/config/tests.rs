@@ -98,12 +98,16 @@ fn groups_and_calls_resolve_to_unique_numbers() {
     .unwrap();
     assert_eq!(
         c.rules[0].action,
-        RuleAction::Call(vec![
-            "+15005550002".into(),
-            "+15005550001".into(),
-            "+15005550003".into(),
-            "+15005550009".into()
-        ])
+        RuleAction::Call(
+            [
+                "+15005550002",
+                "+15005550001",
+                "+15005550003",
+                "+15005550009"
+            ]
+            .map(|n| Callee::Number(n.into()))
+            .to_vec()
+        )
     );
 }
 

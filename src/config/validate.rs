@@ -443,7 +443,10 @@ pub(super) fn validate(
         let when = r.when.as_ref().and_then(|w| oncall::when(&mut p, w));
         let escalate = r.escalate.as_ref().map_or_else(Vec::new, |steps| {
             if !matches!(action, RuleAction::Call(_)) && !steps.is_empty() {
-                p.push(steps[0].span(), format!("rule `{name}` escalates but calls nobody; `escalate` needs `call`"));
+                p.push(
+                    steps[0].span(),
+                    format!("rule `{name}` escalates but calls nobody; `escalate` needs `call`"),
+                );
             }
             oncall::escalations(&mut p, steps, &known, &name, rounds, round_interval)
         });

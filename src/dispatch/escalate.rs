@@ -46,7 +46,9 @@ impl Dispatcher {
                     }
                     queued |= calls.iter().any(|c| c.state == CallState::Queued);
                 }
-                Err(e) => error!(incident, error = %e, "cannot record an escalation; will try again"),
+                Err(e) => {
+                    error!(incident, error = %e, "cannot record an escalation; will try again")
+                }
             }
         }
         if queued {

@@ -10,8 +10,8 @@ use crate::alert::Alert;
 use crate::config::Config;
 use crate::health::Worker;
 use crate::metrics::Routing;
-use crate::route::{self, Action};
 use crate::oncall::Policy;
+use crate::route::{self, Action};
 use crate::store::{CallState, IncidentKind, NewIncident, PendingAlert, Routed, now_ms};
 use crate::twilio::twiml;
 
@@ -216,7 +216,11 @@ impl Dispatcher {
                     "silenced: recorded on the incident, nobody is called"
                 ),
                 Ok(Routed::NotCalled) if decision.action == Action::Beat => info!(
-                    alert = alert_id, source, message_id, heartbeat = rule, "heartbeat beat"
+                    alert = alert_id,
+                    source,
+                    message_id,
+                    heartbeat = rule,
+                    "heartbeat beat"
                 ),
                 Ok(Routed::NotCalled) if decision.action == Action::Resolve => info!(
                     alert = alert_id, source, message_id, rule, dedup_key = %decision.dedup_key,

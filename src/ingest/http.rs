@@ -609,7 +609,14 @@ async fn webhook(
     let settings = ctx.live.load_full();
     // The token comes in a header or the query, never the body: it is checked before a
     // byte of the body is read.
-    check_token(&ctx, &settings, &headers, &params, "/alert", peer.as_deref())?;
+    check_token(
+        &ctx,
+        &settings,
+        &headers,
+        &params,
+        "/alert",
+        peer.as_deref(),
+    )?;
     if method == Method::POST {
         let limit = settings
             .config

@@ -61,7 +61,14 @@ async fn add_silence(
     body: Body,
 ) -> Result<Response, HttpError> {
     let settings = ctx.live.load_full();
-    check_token(&ctx, &settings, &headers, &params, "/silences", peer.as_deref())?;
+    check_token(
+        &ctx,
+        &settings,
+        &headers,
+        &params,
+        "/silences",
+        peer.as_deref(),
+    )?;
     let limit = settings
         .config
         .http
@@ -81,11 +88,13 @@ async fn add_silence(
     )
     .map_err(bad_request)?;
     if new.comment.trim().is_empty() {
-        return Err(bad_request("missing `comment`: say why, e.g. \"kernel upgrade\""));
+        return Err(bad_request(
+            "missing `comment`: say why, e.g. \"kernel upgrade\"",
+        ));
     }
     let now = Timestamp::now();
-    let end = silence::end(new.duration.as_deref(), new.until.as_deref(), now)
-        .map_err(bad_request)?;
+    let end =
+        silence::end(new.duration.as_deref(), new.until.as_deref(), now).map_err(bad_request)?;
     let texts: Vec<String> = matchers.iter().map(ToString::to_string).collect();
     let id = ctx
         .store
@@ -99,7 +108,11 @@ async fn add_silence(
         .await
         .map_err(|e| store_failed("/silences", &e))?;
     info!(silence = id, peer = ?peer, matchers = ?texts, until = %end, comment = %new.comment, "silence added");
-    Ok((StatusCode::CREATED, axum::Json(serde_json::json!({"id": id}))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({"id": id})),
+    )
+        .into_response())
 }
 
 /// `GET /silences`: the silences in force, as a JSON list.
@@ -110,7 +123,14 @@ async fn list_silences(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, HttpError> {
     let settings = ctx.live.load_full();
-    check_token(&ctx, &settings, &headers, &params, "/silences", peer.as_deref())?;
+    check_token(
+        &ctx,
+        &settings,
+        &headers,
+        &params,
+        "/silences",
+        peer.as_deref(),
+    )?;
     let list = ctx
         .store
         .silences(now_ms())
@@ -128,7 +148,14 @@ async fn expire_silence(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, HttpError> {
     let settings = ctx.live.load_full();
-    check_token(&ctx, &settings, &headers, &params, "/silences", peer.as_deref())?;
+    check_token(
+        &ctx,
+        &settings,
+        &headers,
+        &params,
+        "/silences",
+        peer.as_deref(),
+    )?;
     let id: i64 = id
         .parse()
         .map_err(|_| bad_request(format!("`{id}` is not a silence id")))?;
@@ -156,7 +183,14 @@ async fn beat(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, HttpError> {
     let settings = ctx.live.load_full();
-    check_token(&ctx, &settings, &headers, &params, "/heartbeat", peer.as_deref())?;
+    check_token(
+        &ctx,
+        &settings,
+        &headers,
+        &params,
+        "/heartbeat",
+        peer.as_deref(),
+    )?;
     if !settings.config.heartbeats.iter().any(|h| h.name == name) {
         warn!(peer = ?peer, heartbeat = %name, "/heartbeat: no such heartbeat; answered 404");
         return Err(HttpError::new(

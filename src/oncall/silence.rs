@@ -163,16 +163,26 @@ pub fn parse_matchers<'a>(
 
 /// When a silence added at `now` ends: after `duration` (`"2h"`) or at `until`
 /// (RFC 3339), exactly one of them, later than `now`.
-pub fn end(duration: Option<&str>, until: Option<&str>, now: Timestamp) -> Result<Timestamp, String> {
+pub fn end(
+    duration: Option<&str>,
+    until: Option<&str>,
+    now: Timestamp,
+) -> Result<Timestamp, String> {
     let end = match (duration, until) {
         (Some(d), None) => {
             let d = humantime::parse_duration(d)
                 .map_err(|e| format!("invalid duration `{d}`: {e}; write e.g. 2h or 30m"))?;
-            let d = jiff::SignedDuration::try_from(d).map_err(|_| "the duration is too long".to_string())?;
-            now.checked_add(d).map_err(|_| "the duration is too long".to_string())?
+            let d = jiff::SignedDuration::try_from(d)
+                .map_err(|_| "the duration is too long".to_string())?;
+            now.checked_add(d)
+                .map_err(|_| "the duration is too long".to_string())?
         }
         (None, Some(u)) => super::parse_time(u)?,
-        _ => return Err("give how long (for, e.g. 2h) or until when (until, RFC 3339): one of them".into()),
+        _ => {
+            return Err(
+                "give how long (for, e.g. 2h) or until when (until, RFC 3339): one of them".into(),
+            );
+        }
     };
     if end <= now {
         return Err("the silence would end before it starts; give a later end".into());

@@ -414,25 +414,32 @@ impl Store {
     pub async fn insert_alert(&self, alert: NewAlert) -> Result<Inserted, StoreError> {
         let dry_run = self.dry_run;
         let capacity = Arc::clone(&self.capacity);
-        let stored = self.run(move |c| {
-            if let Some(max) = capacity.max_bytes {
-                let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
-                let room = retention::make_room(c, max, need)?;
-                capacity.full.store(!room, Ordering::Relaxed);
-                if !room {
-                    return Ok(None);
+        let stored = self
+            .run(move |c| {
+                if let Some(max) = capacity.max_bytes {
+                    let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
+                    let room = retention::make_room(c, max, need)?;
+                    capacity.full.store(!room, Ordering::Relaxed);
+                    if !room {
+                        return Ok(None);
+                    }
                 }
-            }
-            let inserted = insert_alert_row(c, &alert, dry_run, now_ms())?;
-            if inserted > 0 {
-                return Ok(Some(Inserted { id: inserted, duplicate: false }));
-            }
-            let id = c
-                .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
-                .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
-            Ok(Some(Inserted { id, duplicate: true }))
-        })
-        .await?;
+                let inserted = insert_alert_row(c, &alert, dry_run, now_ms())?;
+                if inserted > 0 {
+                    return Ok(Some(Inserted {
+                        id: inserted,
+                        duplicate: false,
+                    }));
+                }
+                let id = c
+                    .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
+                    .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
+                Ok(Some(Inserted {
+                    id,
+                    duplicate: true,
+                }))
+            })
+            .await?;
         stored.ok_or(StoreError::Full {
             max_bytes: self.capacity.max_bytes.unwrap_or_default(),
         })
@@ -567,7 +574,11 @@ pub(super) fn insert_alert_row(
             alert.rejected,
             dry_run
         ])?;
-    Ok(if inserted == 1 { c.last_insert_rowid() } else { 0 })
+    Ok(if inserted == 1 {
+        c.last_insert_rowid()
+    } else {
+        0
+    })
 }
 
 /// The device and inode of a file: what "the same file" means to the writer.

@@ -295,11 +295,12 @@ pub(super) fn beat(c: &Connection, name: &str, now: i64) -> rusqlite::Result<()>
 /// Is silence `id` still in force at `now`? (It may have been expired since routing
 /// read it.)
 pub(super) fn silence_in_force(c: &Connection, id: i64, now: i64) -> rusqlite::Result<bool> {
-    Ok(c
-        .prepare_cached("SELECT 1 FROM silences WHERE id = ?1 AND starts_at <= ?2 AND ends_at > ?2")?
-        .query_row(params![id, now], |_| Ok(()))
-        .optional()?
-        .is_some())
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM silences WHERE id = ?1 AND starts_at <= ?2 AND ends_at > ?2",
+    )?
+    .query_row(params![id, now], |_| Ok(()))
+    .optional()?
+    .is_some())
 }
 
 /// A silenced incident with `key` opened after `since`, of the same kind of run: later
@@ -387,11 +388,16 @@ impl Store {
         due: DueEscalation,
         max_calls_per_hour: u32,
     ) -> Result<Escalated, StoreError> {
-        self.run(move |c| escalate(c, due, max_calls_per_hour)).await
+        self.run(move |c| escalate(c, due, max_calls_per_hour))
+            .await
     }
 }
 
-fn escalate(c: &Connection, due: DueEscalation, max_calls_per_hour: u32) -> rusqlite::Result<Escalated> {
+fn escalate(
+    c: &Connection,
+    due: DueEscalation,
+    max_calls_per_hour: u32,
+) -> rusqlite::Result<Escalated> {
     let now = now_ms();
     let Some(numbers) = c
         .prepare_cached(
@@ -404,7 +410,9 @@ fn escalate(c: &Connection, due: DueEscalation, max_calls_per_hour: u32) -> rusq
     };
     let (status, round, kind, dry_run): (IncidentStatus, i64, IncidentKind, bool) = c
         .prepare_cached("SELECT status, round, kind, dry_run FROM incidents WHERE id = ?1")?
-        .query_row([due.incident_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+        .query_row([due.incident_id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?;
     let done = |state: EscalationState| {
         c.prepare_cached(
             "UPDATE escalations SET state = ?3, done_at = ?4 WHERE incident_id = ?1 AND step = ?2",

@@ -24,6 +24,9 @@ fn decision(key: &str, numbers: &[&str], cooldown: Duration) -> Decision {
         subject: "s".into(),
         rounds: 3,
         round_interval: Duration::from_secs(60),
+        silenced_by: None,
+        escalations: Vec::new(),
+        trace: crate::route::Trace::default(),
     }
 }
 
@@ -745,7 +748,8 @@ async fn retention_deletes_closed_incidents_with_everything_of_them_and_keeps_li
         pruned,
         Pruned {
             incidents: 2,
-            alerts: 1
+            alerts: 1,
+            ..Pruned::default()
         },
         "the closed one and the bridged one silent since the cutoff"
     );
