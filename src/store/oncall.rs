@@ -78,7 +78,7 @@ impl Store {
         self.run(move |c| {
             let overrides = c
                 .prepare_cached(
-                    "SELECT id, rotation, who, from_at, until_at FROM overrides WHERE until_at > ?1 ORDER BY id",
+                    "SELECT id, rotation, who, from_at, until_at FROM overrides WHERE until_at > ?1",
                 )?
                 .query_map([now], |r| {
                     Ok(Override {
@@ -92,7 +92,7 @@ impl Store {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let silences = c
                 .prepare_cached(
-                    "SELECT id, matchers, starts_at, ends_at, comment FROM silences WHERE ends_at > ?1 ORDER BY id",
+                    "SELECT id, matchers, starts_at, ends_at, comment FROM silences WHERE ends_at > ?1",
                 )?
                 .query_map([now], |r| {
                     let texts: String = r.get(1)?;
@@ -112,6 +112,11 @@ impl Store {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            // In the order they were added: the first silence that matches is the one
+            // recorded; the last override added wins.
+            let (mut overrides, mut silences) = (overrides, silences);
+            overrides.sort_by_key(|o| o.id);
+            silences.sort_by_key(|s| s.id);
             Ok(Policy {
                 now: from_ms(now),
                 overrides,
@@ -146,7 +151,7 @@ impl Store {
         self.run(move |c| {
             c.prepare_cached(
                 "SELECT id, rotation, who, from_at, until_at, created_by FROM overrides
-                 WHERE until_at > ?1 ORDER BY id",
+                 WHERE until_at > ?1",
             )?
             .query_map([now], |r| {
                 Ok(OverrideRow {
@@ -158,7 +163,11 @@ impl Store {
                     created_by: r.get(5)?,
                 })
             })?
-            .collect()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map(|mut list| {
+                list.sort_by_key(|o| o.id);
+                list
+            })
         })
         .await
     }
@@ -195,7 +204,7 @@ impl Store {
         self.run(move |c| {
             c.prepare_cached(
                 "SELECT id, matchers, starts_at, ends_at, comment, created_by FROM silences
-                 WHERE ends_at > ?1 ORDER BY id",
+                 WHERE ends_at > ?1",
             )?
             .query_map([now], |r| {
                 let matchers: String = r.get(1)?;
@@ -208,7 +217,11 @@ impl Store {
                     created_by: r.get(5)?,
                 })
             })?
-            .collect()
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map(|mut list| {
+                list.sort_by_key(|s| s.id);
+                list
+            })
         })
         .await
     }

@@ -615,6 +615,17 @@ async fn hot_lookups_use_indexes() {
                 "SELECT 1 FROM rounds WHERE incident_id = 1",
                 "SELECT id FROM call_events WHERE call_id = 1",
                 "SELECT id FROM incidents WHERE public_id = 'x'",
+                // On-call policy: routing's overrides and silences, the rounds worker's
+                // due escalations, the heartbeats, retention of what ended.
+                "SELECT id FROM overrides WHERE until_at > 1",
+                "SELECT id FROM silences WHERE ends_at > 1",
+                "SELECT 1 FROM silences WHERE id = 1 AND starts_at <= 1 AND ends_at > 1",
+                "SELECT id FROM silences WHERE ends_at < 1 ORDER BY ends_at LIMIT 5",
+                "SELECT id FROM overrides WHERE until_at < 1 ORDER BY until_at LIMIT 5",
+                "SELECT incident_id, step FROM escalations WHERE state = 'pending' AND due_at <= 1 ORDER BY due_at LIMIT 5",
+                "SELECT numbers FROM escalations WHERE incident_id = 1 AND step = 1 AND state = 'pending'",
+                "SELECT state FROM heartbeats WHERE name = 'x'",
+                "SELECT id FROM incidents WHERE dedup_key = 'k' AND status = 'silenced' AND dry_run = 0 AND opened_at > 1 ORDER BY opened_at DESC LIMIT 1",
             ];
             let mut plans = Vec::new();
             for q in queries {
