@@ -705,6 +705,9 @@ fn incidents(path: &Path, json: bool, limit: usize) -> anyhow::Result<()> {
             "#{} {} {}{drill} rule {:?} key {:?} alerts {} room mailcall-{} {}",
             i.id, i.opened_at, i.kind, i.rule, i.dedup_key, i.alert_count, i.public_id, i.status
         )?;
+        if let Some(silence) = i.silence_id {
+            writeln!(out, "  silenced by silence {silence}: nobody was called")?;
+        }
         for r in &i.rounds {
             let outcome = r.outcome.map_or("going on", |o| o.as_str());
             writeln!(out, "  round {} {}: {outcome}", r.round, r.started_at)?;
