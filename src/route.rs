@@ -557,4 +557,51 @@ mod tests {
         );
         assert_eq!(d.message, "db down link id");
     }
+
+    #[test]
+    fn silences_match_captures_and_a_heartbeat_mail_is_a_beat() {
+        let c = config(
+            "[[heartbeat]]\nname = \"backup\"\nsubject = '^backup ok$'\nevery = \"1d\"\ncall = [\"bob\"]\n\
+             [[rule]]\nname = \"host down\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\"]\n\
+             escalate = [{ after = \"5m\", call = [\"bob\"] }]\n",
+        );
+        let now: jiff::Timestamp = NOW.parse().unwrap();
+        let silence = |id, matchers: &[&str], ends: jiff::Timestamp| crate::oncall::Silence {
+            id,
+            matchers: matchers
+                .iter()
+                .map(|m| crate::oncall::Matcher::parse(m).unwrap())
+                .collect(),
+            starts_at: now,
+            ends_at: ends,
+            comment: "kernel upgrade".into(),
+        };
+        let later = now
+            .checked_add(jiff::SignedDuration::from_hours(2))
+            .unwrap();
+        let policy = Policy {
+            now,
+            overrides: Vec::new(),
+            silences: vec![
+                silence(1, &["rule=host down", "host=~db[12]"], later),
+                silence(2, &["host=web1"], now),
+            ],
+        };
+        let d = route(&c, &alert("a@b", "db2 is DOWN", ""), &policy);
+        assert_eq!((d.action, d.silenced_by), (Action::Call, Some(1)));
+        assert_eq!(d.escalations[0].numbers, ["+15005550002"]);
+        // Ended silences and matchers that do not hold mute nothing.
+        for subject in ["db3 is DOWN", "web1 is DOWN"] {
+            assert_eq!(
+                route(&c, &alert("a@b", subject, ""), &policy).silenced_by,
+                None
+            );
+        }
+        let d = route(&c, &alert("a@b", "backup ok", ""), &policy);
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Beat, Some("backup"))
+        );
+        assert_eq!(d.dedup_key, "heartbeat: backup");
+    }
 }

@@ -326,3 +326,40 @@ fn http_limits_webhook_numbers_and_the_unauthenticated_sendgrid_warning() {
     );
     assert!(got[2].contains("`numbers` must be \"contacts\""), "{got:?}");
 }
+
+#[test]
+fn escalations_must_come_in_order_and_before_the_last_round_ends() {
+    let got = problems(&format!(
+        "{MINIMAL}[contacts]\nalice = \"+15005550001\"\n[[rule]]\nname = \"r\"\ncall = [\"alice\"]\n\
+         rounds = 2\nround_interval = \"5m\"\n\
+         escalate = [{{ after = \"5m\", call = [\"alice\"] }}, {{ after = \"2m\", call = [\"alice\"] }}, {{ after = \"10m\", call = [] }}]\n"
+    ));
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert!(
+        got[0].contains("escalation steps must come in order"),
+        "{got:?}"
+    );
+    assert!(
+        got[1].contains("escalates after 10m but its calls end after 10m"),
+        "{got:?}"
+    );
+    assert!(got[2].contains("empty `call` list"), "{got:?}");
+    let c = Config::parse(
+        Path::new("r.toml"),
+        &format!(
+            "{MINIMAL}[contacts]\nalice = \"+15005550001\"\n\
+             [[rotation]]\nname = \"primary\"\nmembers = [\"alice\"]\nshift = \"1d\"\nstart = \"2026-01-05T10:00:00+09:00\"\n\
+             [[rule]]\nname = \"r\"\ncall = [\"primary\", \"alice\", \"+15005550001\"]\n\
+             escalate = [{{ after = \"1m\", call = [\"primary\"] }}]\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        c.rules[0].action,
+        RuleAction::Call(vec![
+            Callee::Rotation("primary".into()),
+            Callee::Number("+15005550001".into())
+        ])
+    );
+    assert_eq!(c.rules[0].escalate[0].after, Duration::from_secs(60));
+}
