@@ -169,11 +169,14 @@ pub(super) fn when(p: &mut Problemset, raw: &Spanned<RawWhen>) -> Option<When> {
 pub(super) fn call_list(
     p: &mut Problemset,
     entries: &[Spanned<String>],
-    contacts: &BTreeMap<String, String>,
-    groups: &BTreeMap<String, Vec<String>>,
-    rotations: &BTreeMap<String, Rotation>,
+    known: &Known<'_>,
     owner: &str,
 ) -> Vec<Callee> {
+    let Known {
+        contacts,
+        groups,
+        rotations,
+    } = known;
     let mut out = Vec::new();
     for entry in entries {
         let e = entry.get_ref();
@@ -252,9 +255,7 @@ pub(super) fn escalations(
         let call = call_list(
             p,
             s.call.get_ref(),
-            known.contacts,
-            known.groups,
-            known.rotations,
+            known,
             &format!("rule `{rule}` escalate"),
         );
         steps.push(Escalation { after, call });
@@ -300,14 +301,7 @@ pub(super) fn heartbeats(
         if h.call.get_ref().is_empty() {
             p.push(h.call.span(), format!("heartbeat `{name}` has an empty `call` list; name whom to call when it misses a beat"));
         }
-        let call = call_list(
-            p,
-            h.call.get_ref(),
-            known.contacts,
-            known.groups,
-            known.rotations,
-            &format!("heartbeat `{name}`"),
-        );
+        let call = call_list(p, h.call.get_ref(), known, &format!("heartbeat `{name}`"));
         let default_message = Spanned::new(
             0..0,
             "Heartbeat {name} missed: nothing since {last_seen}.".to_string(),

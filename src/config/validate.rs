@@ -409,9 +409,7 @@ pub(super) fn validate(
                 RuleAction::Call(oncall::call_list(
                     &mut p,
                     call.get_ref(),
-                    &contacts,
-                    &groups,
-                    &rotations,
+                    &known,
                     &format!("rule `{name}`"),
                 ))
             }

@@ -42,6 +42,20 @@ struct NewSilence {
     comment: String,
 }
 
+/// The settings in force, once the request's token is checked (from the headers and
+/// the query: before any of the body is read).
+fn authorized(
+    ctx: &HttpContext,
+    headers: &HeaderMap,
+    params: &HashMap<String, String>,
+    what: &str,
+    peer: Option<&str>,
+) -> Result<Arc<crate::settings::Settings>, HttpError> {
+    let settings = ctx.live.load_full();
+    check_token(ctx, &settings, headers, params, what, peer)?;
+    Ok(settings)
+}
+
 fn bad_request(reason: impl Into<String>) -> HttpError {
     HttpError::new(StatusCode::BAD_REQUEST, reason)
 }
@@ -60,15 +74,7 @@ async fn add_silence(
     Query(params): Query<HashMap<String, String>>,
     body: Body,
 ) -> Result<Response, HttpError> {
-    let settings = ctx.live.load_full();
-    check_token(
-        &ctx,
-        &settings,
-        &headers,
-        &params,
-        "/silences",
-        peer.as_deref(),
-    )?;
+    let settings = authorized(&ctx, &headers, &params, "/silences", peer.as_deref())?;
     let limit = settings
         .config
         .http
@@ -122,15 +128,7 @@ async fn list_silences(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, HttpError> {
-    let settings = ctx.live.load_full();
-    check_token(
-        &ctx,
-        &settings,
-        &headers,
-        &params,
-        "/silences",
-        peer.as_deref(),
-    )?;
+    authorized(&ctx, &headers, &params, "/silences", peer.as_deref())?;
     let list = ctx
         .store
         .silences(now_ms())
@@ -147,15 +145,7 @@ async fn expire_silence(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, HttpError> {
-    let settings = ctx.live.load_full();
-    check_token(
-        &ctx,
-        &settings,
-        &headers,
-        &params,
-        "/silences",
-        peer.as_deref(),
-    )?;
+    authorized(&ctx, &headers, &params, "/silences", peer.as_deref())?;
     let id: i64 = id
         .parse()
         .map_err(|_| bad_request(format!("`{id}` is not a silence id")))?;
@@ -182,15 +172,7 @@ async fn beat(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, HttpError> {
-    let settings = ctx.live.load_full();
-    check_token(
-        &ctx,
-        &settings,
-        &headers,
-        &params,
-        "/heartbeat",
-        peer.as_deref(),
-    )?;
+    let settings = authorized(&ctx, &headers, &params, "/heartbeat", peer.as_deref())?;
     if !settings.config.heartbeats.iter().any(|h| h.name == name) {
         warn!(peer = ?peer, heartbeat = %name, "/heartbeat: no such heartbeat; answered 404");
         return Err(HttpError::new(
