@@ -852,3 +852,96 @@ async fn pending_alerts_are_read_under_a_byte_budget() {
     );
     assert_eq!(store.pending_alerts(3, usize::MAX).await.unwrap().len(), 3);
 }
+
+#[tokio::test]
+async fn a_silenced_alert_is_recorded_on_a_silenced_incident_and_rings_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let now = now_ms();
+    let silence = store
+        .add_silence(
+            vec!["rule=r".into()],
+            now - 1000,
+            now + 60_000,
+            "c".into(),
+            "t".into(),
+        )
+        .await
+        .unwrap();
+    let mut d = decision("k", &["+1555"], Duration::from_secs(60));
+    d.silenced_by = Some(silence);
+    for count in [1, 2] {
+        match route(&store, d.clone(), &format!("s{count}")).await {
+            Routed::Silenced {
+                silence_id,
+                alert_count,
+                ..
+            } => assert_eq!((silence_id, alert_count), (silence, count)),
+            other => panic!("not silenced: {other:?}"),
+        }
+    }
+    assert_eq!(scalar(&store, "SELECT COUNT(*) FROM calls").await, 0);
+    assert_eq!(
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM incidents WHERE status = 'silenced'"
+        )
+        .await,
+        1
+    );
+    // Expired after the router read it: the transaction sees that, and it rings.
+    assert!(store.expire_silence(silence, now_ms()).await.unwrap());
+    let (_, calls) = opened(&route(&store, d, "c").await);
+    assert_eq!(calls, [CallState::Queued]);
+}
+
+#[tokio::test]
+async fn escalation_steps_join_the_open_round_and_are_not_needed_once_bridged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut d = decision("k", &["+1555"], Duration::ZERO);
+    d.escalations = vec![
+        crate::route::EscalationStep {
+            after: Duration::ZERO,
+            numbers: vec!["+1555".into(), "+1666".into()],
+        },
+        crate::route::EscalationStep {
+            after: Duration::from_secs(3600),
+            numbers: vec!["+1777".into()],
+        },
+    ];
+    let (id, _) = opened(&route(&store, d, "a").await);
+    let due = store.due_escalations(now_ms() + 1, true).await.unwrap();
+    assert_eq!(
+        due,
+        [DueEscalation {
+            incident_id: id,
+            step: 1
+        }]
+    );
+    match store.escalate(due[0], 1000).await.unwrap() {
+        // +1555 was rung in this round already.
+        Escalated::Called { round, calls } => {
+            assert_eq!(round, 1);
+            let numbers: Vec<&str> = calls.iter().map(|c| c.number.as_str()).collect();
+            assert_eq!(numbers, ["+1666"]);
+        }
+        other => panic!("not called: {other:?}"),
+    }
+    assert_eq!(
+        store.escalate(due[0], 1000).await.unwrap(),
+        Escalated::Stale
+    );
+    assert!(store.mark_bridged(id).await.unwrap());
+    let later = store
+        .due_escalations(now_ms() + 3_600_001, true)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.escalate(later[0], 1000).await.unwrap(),
+        Escalated::NotNeeded {
+            status: IncidentStatus::Bridged
+        }
+    ));
+    assert_eq!(scalar(&store, "SELECT COUNT(*) FROM calls").await, 2);
+}
