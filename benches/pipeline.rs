@@ -36,11 +36,12 @@ fn pipeline(c: &mut Criterion) {
                 .join(name),
         )
         .unwrap();
+        let policy = mailcall::oncall::Policy::now();
         group.throughput(Throughput::Elements(1));
         group.bench_function(name, |b| {
             b.iter(|| {
                 let alert = Alert::from_mime(std::hint::black_box(&raw), &envelope);
-                let d = route::route(&config, &alert);
+                let d = route::route(&config, &alert, &policy);
                 twiml::call(
                     &d.message,
                     &d.language,

@@ -33,6 +33,13 @@ pub struct DirectAlert {
     pub language: Option<String>,
     pub voice: Option<String>,
     pub dedup_key: Option<String>,
+    /// A `[[heartbeat]]`'s alert: its missed beat (whom to call is looked up in the
+    /// heartbeat's `call` when routed), or with `beat` its beat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<String>,
+    /// A beat of `heartbeat` (`POST /heartbeat/<name>`), not an alert.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub beat: bool,
 }
 
 /// A decoded alert mail.

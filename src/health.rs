@@ -28,15 +28,18 @@ pub enum Worker {
     Rounds,
     /// Retention: what the store forgets.
     Pruner,
+    /// Heartbeat monitors: a missed beat opens an incident.
+    Heartbeat,
 }
 
 impl Worker {
-    pub const ALL: [Worker; 5] = [
+    pub const ALL: [Worker; 6] = [
         Worker::Router,
         Worker::Placer,
         Worker::Reconciler,
         Worker::Rounds,
         Worker::Pruner,
+        Worker::Heartbeat,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +49,7 @@ impl Worker {
             Worker::Reconciler => "reconciler",
             Worker::Rounds => "rounds",
             Worker::Pruner => "pruner",
+            Worker::Heartbeat => "heartbeat",
         }
     }
 }

@@ -21,16 +21,20 @@
 //! - [`store`]: SQLite, the only state shared between ingest and dispatch.
 //! - [`dispatch`]: the worker that routes stored alerts and places the calls.
 //! - [`twilio`]: the only code that talks to Twilio.
+//! - [`oncall`]: pure on-call policy: rotations, time conditions and Japanese
+//!   holidays, silences; [`heartbeat`]: the worker behind `[[heartbeat]]` monitors.
 //! - [`server`]: wires the pieces together for `mailcall serve`.
 
 pub mod alert;
 pub mod config;
 pub mod dispatch;
 pub mod health;
+pub mod heartbeat;
 pub mod ingest;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
+pub mod oncall;
 pub mod pruner;
 pub mod route;
 pub mod server;

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod oncall_cli;
+
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -70,6 +72,9 @@ enum Command {
         /// One JSON object per mail per line.
         #[arg(long)]
         json: bool,
+        /// Route as at this time (RFC 3339): time conditions, rotations, silences.
+        #[arg(long)]
+        at: Option<String>,
         /// RFC 5322 message files (.eml).
         files: Vec<PathBuf>,
     },
@@ -78,6 +83,25 @@ enum Command {
     /// Ask the running daemon how it is (its /healthz); exit 0 healthy, 1 unhealthy,
     /// 2 unreachable.
     Status,
+    /// Who is on call for each rotation, and the next handoffs.
+    Oncall {
+        /// As at this time (RFC 3339) instead of now.
+        #[arg(long)]
+        at: Option<String>,
+        /// One JSON object per rotation per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Overrides of rotations: someone else on call for a while.
+    Override {
+        #[command(subcommand)]
+        command: oncall_cli::OverrideCmd,
+    },
+    /// Silences: mute matching alerts for a while (maintenance).
+    Silence {
+        #[command(subcommand)]
+        command: oncall_cli::SilenceCmd,
+    },
     /// Show recent incidents and the status of their calls, newest first.
     Incidents {
         /// One JSON object per incident per line.
@@ -122,7 +146,16 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { dry_run } => serve(&cli.config, dry_run, &logs),
         Command::Check => return check(&cli.config),
-        Command::Route { json, files } => route_files(&cli.config, json, &files),
+        Command::Route { json, at, files } => route_files(&cli.config, json, at, &files),
+        Command::Oncall { at, json } => {
+            load(&cli.config).and_then(|c| oncall_cli::oncall(&c, at.as_deref(), json))
+        }
+        Command::Override { command } => {
+            load(&cli.config).and_then(|c| oncall_cli::overrides(&c, command))
+        }
+        Command::Silence { command } => {
+            load(&cli.config).and_then(|c| oncall_cli::silences(&c, command))
+        }
         Command::Incidents { json, limit } => incidents(&cli.config, json, limit),
         Command::Status => return status(&cli.config),
         Command::Call(args) => match call(&cli.config, args) {
@@ -304,6 +337,7 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
             language: args.language,
             voice: args.voice,
             dedup_key: args.dedup_key,
+            ..DirectAlert::default()
         }),
         ..NewAlert::default()
     };
@@ -557,6 +591,14 @@ fn status(path: &Path) -> ExitCode {
                     );
                 }
             }
+            match oncall_cli::heartbeat_status(&config) {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                }
+                Err(e) => eprintln!("mailcall: cannot read the heartbeats: {e:#}"),
+            }
             if code.is_success() {
                 ExitCode::SUCCESS
             } else {
@@ -570,8 +612,15 @@ fn status(path: &Path) -> ExitCode {
     }
 }
 
-fn route_files(path: &Path, json: bool, files: &[PathBuf]) -> anyhow::Result<()> {
+fn route_files(
+    path: &Path,
+    json: bool,
+    at: Option<String>,
+    files: &[PathBuf],
+) -> anyhow::Result<()> {
     let config = load(path)?;
+    let now = oncall_cli::at(at.as_deref())?;
+    let policy = oncall_cli::policy(&config, now)?;
     let mut inputs = Vec::new();
     if files.is_empty() {
         let mut raw = Vec::new();
@@ -588,7 +637,7 @@ fn route_files(path: &Path, json: bool, files: &[PathBuf]) -> anyhow::Result<()>
     let mut out = std::io::stdout().lock();
     for (name, raw) in inputs {
         let alert = Alert::from_mime(&raw, &Envelope::default());
-        let d = route::route(&config, &alert);
+        let d = route::route(&config, &alert, &policy);
         let twiml = (d.action == Action::Call).then(|| {
             twiml::call(
                 &d.message,
@@ -607,6 +656,8 @@ fn route_files(path: &Path, json: bool, files: &[PathBuf]) -> anyhow::Result<()>
                 "voice": d.voice,
                 "dedup_key": d.dedup_key,
                 "twiml": twiml,
+                "at": now.to_string(),
+                "policy": oncall_cli::route_trace_json(&d),
             });
             writeln!(out, "{value}")?;
         } else {
@@ -616,6 +667,10 @@ fn route_files(path: &Path, json: bool, files: &[PathBuf]) -> anyhow::Result<()>
                 .map_or("no rule matches".to_string(), |r| format!("rule {r:?}"));
             writeln!(out, "{name}: {rule} → {}", d.action.as_str())?;
             writeln!(out, "  subject:   {}", alert.subject)?;
+            writeln!(out, "  at:        {now}")?;
+            for line in oncall_cli::route_trace(&config, &d, &policy) {
+                writeln!(out, "{line}")?;
+            }
             if d.action == Action::Call {
                 writeln!(out, "  numbers:   {}", d.numbers.join(", "))?;
                 writeln!(out, "  message:   {}", d.message)?;
@@ -650,6 +705,9 @@ fn incidents(path: &Path, json: bool, limit: usize) -> anyhow::Result<()> {
             "#{} {} {}{drill} rule {:?} key {:?} alerts {} room mailcall-{} {}",
             i.id, i.opened_at, i.kind, i.rule, i.dedup_key, i.alert_count, i.public_id, i.status
         )?;
+        if let Some(silence) = i.silence_id {
+            writeln!(out, "  silenced by silence {silence}: nobody was called")?;
+        }
         for r in &i.rounds {
             let outcome = r.outcome.map_or("going on", |o| o.as_str());
             writeln!(out, "  round {} {}: {outcome}", r.round, r.started_at)?;

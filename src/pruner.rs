@@ -47,13 +47,21 @@ pub async fn run(
                     .pruned
                     .get_or_create(&PrunedLabel { what: "incidents" })
                     .inc_by(pruned.incidents as u64);
-                metrics
-                    .pruned
-                    .get_or_create(&PrunedLabel { what: "alerts" })
-                    .inc_by(pruned.alerts as u64);
+                for (what, n) in [
+                    ("alerts", pruned.alerts),
+                    ("silences", pruned.silences),
+                    ("overrides", pruned.overrides),
+                ] {
+                    metrics
+                        .pruned
+                        .get_or_create(&PrunedLabel { what })
+                        .inc_by(n as u64);
+                }
                 info!(
                     incidents = pruned.incidents,
                     alerts = pruned.alerts,
+                    silences = pruned.silences,
+                    overrides = pruned.overrides,
                     retain = %humantime::format_duration(retain),
                     "retention: deleted closed incidents and alerts"
                 );

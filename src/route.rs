@@ -9,6 +9,7 @@ use regex::Regex;
 
 use crate::alert::{Alert, DirectAlert};
 use crate::config::{Config, Rule, RuleAction, is_language, is_voice};
+use crate::oncall::{OnCall, Policy};
 use crate::speech;
 use crate::twilio::twiml;
 
@@ -34,9 +35,39 @@ pub struct Decision {
     /// Rounds of calls until someone is in the bridge, and the time each one gets.
     pub rounds: u32,
     pub round_interval: Duration,
+    /// The silence that mutes this alert: it is recorded as silenced and rings nobody.
+    pub silenced_by: Option<i64>,
+    /// Who is rung too if nobody is in the bridge after each step's time.
+    pub escalations: Vec<EscalationStep>,
+    /// How the decision came about, for `mailcall route`.
+    pub trace: Trace,
 }
 
-/// The three outcomes of routing.
+/// One `escalate` step, its rotations resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EscalationStep {
+    pub after: Duration,
+    pub numbers: Vec<String>,
+}
+
+/// What `mailcall route` shows besides the decision: the time, rules that matched but
+/// were outside their `when`, the matching rule's `when`, and who was on call.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Trace {
+    /// `(rule, why it did not apply)`.
+    pub skipped: Vec<(String, String)>,
+    /// The applying rule's time condition, as written.
+    pub when: Option<String>,
+    /// Each rotation named by the call list or the escalations, and who it rang.
+    pub on_call: Vec<OnCall>,
+}
+
+/// The dedup key of a heartbeat's incident.
+pub fn heartbeat_key(name: &str) -> String {
+    format!("heartbeat: {name}")
+}
+
+/// The outcomes of routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
@@ -46,6 +77,8 @@ pub enum Action {
     Resolve,
     /// No rule matched: nobody is called and the mail is logged as unrouted.
     None,
+    /// A heartbeat's beat: recorded, and its missed-beat incident resolved.
+    Beat,
 }
 
 impl Action {
@@ -55,16 +88,34 @@ impl Action {
             Action::Drop => "drop",
             Action::Resolve => "resolve",
             Action::None => "none",
+            Action::Beat => "beat",
         }
     }
 }
 
-/// Finds the first matching rule and renders its message and dedup key.
-pub fn route(config: &Config, alert: &Alert) -> Decision {
-    for rule in &config.rules {
-        if let Some(captures) = matches(rule, alert) {
-            return decide(rule, alert, &captures);
+/// Finds the first matching rule that applies at `policy.now` and renders its message
+/// and dedup key; a mail matching a `[[heartbeat]]` is that heartbeat's beat.
+pub fn route(config: &Config, alert: &Alert, policy: &Policy) -> Decision {
+    for hb in config.heartbeats.iter().filter(|h| h.matches_mail()) {
+        if matches([&hb.from, &hb.to, &hb.subject, &hb.body], alert).is_some() {
+            return beat(config, &hb.name, alert.subject.clone());
         }
+    }
+    let mut skipped = Vec::new();
+    for rule in &config.rules {
+        let Some(captures) = matches([&rule.from, &rule.to, &rule.subject, &rule.body], alert)
+        else {
+            continue;
+        };
+        if let Some(when) = &rule.when
+            && let Err(why) = when.check(policy.now)
+        {
+            skipped.push((rule.name.clone(), why));
+            continue;
+        }
+        let mut d = decide(config, rule, alert, &captures, policy);
+        d.trace.skipped = skipped;
+        return d;
     }
     Decision {
         rule: None,
@@ -79,34 +130,99 @@ pub fn route(config: &Config, alert: &Alert) -> Decision {
         subject: alert.subject.clone(),
         rounds: config.defaults.rounds,
         round_interval: config.defaults.round_interval,
+        silenced_by: None,
+        escalations: Vec::new(),
+        trace: Trace {
+            skipped,
+            ..Trace::default()
+        },
     }
+}
+
+/// A heartbeat's beat (a matching mail or `POST /heartbeat/<name>`): the heartbeat's
+/// name stands where a rule's would; the message is what a resolution announces.
+fn beat(config: &Config, name: &str, subject: String) -> Decision {
+    let hb = config.heartbeats.iter().find(|h| h.name == name);
+    let language = hb.map_or(config.defaults.language.clone(), |h| h.language.clone());
+    let voice = hb.map_or(config.defaults.voice.clone(), |h| h.voice.clone());
+    let text = format!("{} {name}", config.prompts(&language).resolved);
+    let message = twiml::fit(&speech::speakable(&text, &language), &language, &voice).to_string();
+    Decision {
+        rule: Some(name.to_string()),
+        action: Action::Beat,
+        numbers: Vec::new(),
+        message,
+        language,
+        voice,
+        dedup_key: heartbeat_key(name),
+        cooldown: config.defaults.cooldown,
+        sms: false,
+        subject,
+        rounds: config.defaults.rounds,
+        round_interval: config.defaults.round_interval,
+        silenced_by: None,
+        escalations: Vec::new(),
+        trace: Trace::default(),
+    }
+}
+
+/// The first silence in force at `policy.now` that mutes an alert whose fields `field`
+/// gives.
+fn silenced(policy: &Policy, field: &dyn Fn(&str) -> Vec<String>) -> Option<i64> {
+    policy
+        .silences
+        .iter()
+        .find(|s| s.silences(policy.now, field))
+        .map(|s| s.id)
 }
 
 /// The decision for a [`DirectAlert`]: its own numbers and words, the defaults for the
 /// rest. `source` (`webhook`, `cli`) stands where a rule name would.
-pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
+pub fn direct(config: &Config, source: &str, alert: &DirectAlert, policy: &Policy) -> Decision {
+    let heartbeat = alert
+        .heartbeat
+        .as_deref()
+        .and_then(|name| config.heartbeats.iter().find(|h| h.name == name));
+    if alert.beat {
+        let name = alert.heartbeat.as_deref().unwrap_or_default();
+        return beat(config, name, alert.message.clone());
+    }
     // Ingest validates these; anything invalid that got this far falls back to the
     // defaults rather than making TwiML Twilio refuses.
     let language = alert
         .language
         .clone()
         .filter(|l| is_language(l))
+        .or_else(|| heartbeat.map(|h| h.language.clone()))
         .unwrap_or_else(|| config.defaults.language.clone());
     let voice = alert
         .voice
         .clone()
         .filter(|v| is_voice(v))
+        .or_else(|| heartbeat.map(|h| h.voice.clone()))
         .unwrap_or_else(|| config.defaults.voice.clone());
+    // A missed heartbeat rings whoever its `call` names now (its rotations resolved
+    // when it is routed, like a rule's).
+    let (numbers, on_call) = match heartbeat {
+        Some(h) => config.resolve(&h.call, policy),
+        None => (alert.numbers.clone(), Vec::new()),
+    };
+    let silenced_by = silenced(policy, &|name| match name {
+        "rule" => vec![source.to_string()],
+        "subject" => vec![alert.message.clone()],
+        _ => Vec::new(),
+    });
     let spoken = speech::speakable(&alert.message, &language);
     let message = twiml::fit(&spoken, &language, &voice).to_string();
-    let dedup_key = alert
-        .dedup_key
-        .clone()
-        .unwrap_or_else(|| format!("{source}: {}", normalise_subject(&alert.message)));
+    let dedup_key = match (&alert.dedup_key, &alert.heartbeat) {
+        (Some(key), _) => key.clone(),
+        (None, Some(name)) => heartbeat_key(name),
+        (None, None) => format!("{source}: {}", normalise_subject(&alert.message)),
+    };
     Decision {
         rule: Some(source.to_string()),
         action: Action::Call,
-        numbers: alert.numbers.clone(),
+        numbers,
         message,
         language,
         voice,
@@ -116,6 +232,12 @@ pub fn direct(config: &Config, source: &str, alert: &DirectAlert) -> Decision {
         subject: alert.message.clone(),
         rounds: config.defaults.rounds,
         round_interval: config.defaults.round_interval,
+        silenced_by,
+        escalations: Vec::new(),
+        trace: Trace {
+            on_call,
+            ..Trace::default()
+        },
     }
 }
 
@@ -161,9 +283,11 @@ fn collapse_whitespace(s: &str) -> String {
 /// Named captures collected from every matcher of a rule.
 type Captures = Vec<(String, String)>;
 
-/// Does `rule` match `alert`? Every given matcher must match; the named captures of
-/// all of them become placeholders.
-fn matches(rule: &Rule, alert: &Alert) -> Option<Captures> {
+/// Do the match fields `[from, to, subject, body]` (a rule's or a heartbeat's) match
+/// `alert`? Every given one must match; the named captures of all of them become
+/// placeholders.
+fn matches(fields: [&Option<Regex>; 4], alert: &Alert) -> Option<Captures> {
+    let [from, to, subject, body] = fields;
     let mut captures = Vec::new();
     let mut check = |re: &Option<Regex>, candidates: &mut dyn Iterator<Item = &str>| -> bool {
         let Some(re) = re else { return true };
@@ -179,14 +303,20 @@ fn matches(rule: &Rule, alert: &Alert) -> Option<Captures> {
         }
         false
     };
-    let ok = check(&rule.from, &mut std::iter::once(alert.from.as_str()))
-        && check(&rule.to, &mut alert.to.iter().map(String::as_str))
-        && check(&rule.subject, &mut std::iter::once(alert.subject.as_str()))
-        && check(&rule.body, &mut std::iter::once(alert.body.as_str()));
+    let ok = check(from, &mut std::iter::once(alert.from.as_str()))
+        && check(to, &mut alert.to.iter().map(String::as_str))
+        && check(subject, &mut std::iter::once(alert.subject.as_str()))
+        && check(body, &mut std::iter::once(alert.body.as_str()));
     ok.then_some(captures)
 }
 
-fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
+fn decide(
+    config: &Config,
+    rule: &Rule,
+    alert: &Alert,
+    captures: &Captures,
+    policy: &Policy,
+) -> Decision {
     let to = alert.to_joined();
     let lookup = |name: &str| -> Option<&str> {
         match name {
@@ -207,11 +337,40 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
         Some(t) => t.render(lookup),
         None => format!("{}: {}", rule.name, normalise_subject(&alert.subject)),
     };
+    let mut on_call = Vec::new();
     let (action, numbers) = match &rule.action {
-        RuleAction::Call(numbers) => (Action::Call, numbers.clone()),
+        RuleAction::Call(callees) => {
+            let (numbers, who) = config.resolve(callees, policy);
+            on_call.extend(who);
+            (Action::Call, numbers)
+        }
         RuleAction::Drop => (Action::Drop, Vec::new()),
         RuleAction::Resolve => (Action::Resolve, Vec::new()),
     };
+    let escalations = if action == Action::Call {
+        rule.escalate
+            .iter()
+            .map(|step| {
+                let (numbers, who) = config.resolve(&step.call, policy);
+                on_call.extend(who);
+                EscalationStep {
+                    after: step.after,
+                    numbers,
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let silenced_by = (action == Action::Call)
+        .then(|| {
+            silenced(policy, &|name| match name {
+                "to" => alert.to.clone(),
+                "body" => Vec::new(),
+                other => lookup(other).map(str::to_string).into_iter().collect(),
+            })
+        })
+        .flatten();
     Decision {
         rule: Some(rule.name.clone()),
         action,
@@ -225,6 +384,13 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
         subject: alert.subject.clone(),
         rounds: rule.rounds,
         round_interval: rule.round_interval,
+        silenced_by,
+        escalations,
+        trace: Trace {
+            skipped: Vec::new(),
+            when: rule.when.as_ref().map(ToString::to_string),
+            on_call,
+        },
     }
 }
 
@@ -232,6 +398,9 @@ fn decide(rule: &Rule, alert: &Alert, captures: &Captures) -> Decision {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    /// A Tuesday afternoon in Tokyo.
+    const NOW: &str = "2026-11-24T06:00:00Z";
 
     fn config(rules: &str) -> Config {
         let text = format!(
@@ -267,6 +436,7 @@ mod tests {
                 "db1.example.com is DOWN",
                 "",
             ),
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(d.rule.as_deref(), Some("host down"));
         assert_eq!(d.action, Action::Call);
@@ -284,13 +454,18 @@ mod tests {
         let d = route(
             &c,
             &alert("nagios@monitoring.example.com", "db1 is DOWN: RESOLVED", ""),
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(
             (d.rule.as_deref(), d.action),
             (Some("recoveries"), Action::Drop)
         );
 
-        let d = route(&c, &alert("someone@else.example.org", "db1 is DOWN", ""));
+        let d = route(
+            &c,
+            &alert("someone@else.example.org", "db1 is DOWN", ""),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!((d.rule, d.action), (None, Action::None));
         assert!(d.numbers.is_empty());
     }
@@ -298,8 +473,16 @@ mod tests {
     #[test]
     fn default_dedup_key_is_rule_and_normalised_subject() {
         let c = config("[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n");
-        let a = route(&c, &alert("x@y", "Re:  FWD: Disk  FULL on web1", ""));
-        let b = route(&c, &alert("x@y", "disk full on WEB1", ""));
+        let a = route(
+            &c,
+            &alert("x@y", "Re:  FWD: Disk  FULL on web1", ""),
+            &Policy::at(NOW.parse().unwrap()),
+        );
+        let b = route(
+            &c,
+            &alert("x@y", "disk full on WEB1", ""),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!(a.dedup_key, "all: disk full on web1");
         assert_eq!(a.dedup_key, b.dedup_key);
         assert_eq!(a.message, "Alert. Re: FWD: Disk FULL on web1");
@@ -311,9 +494,17 @@ mod tests {
             "[[rule]]\nname = \"body\"\nto = '^alerts@'\nbody = 'severity: (?P<sev>\\w+)'\n\
              call = [\"bob\"]\nmessage = \"{sev} {rule} for {to}\"\n",
         );
-        let d = route(&c, &alert("a@b", "x", "host: web\nseverity: critical\n"));
+        let d = route(
+            &c,
+            &alert("a@b", "x", "host: web\nseverity: critical\n"),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!(d.message, "critical body for alerts at example dot com");
-        let d = route(&c, &alert("a@b", "x", "no severity here"));
+        let d = route(
+            &c,
+            &alert("a@b", "x", "no severity here"),
+            &Policy::at(NOW.parse().unwrap()),
+        );
         assert_eq!(d.action, Action::None);
     }
 
@@ -328,6 +519,7 @@ mod tests {
                 message: "DB is down https://x/y".into(),
                 ..Default::default()
             },
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(
             (d.rule.as_deref(), d.action),
@@ -361,7 +553,55 @@ mod tests {
                 "x",
                 "db down\n\nhttps://grafana/d/1   id 0123456789abcdef01",
             ),
+            &Policy::at(NOW.parse().unwrap()),
         );
         assert_eq!(d.message, "db down link id");
+    }
+
+    #[test]
+    fn silences_match_captures_and_a_heartbeat_mail_is_a_beat() {
+        let c = config(
+            "[[heartbeat]]\nname = \"backup\"\nsubject = '^backup ok$'\nevery = \"1d\"\ncall = [\"bob\"]\n\
+             [[rule]]\nname = \"host down\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\"]\n\
+             escalate = [{ after = \"5m\", call = [\"bob\"] }]\n",
+        );
+        let now: jiff::Timestamp = NOW.parse().unwrap();
+        let silence = |id, matchers: &[&str], ends: jiff::Timestamp| crate::oncall::Silence {
+            id,
+            matchers: matchers
+                .iter()
+                .map(|m| crate::oncall::Matcher::parse(m).unwrap())
+                .collect(),
+            starts_at: now,
+            ends_at: ends,
+            comment: "kernel upgrade".into(),
+        };
+        let later = now
+            .checked_add(jiff::SignedDuration::from_hours(2))
+            .unwrap();
+        let policy = Policy {
+            now,
+            overrides: Vec::new(),
+            silences: vec![
+                silence(1, &["rule=host down", "host=~db[12]"], later),
+                silence(2, &["host=web1"], now),
+            ],
+        };
+        let d = route(&c, &alert("a@b", "db2 is DOWN", ""), &policy);
+        assert_eq!((d.action, d.silenced_by), (Action::Call, Some(1)));
+        assert_eq!(d.escalations[0].numbers, ["+15005550002"]);
+        // Ended silences and matchers that do not hold mute nothing.
+        for subject in ["db3 is DOWN", "web1 is DOWN"] {
+            assert_eq!(
+                route(&c, &alert("a@b", subject, ""), &policy).silenced_by,
+                None
+            );
+        }
+        let d = route(&c, &alert("a@b", "backup ok", ""), &policy);
+        assert_eq!(
+            (d.action, d.rule.as_deref()),
+            (Action::Beat, Some("backup"))
+        );
+        assert_eq!(d.dedup_key, "heartbeat: backup");
     }
 }

@@ -103,6 +103,15 @@ pub async fn run(
         shutdown.clone(),
     ));
 
+    tasks.spawn(crate::heartbeat::run(
+        store.clone(),
+        Arc::clone(&live),
+        Arc::clone(&health),
+        Arc::clone(&metrics),
+        Arc::clone(&wake),
+        shutdown.clone(),
+    ));
+
     if let Some(listener) = listeners.http {
         if let Ok(addr) = listener.local_addr() {
             info!(addr = %addr, "http listening");

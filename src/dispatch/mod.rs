@@ -10,7 +10,8 @@
 //!   (timeouts, lost connections, a crash), by status callback or Twilio's call list,
 //!   and sends a call again only when Twilio has no such call;
 //! - the **rounds** worker (`rounds.rs`) calls everyone again while nobody is in the
-//!   bridge, and learns by polling who answered.
+//!   bridge, and learns by polling who answered; it also runs incidents' escalation
+//!   steps when they are due (`escalate.rs`).
 //!
 //! Each worker stamps its own heartbeat on every pass and never waits on Twilio in its
 //! loop (requests run in tasks, each with a timeout), so a restart with a thousand
@@ -18,6 +19,7 @@
 //! only while every worker is alive. Every fact a worker acts on is in the store, so a
 //! crash loses nothing: on start the workers pick up where the last run stopped.
 
+mod escalate;
 mod placer;
 mod reconcile;
 mod rounds;
@@ -141,7 +143,7 @@ impl Dispatcher {
                 Worker::Placer => tasks.spawn(me.place_loop()),
                 Worker::Reconciler => tasks.spawn(me.reconcile_loop()),
                 Worker::Rounds => tasks.spawn(me.rounds_loop()),
-                Worker::Pruner => continue,
+                Worker::Pruner | Worker::Heartbeat => continue,
             };
         }
     }

@@ -63,6 +63,7 @@ impl Dispatcher {
                 });
             }
             self.spawn_due_rounds(&busy).await;
+            self.escalate_due().await;
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 () = tokio::time::sleep(IDLE_POLL) => {}

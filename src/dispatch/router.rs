@@ -18,8 +18,9 @@ use crate::alert::Alert;
 use crate::config::Config;
 use crate::health::Worker;
 use crate::metrics::Routing;
+use crate::oncall::Policy;
 use crate::route::{self, Action};
-use crate::store::{CallState, IncidentKind, NewIncident, PendingAlert, Routed};
+use crate::store::{CallState, IncidentKind, NewIncident, PendingAlert, Routed, now_ms};
 use crate::twilio::twiml;
 
 /// Alerts routed per store transaction, at most.
@@ -50,8 +51,9 @@ type Decided = (
     Vec<(i64, String, Seen, route::Decision, NewIncident)>,
 );
 
-/// Parses and routes a batch of stored alerts (pure CPU work: no I/O).
-fn decide(config: &Config, batch: Vec<PendingAlert>) -> Decided {
+/// Parses and routes a batch of stored alerts (pure CPU work: no I/O) under `policy`
+/// (the time, and the overrides and silences in force).
+fn decide(config: &Config, batch: Vec<PendingAlert>, policy: &Policy) -> Decided {
     let mut items = Vec::with_capacity(batch.len());
     let mut alerts = Vec::with_capacity(batch.len());
     for pending in batch {
@@ -61,11 +63,11 @@ fn decide(config: &Config, batch: Vec<PendingAlert>) -> Decided {
                     subject: direct.message.clone(),
                     ..Alert::default()
                 },
-                route::direct(config, &pending.source, direct),
+                route::direct(config, &pending.source, direct, policy),
             ),
             None => {
                 let alert = Alert::from_mime(&pending.raw, &pending.envelope);
-                let decision = route::route(config, &alert);
+                let decision = route::route(config, &alert, policy);
                 (alert, decision)
             }
         };
@@ -197,6 +199,13 @@ impl Dispatcher {
         // Parsing big mails and matching rules is CPU work (tens of milliseconds for a
         // mail of megabytes): off the async workers.
         let decide_with = Arc::clone(&settings);
+        let policy = match self.store.policy(now_ms()).await {
+            Ok(policy) => policy,
+            Err(e) => {
+                error!(error = %e, "cannot read the overrides and silences; will try again");
+                return false;
+            }
+        };
         let ids: Vec<i64> = batch.iter().map(|a| a.id).collect();
         let marker = routing_marker(self.store.path());
         let marked = ids
@@ -207,7 +216,7 @@ impl Dispatcher {
         let decided = tokio::task::spawn_blocking(move || {
             // Not synced: it only has to outlive this process, not the machine.
             let _ = std::fs::write(&marker, marked);
-            let decided = decide(&decide_with.config, batch);
+            let decided = decide(&decide_with.config, batch, &policy);
             let _ = std::fs::remove_file(&marker);
             decided
         })
@@ -243,7 +252,8 @@ impl Dispatcher {
                 Ok(Routed::NotCalled) => Some(decision.action.as_str()),
                 Ok(Routed::Deduplicated { .. }) => Some("deduplicated"),
                 Ok(Routed::Opened { .. }) => Some("call"),
-                Ok(Routed::Resolved { .. }) => Some("resolve"),
+                Ok(Routed::Resolved { .. }) => Some(decision.action.as_str()),
+                Ok(Routed::Silenced { .. }) => Some("silenced"),
             };
             if let Some(action) = action {
                 self.metrics
@@ -277,6 +287,22 @@ impl Dispatcher {
                         }
                     }
                 }
+                Ok(Routed::Silenced {
+                    incident_id,
+                    silence_id,
+                    alert_count,
+                }) => info!(
+                    alert = alert_id, source, message_id, from = %alert.from, rule, action = "silenced",
+                    incident = incident_id, silence = silence_id, alert_count, dedup_key = %decision.dedup_key,
+                    "silenced: recorded on the incident, nobody is called"
+                ),
+                Ok(Routed::NotCalled) if decision.action == Action::Beat => info!(
+                    alert = alert_id,
+                    source,
+                    message_id,
+                    heartbeat = rule,
+                    "heartbeat beat"
+                ),
                 Ok(Routed::NotCalled) if decision.action == Action::Resolve => info!(
                     alert = alert_id, source, message_id, rule, dedup_key = %decision.dedup_key,
                     "resolve: no open incident with this dedup key"

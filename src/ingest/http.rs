@@ -1,4 +1,5 @@
-//! The HTTP server: SendGrid Inbound Parse, the `/alert` webhook and `/healthz`.
+//! The HTTP server: SendGrid Inbound Parse, the `/alert` webhook (and, behind its
+//! token, silences and heartbeats: `ingest/oncall.rs`) and `/healthz`.
 //!
 //! Like SMTP, every way in here only authenticates, stores and wakes the dispatcher; the
 //! `2xx` is sent after the alert is committed, and a store failure is a `503` so that the
@@ -130,7 +131,9 @@ pub fn app(ctx: Arc<HttpContext>) -> App {
         router = router.merge(crate::ingest::callbacks::routes());
     }
     if settings.config.webhook.is_some() {
-        router = router.route("/alert", get(webhook).post(webhook));
+        router = router
+            .route("/alert", get(webhook).post(webhook))
+            .merge(crate::ingest::oncall::routes());
     }
     let router = router
         .layer(DefaultBodyLimit::max(max_body))
@@ -481,7 +484,7 @@ impl HttpError {
         }
     }
 
-    fn unavailable() -> HttpError {
+    pub(super) fn unavailable() -> HttpError {
         HttpError {
             retry_after: Some(60),
             ..HttpError::new(
@@ -511,7 +514,7 @@ impl IntoResponse for HttpError {
 }
 
 /// The client's address, when the server knows it.
-struct Peer(Option<String>);
+pub(super) struct Peer(pub(super) Option<String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for Peer {
     type Rejection = std::convert::Infallible;
@@ -561,6 +564,34 @@ async fn metrics(State(ctx): State<Arc<HttpContext>>) -> Response {
         .into_response()
 }
 
+/// Checks the webhook token (`Authorization: Bearer` or `?token=`) of a request to
+/// `what`, from its headers and query alone: before any of its body is read.
+pub(super) fn check_token(
+    ctx: &HttpContext,
+    settings: &crate::settings::Settings,
+    headers: &HeaderMap,
+    params: &HashMap<String, String>,
+    what: &str,
+    peer: Option<&str>,
+) -> Result<(), HttpError> {
+    let expected = settings
+        .secrets
+        .webhook_token
+        .as_deref()
+        .unwrap_or_default();
+    let bearer = credentials(headers, "Bearer");
+    let given = bearer.or(params.get("token").map(String::as_str));
+    if !given.is_some_and(|t| !expected.is_empty() && same_secret(t, expected)) {
+        ctx.metrics.reject("webhook", "token");
+        warn!(peer = ?peer, "{what}: missing or wrong token; refused with 401");
+        return Err(HttpError::unauthorized(
+            "missing or wrong token; send it as `Authorization: Bearer TOKEN` or `?token=TOKEN`",
+            "Bearer",
+        ));
+    }
+    Ok(())
+}
+
 /// Compares secrets in constant time.
 fn same_secret(given: &str, expected: &str) -> bool {
     given.as_bytes().ct_eq(expected.as_bytes()).into()
@@ -578,21 +609,14 @@ async fn webhook(
     let settings = ctx.live.load_full();
     // The token comes in a header or the query, never the body: it is checked before a
     // byte of the body is read.
-    let expected = settings
-        .secrets
-        .webhook_token
-        .as_deref()
-        .unwrap_or_default();
-    let bearer = credentials(&headers, "Bearer");
-    let given = bearer.or(params.get("token").map(String::as_str));
-    if !given.is_some_and(|t| !expected.is_empty() && same_secret(t, expected)) {
-        ctx.metrics.reject("webhook", "token");
-        warn!(peer = ?peer, "/alert: missing or wrong token; refused with 401");
-        return Err(HttpError::unauthorized(
-            "missing or wrong token; send it as `Authorization: Bearer TOKEN` or `?token=TOKEN`",
-            "Bearer",
-        ));
-    }
+    check_token(
+        &ctx,
+        &settings,
+        &headers,
+        &params,
+        "/alert",
+        peer.as_deref(),
+    )?;
     if method == Method::POST {
         let limit = settings
             .config
@@ -686,6 +710,7 @@ async fn webhook(
         language: non_empty("language"),
         voice: non_empty("voice"),
         dedup_key: non_empty("dedup_key"),
+        ..DirectAlert::default()
     };
     let stored = ctx
         .store
@@ -898,7 +923,7 @@ struct BodyBudget(Arc<Semaphore>);
 
 /// Why a body was not read whole.
 #[derive(Debug)]
-enum BodyError {
+pub(super) enum BodyError {
     /// Over the limit, by `Content-Length` or by what arrived.
     TooLarge,
     /// The shared budget is spent by other requests.
@@ -918,7 +943,7 @@ impl BodyError {
     }
 
     /// The answer, logged with the client.
-    fn answer(self, what: &str, peer: Option<&str>, limit: usize) -> HttpError {
+    pub(super) fn answer(self, what: &str, peer: Option<&str>, limit: usize) -> HttpError {
         match self {
             BodyError::TooLarge => {
                 warn!(peer = ?peer, limit, "{what}: body over the limit; refused with 413");
@@ -951,7 +976,7 @@ impl BodyError {
 /// `Content-Length` reserves all of it before reading (waiting its turn, holding nothing,
 /// so that bodies cannot starve each other half-read); a chunked one takes permits as
 /// its chunks arrive and is refused when there are none left.
-async fn read_body(
+pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,

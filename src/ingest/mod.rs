@@ -3,6 +3,7 @@
 
 pub mod callbacks;
 pub mod http;
+pub mod oncall;
 pub mod sendgrid;
 pub mod smtp;
 pub mod tls;

@@ -63,6 +63,8 @@ pub struct IncidentReport {
     pub dedup_key: String,
     pub alert_count: i64,
     pub status: IncidentStatus,
+    /// The silence that muted it (`status` is `silenced`).
+    pub silence_id: Option<i64>,
     /// Each round of calls and how it ended.
     pub rounds: Vec<RoundReport>,
     pub calls: Vec<CallReport>,
@@ -442,7 +444,7 @@ fn finish_round(
 /// `FROM incidents` and takes one parameter.
 fn reports(c: &Connection, filter: &str, param: i64) -> rusqlite::Result<Vec<IncidentReport>> {
     let mut stmt = c.prepare(&format!(
-        "SELECT id, public_id, kind, dry_run, opened_at, closed_at, rule, dedup_key, alert_count, status
+        "SELECT id, public_id, kind, dry_run, opened_at, closed_at, rule, dedup_key, alert_count, status, silence_id
          FROM incidents {filter}"
     ))?;
     let mut incidents = stmt
@@ -458,6 +460,7 @@ fn reports(c: &Connection, filter: &str, param: i64) -> rusqlite::Result<Vec<Inc
                 dedup_key: r.get(7)?,
                 alert_count: r.get(8)?,
                 status: r.get(9)?,
+                silence_id: r.get(10)?,
                 rounds: Vec::new(),
                 calls: Vec::new(),
             })

@@ -24,6 +24,7 @@
 
 mod calls;
 mod incidents;
+mod oncall;
 mod retention;
 mod routing;
 mod schema;
@@ -47,10 +48,12 @@ pub use incidents::{
     AttemptReport, CallReport, DueRound, EventReport, IncidentReport, LiveCall, RoundEnd,
     RoundReport,
 };
+pub use oncall::{DueEscalation, Escalated, HeartbeatRow, OverrideRow, SilenceRow};
 pub use retention::{Pruned, Usage};
 pub use routing::{NewIncident, Routed, RoutedCall};
 pub use states::{
-    AlertState, AttemptState, CallState, IncidentKind, IncidentStatus, RoundOutcome, TwilioStatus,
+    AlertState, AttemptState, CallState, EscalationState, HeartbeatState, IncidentKind,
+    IncidentStatus, RoundOutcome, TwilioStatus,
 };
 
 /// Why the store could not do something.
@@ -416,55 +419,34 @@ impl Store {
     /// `[state] max_bytes` the oldest closed data makes room first; `Full` when open
     /// data alone leaves none.
     pub async fn insert_alert(&self, alert: NewAlert) -> Result<Inserted, StoreError> {
-        let rcpt = serde_json::to_string(&alert.envelope.rcpt_to).unwrap_or_else(|_| "[]".into());
-        let direct = alert
-            .direct
-            .as_ref()
-            .and_then(|d| serde_json::to_string(d).ok());
-        let state = if alert.rejected.is_some() {
-            AlertState::Rejected
-        } else {
-            AlertState::Received
-        };
         let dry_run = self.dry_run;
         let capacity = Arc::clone(&self.capacity);
-        let stored = self.run(move |c| {
-            if let Some(max) = capacity.max_bytes {
-                let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
-                let room = retention::make_room(c, max, need)?;
-                capacity.full.store(!room, Ordering::Relaxed);
-                if !room {
-                    return Ok(None);
+        let stored = self
+            .run(move |c| {
+                if let Some(max) = capacity.max_bytes {
+                    let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
+                    let room = retention::make_room(c, max, need)?;
+                    capacity.full.store(!room, Ordering::Relaxed);
+                    if !room {
+                        return Ok(None);
+                    }
                 }
-            }
-            let inserted = c
-                .prepare_cached(
-                    "INSERT INTO alerts (received_at, source, peer, mail_from, rcpt_to, raw, direct, dedup_id, state, note, dry_run)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                     ON CONFLICT (source, dedup_id) WHERE dedup_id IS NOT NULL DO NOTHING",
-                )?
-                .execute(params![
-                    now_ms(),
-                    alert.source,
-                    alert.peer,
-                    alert.envelope.mail_from,
-                    rcpt,
-                    alert.raw,
-                    direct,
-                    alert.dedup_id,
-                    state,
-                    alert.rejected,
-                    dry_run
-                ])?;
-            if inserted == 1 {
-                return Ok(Some(Inserted { id: c.last_insert_rowid(), duplicate: false }));
-            }
-            let id = c
-                .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
-                .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
-            Ok(Some(Inserted { id, duplicate: true }))
-        })
-        .await?;
+                let inserted = insert_alert_row(c, &alert, dry_run, now_ms())?;
+                if inserted > 0 {
+                    return Ok(Some(Inserted {
+                        id: inserted,
+                        duplicate: false,
+                    }));
+                }
+                let id = c
+                    .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
+                    .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
+                Ok(Some(Inserted {
+                    id,
+                    duplicate: true,
+                }))
+            })
+            .await?;
         stored.ok_or(StoreError::Full {
             max_bytes: self.capacity.max_bytes.unwrap_or_default(),
         })
@@ -590,6 +572,50 @@ impl Store {
         })
         .await
     }
+}
+
+/// Inserts an alert row; its id, or 0 when the same delivery (`source`, `dedup_id`)
+/// was stored before.
+pub(super) fn insert_alert_row(
+    c: &Connection,
+    alert: &NewAlert,
+    dry_run: bool,
+    now: i64,
+) -> rusqlite::Result<i64> {
+    let rcpt = serde_json::to_string(&alert.envelope.rcpt_to).unwrap_or_else(|_| "[]".into());
+    let direct = alert
+        .direct
+        .as_ref()
+        .and_then(|d| serde_json::to_string(d).ok());
+    let state = if alert.rejected.is_some() {
+        AlertState::Rejected
+    } else {
+        AlertState::Received
+    };
+    let inserted = c
+        .prepare_cached(
+            "INSERT INTO alerts (received_at, source, peer, mail_from, rcpt_to, raw, direct, dedup_id, state, note, dry_run)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+             ON CONFLICT (source, dedup_id) WHERE dedup_id IS NOT NULL DO NOTHING",
+        )?
+        .execute(params![
+            now,
+            alert.source,
+            alert.peer,
+            alert.envelope.mail_from,
+            rcpt,
+            alert.raw,
+            direct,
+            alert.dedup_id,
+            state,
+            alert.rejected,
+            dry_run
+        ])?;
+    Ok(if inserted == 1 {
+        c.last_insert_rowid()
+    } else {
+        0
+    })
 }
 
 /// The device and inode of a file: what "the same file" means to the writer.

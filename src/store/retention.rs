@@ -1,7 +1,8 @@
 //! What the store forgets, so that it stays small for a year on a small VM: closed
-//! incidents (resolved, unanswered, or bridged with no alert for the retention period)
-//! and alerts no incident holds, once older than `[state] retain`, each with everything
-//! that hangs off it (alerts and raw mail, calls, attempts, events, rounds). Deletion
+//! incidents (resolved, unanswered, silenced, or bridged with no alert for the retention
+//! period) and alerts no incident holds, once older than `[state] retain`, each with
+//! everything that hangs off it (alerts and raw mail, calls, attempts, events, rounds,
+//! escalation steps); and silences and overrides that ended longer ago than that. Deletion
 //! goes in small batches, each its own short transaction, so it never holds up ingest.
 //!
 //! Under `[state] max_bytes` the oldest closed data goes first, whatever its age — inside
@@ -30,16 +31,21 @@ fn reserve(max: u64) -> u64 {
 pub struct Pruned {
     pub incidents: usize,
     pub alerts: usize,
+    /// Silences and overrides that ended before the retention period.
+    pub silences: usize,
+    pub overrides: usize,
 }
 
 impl Pruned {
     pub fn any(&self) -> bool {
-        self.incidents + self.alerts > 0
+        self.incidents + self.alerts + self.silences + self.overrides > 0
     }
 
     fn add(&mut self, other: Pruned) {
         self.incidents += other.incidents;
         self.alerts += other.alerts;
+        self.silences += other.silences;
+        self.overrides += other.overrides;
     }
 }
 
@@ -152,9 +158,29 @@ fn prune_closed(
                    AND received_at < ?1 ORDER BY received_at LIMIT ?2)",
         )?
         .execute(params![before, limit])?;
+    // Silences and overrides only grow: those that ended before `before` go too (not
+    // under `pressure`, which is about open data: they are a few bytes each).
+    let (silences, overrides) = if pressure {
+        (0, 0)
+    } else {
+        (
+            c.prepare_cached(
+                "DELETE FROM silences WHERE id IN (
+                     SELECT id FROM silences WHERE ends_at < ?1 ORDER BY ends_at LIMIT ?2)",
+            )?
+            .execute(params![before, limit])?,
+            c.prepare_cached(
+                "DELETE FROM overrides WHERE id IN (
+                     SELECT id FROM overrides WHERE until_at < ?1 ORDER BY until_at LIMIT ?2)",
+            )?
+            .execute(params![before, limit])?,
+        )
+    };
     Ok(Pruned {
         incidents: incidents.len(),
         alerts,
+        silences,
+        overrides,
     })
 }
 
@@ -165,6 +191,7 @@ fn delete_incident(c: &Connection, id: i64) -> rusqlite::Result<()> {
         "DELETE FROM attempts WHERE call_id IN (SELECT id FROM calls WHERE incident_id = ?1)",
         "DELETE FROM calls WHERE incident_id = ?1",
         "DELETE FROM rounds WHERE incident_id = ?1",
+        "DELETE FROM escalations WHERE incident_id = ?1",
         "DELETE FROM alerts WHERE incident_id = ?1",
         "DELETE FROM incidents WHERE id = ?1",
     ] {

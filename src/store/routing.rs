@@ -6,7 +6,7 @@ use rusqlite::{Connection, params};
 
 use super::{
     AlertState, CallState, IncidentKind, IncidentStatus, RoundOutcome, Store, StoreError, ms,
-    now_ms,
+    now_ms, oncall,
 };
 use crate::route::{Action, Decision};
 
@@ -53,6 +53,13 @@ pub enum Routed {
         /// `(id, public id)` of each, newest first.
         incidents: Vec<(i64, String)>,
         canceled: usize,
+    },
+    /// A silence muted it: recorded on a `silenced` incident (a new one, or the one its
+    /// key muted within the cooldown); nobody is called.
+    Silenced {
+        incident_id: i64,
+        silence_id: i64,
+        alert_count: i64,
     },
 }
 
@@ -125,19 +132,24 @@ fn record_routing(
         })?
         .collect()
     };
-    if decision.action == Action::Resolve {
+    // A heartbeat's beat, then like a resolution of its missed-beat incident.
+    if decision.action == Action::Beat {
+        oncall::beat(c, decision.rule.as_deref().unwrap_or_default(), now)?;
+    }
+    if matches!(decision.action, Action::Resolve | Action::Beat) {
+        let action = decision.action.as_str();
         // The recovery is over for every live incident of the problem (a repeat after
         // the cooldown opens a second one).
         let incidents = live(c, i64::MIN)?;
         let Some((newest, _)) = incidents.first() else {
-            mark("resolve", None)?;
+            mark(action, None)?;
             return Ok(Routed::NotCalled);
         };
         let mut canceled = 0;
         for (incident_id, _) in &incidents {
             canceled += resolve(c, *incident_id, now)?;
         }
-        mark("resolve", Some(*newest))?;
+        mark(action, Some(*newest))?;
         return Ok(Routed::Resolved {
             incidents,
             canceled,
@@ -163,11 +175,36 @@ fn record_routing(
             alert_count,
         });
     }
+    // A silence read by the router that is still in force mutes the alert: it joins
+    // the silenced incident of its key, or opens one (closed, ringing nobody).
+    let silence_id = match decision.silenced_by {
+        Some(id) if new.kind == IncidentKind::Alert && oncall::silence_in_force(c, id, now)? => {
+            Some(id)
+        }
+        _ => None,
+    };
+    if let Some(silence_id) = silence_id
+        && let Some((incident_id, alert_count)) = oncall::join_silenced(
+            c,
+            &decision.dedup_key,
+            new.dry_run,
+            now.saturating_sub(ms(decision.cooldown)),
+            now,
+        )?
+    {
+        mark("silenced", Some(incident_id))?;
+        return Ok(Routed::Silenced {
+            incident_id,
+            silence_id,
+            alert_count,
+        });
+    }
     // The canary is one call per number: closed from the start, so it has no rounds,
     // takes no later alert and is no dial-in's bridge.
-    let (status, closed_at, next_round_at) = match new.kind {
-        IncidentKind::Canary => (IncidentStatus::Resolved, Some(now), None),
-        IncidentKind::Alert => (
+    let (status, closed_at, next_round_at) = match (new.kind, silence_id) {
+        (IncidentKind::Canary, _) => (IncidentStatus::Resolved, Some(now), None),
+        (IncidentKind::Alert, Some(_)) => (IncidentStatus::Silenced, Some(now), None),
+        (IncidentKind::Alert, None) => (
             IncidentStatus::Open,
             None,
             Some(now.saturating_add(ms(decision.round_interval))),
@@ -176,8 +213,8 @@ fn record_routing(
     c.prepare_cached(
         "INSERT INTO incidents (public_id, kind, dry_run, status, opened_at, first_received_at, closed_at, rule,
                                 dedup_key, message, language, voice, twiml, subject, sms, last_alert_at,
-                                rounds, round_interval_ms, next_round_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?5, ?16, ?17, ?18)",
+                                rounds, round_interval_ms, next_round_at, silence_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?5, ?16, ?17, ?18, ?19)",
     )?
     .execute(params![
         new.public_id,
@@ -197,10 +234,20 @@ fn record_routing(
         decision.sms && new.kind == IncidentKind::Alert,
         decision.rounds,
         ms(decision.round_interval),
-        next_round_at
+        next_round_at,
+        silence_id
     ])?;
     let incident_id = c.last_insert_rowid();
+    if let Some(silence_id) = silence_id {
+        mark("silenced", Some(incident_id))?;
+        return Ok(Routed::Silenced {
+            incident_id,
+            silence_id,
+            alert_count: 1,
+        });
+    }
     if new.kind == IncidentKind::Alert {
+        oncall::insert_escalations(c, incident_id, now, &decision.escalations)?;
         c.prepare_cached("INSERT INTO rounds (incident_id, round, started_at) VALUES (?1, 1, ?2)")?
             .execute(params![incident_id, now])?;
     }

@@ -285,6 +285,99 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX incidents_closed ON incidents(closed_at) WHERE closed_at IS NOT NULL;
     CREATE INDEX incidents_bridged ON incidents(last_alert_at) WHERE status = 'bridged';
     CREATE INDEX alerts_orphans ON alerts(received_at) WHERE incident_id IS NULL AND state != 'received';",
+    // 9: on-call policy (issue 15): overrides of rotations, silences, heartbeat monitors,
+    // and the escalation steps of each incident. Routing reads the overrides and
+    // silences not yet over, the rounds worker the steps that are due, retention what
+    // ended long ago: each by an index on its end. Ids are AUTOINCREMENT (`override
+    // remove ID`, `silence expire ID`: a pruned id never names another).
+    "CREATE TABLE overrides (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        rotation TEXT NOT NULL,
+        who TEXT NOT NULL,
+        from_at INTEGER NOT NULL,
+        until_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        CHECK (until_at > from_at)
+    );
+    CREATE INDEX overrides_until ON overrides(until_at);
+    CREATE TABLE silences (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        matchers TEXT NOT NULL,
+        starts_at INTEGER NOT NULL,
+        ends_at INTEGER NOT NULL,
+        comment TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        CHECK (ends_at >= starts_at)
+    );
+    CREATE INDEX silences_ends ON silences(ends_at);
+    CREATE TABLE heartbeats (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'ok', 'missed')),
+        since INTEGER NOT NULL,
+        last_beat_at INTEGER,
+        missed_at INTEGER,
+        CHECK ((missed_at IS NOT NULL) = (state = 'missed')),
+        CHECK ((last_beat_at IS NULL) = (state = 'waiting') OR state = 'missed')
+    );
+    CREATE TABLE escalations (
+        incident_id INTEGER NOT NULL REFERENCES incidents(id),
+        step INTEGER NOT NULL,
+        due_at INTEGER NOT NULL,
+        numbers TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'called', 'not needed')),
+        done_at INTEGER,
+        PRIMARY KEY (incident_id, step),
+        CHECK ((done_at IS NULL) = (state = 'pending'))
+    );
+    CREATE INDEX escalations_due ON escalations(due_at) WHERE state = 'pending';",
+    // 10: incidents a silence muted (`silenced`, with the silence's id). SQLite cannot
+    // change a CHECK, so the table is rebuilt as in 7 (ids AUTOINCREMENT), with its
+    // indexes.
+    "CREATE TABLE incidents_new (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        public_id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL DEFAULT 'alert' CHECK (kind IN ('alert', 'canary')),
+        dry_run INTEGER NOT NULL DEFAULT 0 CHECK (dry_run IN (0, 1)),
+        status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'bridged', 'unanswered', 'resolved', 'silenced')),
+        opened_at INTEGER NOT NULL,
+        first_received_at INTEGER,
+        closed_at INTEGER,
+        rule TEXT NOT NULL,
+        dedup_key TEXT NOT NULL,
+        message TEXT NOT NULL,
+        language TEXT NOT NULL,
+        voice TEXT NOT NULL,
+        twiml TEXT NOT NULL,
+        subject TEXT NOT NULL DEFAULT '',
+        sms INTEGER NOT NULL DEFAULT 0,
+        alert_count INTEGER NOT NULL DEFAULT 1,
+        last_alert_at INTEGER NOT NULL,
+        round INTEGER NOT NULL DEFAULT 1,
+        rounds INTEGER NOT NULL DEFAULT 1,
+        round_interval_ms INTEGER NOT NULL DEFAULT 0,
+        next_round_at INTEGER,
+        silence_id INTEGER,
+        CHECK (next_round_at IS NULL OR status = 'open'),
+        CHECK ((closed_at IS NULL) = (status IN ('open', 'bridged'))),
+        CHECK ((silence_id IS NOT NULL) = (status = 'silenced'))
+    );
+    INSERT INTO incidents_new (id, public_id, kind, dry_run, status, opened_at, first_received_at, closed_at, rule,
+                               dedup_key, message, language, voice, twiml, subject, sms, alert_count, last_alert_at,
+                               round, rounds, round_interval_ms, next_round_at)
+        SELECT id, public_id, kind, dry_run, status, opened_at, first_received_at, closed_at, rule,
+               dedup_key, message, language, voice, twiml, subject, sms, alert_count, last_alert_at,
+               round, rounds, round_interval_ms, next_round_at
+        FROM incidents;
+    DROP TABLE incidents;
+    ALTER TABLE incidents_new RENAME TO incidents;
+    CREATE INDEX incidents_key ON incidents(dedup_key, opened_at) WHERE status IN ('open', 'bridged');
+    CREATE INDEX incidents_live ON incidents(opened_at) WHERE status IN ('open', 'bridged');
+    CREATE INDEX incidents_next_round ON incidents(next_round_at) WHERE next_round_at IS NOT NULL;
+    CREATE INDEX incidents_closed ON incidents(closed_at) WHERE closed_at IS NOT NULL;
+    CREATE INDEX incidents_bridged ON incidents(last_alert_at) WHERE status = 'bridged';
+    CREATE INDEX incidents_silenced ON incidents(dedup_key, opened_at) WHERE status = 'silenced';",
 ];
 
 pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {

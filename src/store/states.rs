@@ -103,12 +103,15 @@ state_enum! {
 state_enum! {
     /// An incident's lifecycle: `open` while rounds of calls go on, then `bridged` (a
     /// person is in the conference), `unanswered` (every round rang out) or `resolved`
-    /// (a resolve rule closed it). Dedup joins `open` and `bridged` incidents only.
+    /// (a resolve rule closed it). Dedup joins `open` and `bridged` incidents only. A
+    /// `silenced` incident holds alerts a silence muted: closed from the start, it
+    /// never rings, and later muted alerts with its key join it.
     pub enum IncidentStatus {
         Open = "open",
         Bridged = "bridged",
         Unanswered = "unanswered",
         Resolved = "resolved",
+        Silenced = "silenced",
     }
 }
 
@@ -208,6 +211,28 @@ impl TwilioStatus {
     }
 }
 
+state_enum! {
+    /// A heartbeat monitor: `waiting` for its first beat (the deadline counts from when
+    /// the daemon first saw it), `ok` (beats come), `missed` (an incident was opened;
+    /// the next beat resolves it).
+    pub enum HeartbeatState {
+        Waiting = "waiting",
+        Ok = "ok",
+        Missed = "missed",
+    }
+}
+
+state_enum! {
+    /// One `escalate` step of an incident: `pending` until its time, then `called`
+    /// (its numbers joined the incident's rounds) or `not needed` (the incident was
+    /// bridged or closed by then).
+    pub enum EscalationState {
+        Pending = "pending",
+        Called = "called",
+        NotNeeded = "not needed",
+    }
+}
+
 /// Every state enum as `(table, column, states)`, for the `CHECK` tests.
 #[cfg(test)]
 pub(crate) fn checked_columns() -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
@@ -245,6 +270,16 @@ pub(crate) fn checked_columns() -> Vec<(&'static str, &'static str, Vec<&'static
             "attempts",
             "state",
             names(AttemptState::ALL, AttemptState::as_str),
+        ),
+        (
+            "heartbeats",
+            "state",
+            names(HeartbeatState::ALL, HeartbeatState::as_str),
+        ),
+        (
+            "escalations",
+            "state",
+            names(EscalationState::ALL, EscalationState::as_str),
         ),
     ]
 }

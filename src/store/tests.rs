@@ -24,6 +24,9 @@ fn decision(key: &str, numbers: &[&str], cooldown: Duration) -> Decision {
         subject: "s".into(),
         rounds: 3,
         round_interval: Duration::from_secs(60),
+        silenced_by: None,
+        escalations: Vec::new(),
+        trace: crate::route::Trace::default(),
     }
 }
 
@@ -612,6 +615,17 @@ async fn hot_lookups_use_indexes() {
                 "SELECT 1 FROM rounds WHERE incident_id = 1",
                 "SELECT id FROM call_events WHERE call_id = 1",
                 "SELECT id FROM incidents WHERE public_id = 'x'",
+                // On-call policy: routing's overrides and silences, the rounds worker's
+                // due escalations, the heartbeats, retention of what ended.
+                "SELECT id FROM overrides WHERE until_at > 1",
+                "SELECT id FROM silences WHERE ends_at > 1",
+                "SELECT 1 FROM silences WHERE id = 1 AND starts_at <= 1 AND ends_at > 1",
+                "SELECT id FROM silences WHERE ends_at < 1 ORDER BY ends_at LIMIT 5",
+                "SELECT id FROM overrides WHERE until_at < 1 ORDER BY until_at LIMIT 5",
+                "SELECT incident_id, step FROM escalations WHERE state = 'pending' AND due_at <= 1 ORDER BY due_at LIMIT 5",
+                "SELECT numbers FROM escalations WHERE incident_id = 1 AND step = 1 AND state = 'pending'",
+                "SELECT state FROM heartbeats WHERE name = 'x'",
+                "SELECT id FROM incidents WHERE dedup_key = 'k' AND status = 'silenced' AND dry_run = 0 AND opened_at > 1 ORDER BY opened_at DESC LIMIT 1",
             ];
             let mut plans = Vec::new();
             for q in queries {
@@ -745,7 +759,8 @@ async fn retention_deletes_closed_incidents_with_everything_of_them_and_keeps_li
         pruned,
         Pruned {
             incidents: 2,
-            alerts: 1
+            alerts: 1,
+            ..Pruned::default()
         },
         "the closed one and the bridged one silent since the cutoff"
     );
@@ -836,4 +851,97 @@ async fn pending_alerts_are_read_under_a_byte_budget() {
         "a mail bigger than the budget is still read, alone"
     );
     assert_eq!(store.pending_alerts(3, usize::MAX).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_silenced_alert_is_recorded_on_a_silenced_incident_and_rings_nobody() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let now = now_ms();
+    let silence = store
+        .add_silence(
+            vec!["rule=r".into()],
+            now - 1000,
+            now + 60_000,
+            "c".into(),
+            "t".into(),
+        )
+        .await
+        .unwrap();
+    let mut d = decision("k", &["+1555"], Duration::from_secs(60));
+    d.silenced_by = Some(silence);
+    for count in [1, 2] {
+        match route(&store, d.clone(), &format!("s{count}")).await {
+            Routed::Silenced {
+                silence_id,
+                alert_count,
+                ..
+            } => assert_eq!((silence_id, alert_count), (silence, count)),
+            other => panic!("not silenced: {other:?}"),
+        }
+    }
+    assert_eq!(scalar(&store, "SELECT COUNT(*) FROM calls").await, 0);
+    assert_eq!(
+        scalar(
+            &store,
+            "SELECT COUNT(*) FROM incidents WHERE status = 'silenced'"
+        )
+        .await,
+        1
+    );
+    // Expired after the router read it: the transaction sees that, and it rings.
+    assert!(store.expire_silence(silence, now_ms()).await.unwrap());
+    let (_, calls) = opened(&route(&store, d, "c").await);
+    assert_eq!(calls, [CallState::Queued]);
+}
+
+#[tokio::test]
+async fn escalation_steps_join_the_open_round_and_are_not_needed_once_bridged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut d = decision("k", &["+1555"], Duration::ZERO);
+    d.escalations = vec![
+        crate::route::EscalationStep {
+            after: Duration::ZERO,
+            numbers: vec!["+1555".into(), "+1666".into()],
+        },
+        crate::route::EscalationStep {
+            after: Duration::from_secs(3600),
+            numbers: vec!["+1777".into()],
+        },
+    ];
+    let (id, _) = opened(&route(&store, d, "a").await);
+    let due = store.due_escalations(now_ms() + 1, true).await.unwrap();
+    assert_eq!(
+        due,
+        [DueEscalation {
+            incident_id: id,
+            step: 1
+        }]
+    );
+    match store.escalate(due[0], 1000).await.unwrap() {
+        // +1555 was rung in this round already.
+        Escalated::Called { round, calls } => {
+            assert_eq!(round, 1);
+            let numbers: Vec<&str> = calls.iter().map(|c| c.number.as_str()).collect();
+            assert_eq!(numbers, ["+1666"]);
+        }
+        other => panic!("not called: {other:?}"),
+    }
+    assert_eq!(
+        store.escalate(due[0], 1000).await.unwrap(),
+        Escalated::Stale
+    );
+    assert!(store.mark_bridged(id).await.unwrap());
+    let later = store
+        .due_escalations(now_ms() + 3_600_001, true)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.escalate(later[0], 1000).await.unwrap(),
+        Escalated::NotNeeded {
+            status: IncidentStatus::Bridged
+        }
+    ));
+    assert_eq!(scalar(&store, "SELECT COUNT(*) FROM calls").await, 2);
 }

@@ -261,3 +261,38 @@ fn route_reads_stdin_when_no_file_is_given() {
     assert!(stdout.starts_with("-: rule \"nagios\" → call"), "{stdout}");
     assert!(stdout.contains("+15005550001, +15005550002"), "{stdout}");
 }
+
+#[test]
+fn check_reports_every_on_call_problem_as_path_line_column() {
+    let dir = crate::harness::workdir();
+    let path = dir.path().join("oncall.toml");
+    std::fs::write(
+        &path,
+        "[twilio]\nfrom = \"+15005550006\"\n[contacts]\nalice = \"+15005550001\"\n\
+         [[rotation]]\nname = \"primary\"\nmembers = [\"alice\", \"bobb\"]\nshift = \"1w\"\nstart = \"2026-01-05T10:00:00+09:00\"\n\
+         [[rotation]]\nname = \"primary\"\nmembers = []\nshift = \"1w\"\nstart = \"2026-01-05T10:00:00+09:00\"\ntimezone = \"Asia/Tokio\"\n\
+         [[rule]]\nname = \"a\"\ncall = [\"primary\"]\nwhen = { days = [\"mon\"], hours = \"9-18\", timezone = \"Mars/Olympus\" }\n\
+         [[heartbeat]]\nname = \"backup\"\nevery = \"1d\"\ncall = [\"nobody\"]\nmessage = \"since {last_sen}\"\n",
+    )
+    .unwrap();
+    let out = mailcall(&["--config", path.to_str().unwrap(), "check"]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let p = path.display();
+    for expected in [
+        format!("{p}:7:21: rotation `primary` lists `bobb`, which is not a contact"),
+        format!("{p}:11:8: duplicate rotation `primary`"),
+        format!("{p}:12:11: rotation `primary` has no members"),
+        format!("{p}:15:12: unknown time zone `Asia/Tokio`"),
+        format!("{p}:19:34: invalid `hours` `9-18`"),
+        format!("{p}:19:53: unknown time zone `Mars/Olympus`"),
+        format!("{p}:23:9: `nobody` in heartbeat `backup` is neither a contact"),
+        format!("{p}:24:11: placeholder `{{last_sen}}` in `message` names nothing"),
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&expected)),
+            "missing {expected:?} in:\n{stdout}"
+        );
+    }
+    assert_eq!(stdout.lines().count(), 8, "{stdout}");
+}

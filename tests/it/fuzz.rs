@@ -81,7 +81,7 @@ fn check_twiml(twiml: &str) -> Result<(), TestCaseError> {
 
 fn pipeline(raw: &[u8], envelope: &Envelope) -> Result<(), TestCaseError> {
     let alert = Alert::from_mime(raw, envelope);
-    let decision = route::route(&CONFIG, &alert);
+    let decision = route::route(&CONFIG, &alert, &mailcall::oncall::Policy::now());
     prop_assert!(decision.message.len() <= twiml::MAX_SAY_BYTES);
     if decision.action == Action::Call {
         check_twiml(&twiml::call(
@@ -134,8 +134,8 @@ proptest! {
         language in hostile_text(),
         voice in hostile_text(),
     ) {
-        let alert = DirectAlert { numbers: vec!["+15005550001".into()], message, language: Some(language), voice: Some(voice), dedup_key: None };
-        let d = route::direct(&CONFIG, "webhook", &alert);
+        let alert = DirectAlert { numbers: vec!["+15005550001".into()], message, language: Some(language), voice: Some(voice), dedup_key: None, ..DirectAlert::default() };
+        let d = route::direct(&CONFIG, "webhook", &alert, &mailcall::oncall::Policy::now());
         check_twiml(&twiml::call(&d.message, &d.language, &d.voice, &twiml::room_name("0123456789abcdef")))?;
     }
 }
@@ -160,8 +160,9 @@ fn regression_hostile_language_and_voice_fall_back_to_the_defaults() {
             language: Some(language.to_string()),
             voice: Some(voice.to_string()),
             dedup_key: None,
+            ..DirectAlert::default()
         };
-        let d = route::direct(&CONFIG, "webhook", &alert);
+        let d = route::direct(&CONFIG, "webhook", &alert, &mailcall::oncall::Policy::now());
         assert_eq!(d.language, "en-US");
         check_twiml(&twiml::call(
             &d.message,

@@ -13,6 +13,7 @@ mod fake_twilio;
 mod fuzz;
 mod harness;
 mod http;
+mod oncall;
 mod ops;
 mod retention;
 mod review;

@@ -1,0 +1,189 @@
+//! The heartbeat worker: watches `[[heartbeat]]` monitors (dead man's switches). A beat
+//! is a mail matching a heartbeat's fields or a `POST /heartbeat/<name>`; both are
+//! stored alerts that the router records as beats (resolving a missed-beat incident in
+//! the same transaction). When no beat came within `every + grace` — counted from the
+//! last beat, or from when the daemon first watched the heartbeat — this worker marks
+//! the heartbeat missed and stores an alert in one transaction; the router opens the
+//! incident and its calls through the same path as any alert, rounds follow
+//! `[defaults]`. Only the next beat clears it, so a missed beat rings once.
+//!
+//! All state is in the store (`heartbeats` table), so a restart neither forgets a
+//! deadline nor rings twice for one miss. It has its own heartbeat in `/healthz`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::tz::TimeZone;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+use crate::alert::DirectAlert;
+use crate::config::Heartbeat;
+use crate::health::{Health, Worker};
+use crate::metrics::{Metrics, WorkerLabel};
+use crate::oncall::from_ms;
+use crate::settings::Live;
+use crate::store::{HeartbeatRow, HeartbeatState, NewAlert, Store, ms, now_ms};
+
+/// How often the worker looks: a deadline is noticed within this (tests use seconds).
+const EVERY: Duration = Duration::from_millis(500);
+
+/// A heartbeat whose deadline passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missed {
+    pub name: String,
+    /// What the deadline counted from (the last beat, or when watching began).
+    pub base: i64,
+    /// The rendered message.
+    pub message: String,
+}
+
+/// Which heartbeats are past their deadline at `now` and not yet missed (pure).
+pub fn due(
+    heartbeats: &[Heartbeat],
+    rows: &[HeartbeatRow],
+    now: i64,
+    tz: &TimeZone,
+) -> Vec<Missed> {
+    heartbeats
+        .iter()
+        .zip(rows)
+        .filter(|(hb, row)| {
+            row.state != HeartbeatState::Missed
+                && now >= row.base().saturating_add(ms(hb.every + hb.grace))
+        })
+        .map(|(hb, row)| {
+            let last_seen = from_ms(row.base())
+                .to_zoned_datetime(tz.clone())
+                .strftime("%Y-%m-%d %H:%M %Z")
+                .to_string();
+            let message = hb.message.render(|name| match name {
+                "name" => Some(hb.name.as_str()),
+                "last_seen" => Some(last_seen.as_str()),
+                _ => None,
+            });
+            Missed {
+                name: hb.name.clone(),
+                base: row.base(),
+                message,
+            }
+        })
+        .collect()
+}
+
+/// Runs until `shutdown`; `wake` is the router's bell.
+pub async fn run(
+    store: Store,
+    live: Live,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let tz = TimeZone::try_system().unwrap_or(TimeZone::UTC);
+    loop {
+        health.beat(Worker::Heartbeat);
+        metrics
+            .worker_heartbeat
+            .get_or_create(&WorkerLabel {
+                worker: Worker::Heartbeat.as_str(),
+            })
+            .set(now_ms() / 1000);
+        let heartbeats = live.load().config.heartbeats.clone();
+        if !heartbeats.is_empty() {
+            check(&store, &heartbeats, &wake, &tz).await;
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
+/// One pass: opens an incident (through a stored alert) for each missed deadline.
+async fn check(store: &Store, heartbeats: &[Heartbeat], wake: &Notify, tz: &TimeZone) {
+    let names = heartbeats.iter().map(|h| h.name.clone()).collect();
+    let now = now_ms();
+    let rows = match store.heartbeats(names, now).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            error!(error = %e, "cannot read the heartbeats' state; will try again");
+            return;
+        }
+    };
+    for missed in due(heartbeats, &rows, now, tz) {
+        let alert = NewAlert {
+            source: "heartbeat",
+            direct: Some(DirectAlert {
+                message: missed.message.clone(),
+                heartbeat: Some(missed.name.clone()),
+                ..DirectAlert::default()
+            }),
+            ..NewAlert::default()
+        };
+        match store
+            .heartbeat_missed(missed.name.clone(), missed.base, alert)
+            .await
+        {
+            Ok(Some(alert)) => {
+                error!(heartbeat = %missed.name, alert, "HEARTBEAT MISSED: no beat in time; opening an incident");
+                wake.notify_one();
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(heartbeat = %missed.name, error = %e, "cannot record a missed heartbeat; will try again")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn a_deadline_is_every_plus_grace_from_the_last_beat_or_the_start() {
+        let config = crate::config::Config::parse(
+            Path::new("r.toml"),
+            "[twilio]\nfrom = \"+15005550006\"\n[contacts]\nalice = \"+15005550001\"\n\
+             [[heartbeat]]\nname = \"backup\"\nsubject = 'backup ok'\nevery = \"10s\"\ngrace = \"5s\"\n\
+             call = [\"alice\"]\nmessage = \"No backup since {last_seen}.\"\n",
+        )
+        .unwrap();
+        let row = |state, last: Option<i64>| HeartbeatRow {
+            name: "backup".into(),
+            state,
+            since: 1_000_000,
+            last_beat_at: last,
+        };
+        let hb = &config.heartbeats;
+        let utc = TimeZone::UTC;
+        assert!(due(hb, &[row(HeartbeatState::Waiting, None)], 1_014_999, &utc).is_empty());
+        let missed = due(hb, &[row(HeartbeatState::Waiting, None)], 1_015_000, &utc);
+        assert_eq!(missed.len(), 1);
+        assert_eq!(missed[0].message, "No backup since 1970-01-01 00:16 UTC.");
+        assert!(
+            due(
+                hb,
+                &[row(HeartbeatState::Ok, Some(1_010_000))],
+                1_020_000,
+                &utc
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            due(
+                hb,
+                &[row(HeartbeatState::Ok, Some(1_010_000))],
+                1_025_000,
+                &utc
+            )[0]
+            .base,
+            1_010_000
+        );
+        // Missed once is missed until the next beat: no second incident.
+        assert!(due(hb, &[row(HeartbeatState::Missed, None)], 9_999_999, &utc).is_empty());
+    }
+}
