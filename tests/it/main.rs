@@ -16,5 +16,6 @@ mod http;
 mod ops;
 mod retention;
 mod review;
+mod review2;
 mod smtp;
 mod source_files;

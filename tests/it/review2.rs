@@ -1,0 +1,451 @@
+//! Review of issues 13 ("bounded under any input") and 14 ("speak real alerts well"):
+//! each test here shows one defect found by attacking the change over real sockets, with
+//! the real binary and the fake Twilio, and fails until it is fixed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use p256::pkcs8::EncodePublicKey;
+
+use crate::fake_twilio::FakeTwilio;
+use crate::harness::{BIN, Daemon, TEST_SENDGRID_PASSWORD, config, mail, workdir};
+
+const SENDER: &str = "monitor@monitoring.example.com";
+const RCPT: &str = "alerts@example.com";
+const BOUNDARY: &str = "xYzZY";
+
+/// Polls `done` every 50 ms until it holds or `timeout` passes; whether it held.
+fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTML-only mail, as Alertmanager and most SaaS monitors send.
+fn html_mail(subject: &str, html: &str) -> Vec<u8> {
+    format!(
+        "From: Monitor <{SENDER}>\r\nTo: {RCPT}\r\nSubject: {subject}\r\nMIME-Version: 1.0\r\n\
+         Content-Type: text/html; charset=utf-8\r\n\r\n{html}\r\n"
+    )
+    .into_bytes()
+}
+
+/// A TCP connection to `to` from `from` (any address of 127.0.0.0/8), so that a test can
+/// play several clients.
+fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), socket.connect(to))
+            .await
+            .expect("connect timed out")
+            .unwrap()
+    });
+    let stream = stream.into_std().unwrap();
+    stream.set_nonblocking(false).unwrap();
+    stream
+}
+
+/// Reads an HTTP answer's status line and headers, waiting at most `timeout`; `None` if
+/// none came in time.
+fn read_head(stream: &mut TcpStream, timeout: Duration) -> Option<(u16, String)> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&got).to_string();
+    let status = text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, text))
+}
+
+/// `GET /healthz` over a fresh connection; the status, if one came within `timeout`.
+fn healthz(addr: SocketAddr, timeout: Duration) -> Option<u16> {
+    let mut s = connect_from(Ipv4Addr::LOCALHOST, addr);
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    read_head(&mut s, timeout).map(|(status, _)| status)
+}
+
+/// A multipart/form-data body the way SendGrid Inbound Parse builds it.
+fn sendgrid_body(fields: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n")
+                .as_bytes(),
+        );
+        body.extend_from_slice(value);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+/// A raw-mode SendGrid post of `mail` to `alerts@example.com`.
+fn sendgrid_raw(mail: &[u8]) -> Vec<u8> {
+    sendgrid_body(&[
+        ("email", mail),
+        (
+            "envelope",
+            br#"{"to":["alerts@example.com"],"from":"monitor@monitoring.example.com"}"#,
+        ),
+    ])
+}
+
+/// The head of a SendGrid post to `/sendgrid/inbound` announcing `length` bytes.
+fn sendgrid_head(length: usize, extra_headers: &str) -> String {
+    format!(
+        "POST /sendgrid/inbound HTTP/1.1\r\nHost: t\r\n\
+         Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {length}\r\n\
+         {extra_headers}\r\n"
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// SendGrid's signature headers for `body` signed by `key` at `ts`.
+fn signature_headers(key: &SigningKey, ts: u64, body: &[u8]) -> String {
+    let mut signed = ts.to_string().into_bytes();
+    signed.extend_from_slice(body);
+    let sig: Signature = key.sign(&signed);
+    format!(
+        "X-Twilio-Email-Event-Webhook-Signature: {}\r\nX-Twilio-Email-Event-Webhook-Timestamp: {ts}\r\n",
+        base64::engine::general_purpose::STANDARD.encode(sig.to_der().as_bytes())
+    )
+}
+
+/// The peak resident set of a process, in KiB (`VmHWM` in `/proc/<pid>/status`).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("no VmHWM in /proc/<pid>/status")
+}
+
+/// `mailcall route --json` of one mail on stdin with the shipped `rules.toml`.
+fn route_with_shipped_rules(raw: &[u8]) -> serde_json::Value {
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules.toml");
+    let mut child = std::process::Command::new(BIN)
+        .args(["--config", rules, "route", "--json"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(raw).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "route failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+// ---- Bounded under any input ---------------------------------------------------------
+
+/// html5ever's tree builder looks through the whole stack of open elements for each tag,
+/// so nested `<ul><li>` cost time quadratic in their depth, and `html_to_text` takes up
+/// to 1 MiB of HTML. A 160 KB mail (a sixty-fourth of `max_message_bytes`) keeps the
+/// router ~50 s (debug build; release: 5.5 s, and 33 s for 320 KB, ~6 min for 1 MiB),
+/// and every alert stored after it waits: the next real outage rings minutes late.
+#[test]
+fn a_deeply_nested_html_mail_holds_up_every_alert_after_it() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let rules = "[[rule]]\nname = \"all\"\ncall = [\"alice\"]\ncooldown = \"0s\"\n";
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
+    let mut smtp = daemon.smtp();
+    let hostile = html_mail("weekly report", &"<ul><li>".repeat(20_000));
+    let (code, text) = smtp.send(SENDER, &[RCPT], &hostile);
+    assert_eq!(code, 250, "{text}");
+    smtp.alert("db1.example.com is DOWN");
+    let rang = wait_for(Duration::from_secs(10), || {
+        twilio
+            .calls()
+            .iter()
+            .any(|c| c.twiml.contains("db1 dot example dot com is DOWN"))
+    });
+    assert!(
+        rang,
+        "the outage stored right after a 160 KB HTML mail was not called within 10 s: the router is still parsing the HTML"
+    );
+}
+
+/// The SendGrid handler parses the mail (`sendgrid::from_fields` → `Alert::from_mime`,
+/// HTML conversion included) on the async worker that serves the request, against the
+/// invariant that parsing mail runs on `spawn_blocking`. Anyone can mail the domain whose
+/// MX is SendGrid, and SendGrid posts it with valid credentials: a few HTML mails then
+/// hold every runtime worker, and nothing else is served — not `/healthz`, not SMTP.
+#[test]
+fn sendgrid_mail_is_parsed_on_the_async_workers_and_stalls_the_daemon() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let extra = "[http]\nlisten = \"127.0.0.1:0\"\n\
+                 [sendgrid]\nusername = \"sendgrid\"\npassword_env = \"MAILCALL_TEST_SENDGRID_PASSWORD\"\n\
+                 [[rule]]\nname = \"all\"\ncall = [\"alice\"]\n";
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), extra), false);
+    let addr = daemon.http.unwrap();
+    assert_eq!(healthz(addr, Duration::from_secs(5)), Some(200));
+    let auth = format!(
+        "Authorization: Basic {}\r\n",
+        base64::engine::general_purpose::STANDARD
+            .encode(format!("sendgrid:{TEST_SENDGRID_PASSWORD}"))
+    );
+    let body = sendgrid_raw(&html_mail("newsletter", &"<ul><li>".repeat(12_000)));
+    // More posts than the runtime has workers (one per CPU).
+    let posts = std::thread::available_parallelism().map_or(2, usize::from) * 2 + 2;
+    let mut held = Vec::new();
+    for _ in 0..posts {
+        let mut s = connect_from(Ipv4Addr::LOCALHOST, addr);
+        s.write_all(sendgrid_head(body.len(), &auth).as_bytes())
+            .unwrap();
+        s.write_all(&body).unwrap();
+        held.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let status = healthz(addr, Duration::from_secs(5));
+    assert_eq!(
+        status,
+        Some(200),
+        "/healthz did not answer within 5 s while {posts} SendGrid posts were being parsed"
+    );
+}
+
+/// SendGrid's byte budget (64 MiB for all posts) is reserved from the *announced*
+/// `Content-Length` before the body is read, and only the signature headers' form and
+/// age are checked first (the signature itself needs the body). So a client with any
+/// well-formed signature — made with any key — and a fresh timestamp reserves 40 MiB
+/// and a second 24 MiB, sends a few bytes and stalls until `request_timeout`: every
+/// real post (10 KiB, properly signed) waits 10 s and gets `503`. Two connections,
+/// renewed every 30 s, keep SendGrid out for good.
+#[test]
+fn two_slow_posts_with_forged_signatures_starve_every_sendgrid_delivery() {
+    let twilio = FakeTwilio::start();
+    let signing = SigningKey::from_bytes(&[42u8; 32].into()).unwrap();
+    let der = signing.verifying_key().to_public_key_der().unwrap();
+    let public_key = base64::engine::general_purpose::STANDARD.encode(der.as_bytes());
+    let dir = workdir();
+    let extra = format!(
+        "[http]\nlisten = \"127.0.0.1:0\"\n[sendgrid]\npublic_key = \"{public_key}\"\n\
+         [[rule]]\nname = \"all\"\ncall = [\"alice\"]\n"
+    );
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), &extra), false);
+    let addr = daemon.http.unwrap();
+    let forger = SigningKey::from_bytes(&[7u8; 32].into()).unwrap();
+    let mut attackers = Vec::new();
+    for (from, length) in [
+        (Ipv4Addr::new(127, 0, 0, 2), 40 << 20),
+        (Ipv4Addr::new(127, 0, 0, 3), 24 << 20),
+    ] {
+        let mut s = connect_from(from, addr);
+        let forged = signature_headers(&forger, unix_now(), b"anything");
+        s.write_all(sendgrid_head(length, &forged).as_bytes())
+            .unwrap();
+        s.write_all(&[b'a'; 1024]).unwrap();
+        attackers.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let body = sendgrid_raw(&mail("db1.example.com is DOWN", &"x".repeat(10_000)));
+    let mut s = connect_from(Ipv4Addr::LOCALHOST, addr);
+    let signed = signature_headers(&signing, unix_now(), &body);
+    s.write_all(sendgrid_head(body.len(), &signed).as_bytes())
+        .unwrap();
+    s.write_all(&body).unwrap();
+    let answer = read_head(&mut s, Duration::from_secs(20));
+    assert_eq!(
+        answer.as_ref().map(|a| a.0),
+        Some(200),
+        "a signed 10 KiB SendGrid post was refused while two unsigned posts sat on the byte budget: {answer:?}"
+    );
+}
+
+/// With the defaults (`max_connections = 200`, `max_connections_per_ip = 100`), one
+/// address may hold twice its per-address cap — 200 greeted sessions — which is every
+/// place there is: every other sender, the real monitoring included, gets `421` (and a
+/// Postfix relay then holds back all its mail for 5 minutes). Before issue 13 one address
+/// could take only 20 of the 200.
+#[test]
+fn one_address_takes_every_smtp_place_with_the_default_limits() {
+    let dir = workdir();
+    let rules = "[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n";
+    let daemon = Daemon::start(dir.path(), &config(None, rules), true);
+    let greeting = |s: &mut TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(s).read_line(&mut line);
+        line
+    };
+    let mut held = Vec::new();
+    for i in 0..200 {
+        let mut s = connect_from(Ipv4Addr::LOCALHOST, daemon.smtp);
+        let line = greeting(&mut s);
+        assert!(line.starts_with("220"), "session {i}: {line:?}");
+        held.push(s);
+    }
+    let mut other = connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.smtp);
+    let line = greeting(&mut other);
+    assert!(
+        line.starts_with("220"),
+        "another address, with no session open, was turned away: {line:?}"
+    );
+}
+
+/// `Report::healthy` counts a full store as unhealthy, and the systemd watchdog is pinged
+/// only while the report is healthy. But a full store (open incidents fill `max_bytes`)
+/// is a state the daemon is designed to work through — mail is deferred with `452`,
+/// accepted alerts are still called — and a restart frees nothing: systemd kills
+/// mailcall (SIGABRT, `WatchdogSec=30s`) in the middle of its calls, again and again
+/// while the store stays full. README promises the watchdog only for stuck workers, a
+/// dead SMTP listener and a store that cannot commit.
+#[test]
+fn a_full_store_stops_the_watchdog_and_systemd_kills_the_daemon() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    let rules = "[http]\nlisten = \"127.0.0.1:0\"\n[state]\nmax_bytes = 1048576\n\
+                 [limits]\nmax_calls_per_hour = 1000\n[defaults]\nround_interval = \"1h\"\nrounds = 1\n\
+                 [[rule]]\nname = \"down\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\"]\ndedup_key = \"{host}\"\n";
+    std::fs::write(dir.path().join("rules.toml"), config(Some(&twilio), rules)).unwrap();
+    let daemon = Daemon::launch_with_env(
+        dir.path(),
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "300000"),
+        ],
+    );
+    let pings = |within: Duration| {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 512];
+        let mut n = 0;
+        while Instant::now() < deadline {
+            if let Ok(len) = socket.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..len]).contains("WATCHDOG=1")
+            {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert!(
+        pings(Duration::from_secs(2)) >= 2,
+        "no watchdog pings at start"
+    );
+    // Open problems fill the store until a mail is deferred.
+    let mut smtp = daemon.smtp();
+    let body = "y".repeat(150_000);
+    let mut deferred = None;
+    for i in 0..20 {
+        let (code, text) = smtp.send(SENDER, &[RCPT], &mail(&format!("web{i} is DOWN"), &body));
+        if code != 250 {
+            deferred = Some((code, text));
+            break;
+        }
+    }
+    let (code, text) = deferred.expect("open incidents must fill the store");
+    assert_eq!(code, 452, "{text}");
+    // Every accepted alert is still being called; the daemon is doing its job.
+    pings(Duration::from_millis(500));
+    let n = pings(Duration::from_secs(2));
+    assert!(
+        n >= 3,
+        "{n} watchdog pings in 2 s (every 150 ms expected) while the store is full: systemd would kill the daemon; log:\n{}",
+        daemon
+            .logs()
+            .lines()
+            .filter(|l| l.contains("watchdog"))
+            .take(3)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// mail-parser keeps a structure per MIME part, ~20 times the part's size for tiny
+/// parts, and the router parses the whole stored mail although routing needs only the
+/// headers and the first text part. One 10 MB mail (under `max_message_bytes`) of a
+/// million empty parts takes the daemon to ~220 MB (a plain 10 MB mail: ~58 MB); the
+/// issue's own bound is 128 MiB. Through SendGrid (40 MiB bodies, parsed in the request
+/// handler) the same shape costs ~730 MB per post.
+#[test]
+fn a_mail_of_a_million_tiny_mime_parts_takes_the_daemon_past_128_mib() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let rules = "[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n";
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
+    let mut raw = format!(
+        "From: Monitor <{SENDER}>\r\nTo: {RCPT}\r\nSubject: db1 report\r\nMIME-Version: 1.0\r\n\
+         Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..1_000_000 {
+        raw.extend_from_slice(b"--b\r\n\r\nx\r\n");
+    }
+    raw.extend_from_slice(b"--b--\r\n");
+    let mut smtp = daemon.smtp();
+    let (code, text) = smtp.send(SENDER, &[RCPT], &raw);
+    assert_eq!(code, 250, "{text}");
+    drop(raw);
+    twilio.wait_until(Duration::from_secs(20), |c| c.len() == 1);
+    let peak = peak_rss_kib(daemon.pid());
+    assert!(
+        peak < 128 * 1024,
+        "routing one 10 MB mail took the daemon's resident memory to {} MiB",
+        peak / 1024
+    );
+}
+
+// ---- Speak real alerts well ------------------------------------------------------------
+
+/// A port is spoken as a port (a colon, digit by digit) only after a host name with a
+/// dot or `localhost`: `db1:9100` — the shape of the shipped rules.toml's own
+/// Alertmanager example, `[FIRING:2] HostDown (db1:9100 node critical)`, and of most
+/// Prometheus `instance` labels (`node-exporter:9100`, `redis-0:6379`) — becomes
+/// "db1 9100", which the voice reads as "nine thousand one hundred", with no colon.
+#[test]
+fn a_port_after_a_short_host_name_is_read_as_a_number() {
+    let raw = b"From: alertmanager@monitoring.example.com\r\nTo: alerts@example.com\r\n\
+                Subject: [FIRING:1] HostDown (db1:9100 node critical)\r\n\r\nInstance db1:9100 down\r\n";
+    let decision = route_with_shipped_rules(raw);
+    assert_eq!(decision["rule"], "alertmanager", "{decision}");
+    let message = decision["message"].as_str().unwrap();
+    assert!(
+        message.contains("db1 colon 9 1 0 0"),
+        "the port is not spoken as one: {message:?}"
+    );
+}
