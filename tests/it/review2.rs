@@ -541,3 +541,31 @@ fn a_store_full_of_closed_data_refuses_a_big_alert() {
         "a 600 KB alert refused while the store held only {sent} dropped mails and no open incident: {text}"
     );
 }
+
+/// The shipped `mackerel` rule and the `[Mackerel] [OK]` branch of `recoveries` both take
+/// the whole rest of the subject as the dedup key, and Mackerel's subject (as the corpus
+/// reconstructs it) ends with the metric's value and threshold: `cpu% 97.20 > 90.00` when
+/// it fires, the recovered value (`cpu% 12.40 < 90.00`) when it is OK. The keys never
+/// match, so a Mackerel recovery closes nothing and the rounds go on calling everyone for
+/// a problem that is gone. (And `recoveries` is `en-US`: were it matched, the Japanese
+/// bridge would hear "Resolved." and "dot" in English words.)
+#[test]
+fn a_mackerel_recovery_never_closes_its_incident() {
+    let problem = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/corpus/mackerel-ja.eml"
+    ))
+    .unwrap();
+    let opened = route_with_shipped_rules(&problem);
+    assert_eq!(opened["rule"], "mackerel", "{opened}");
+    let recovery = "From: Mackerel <noreply@mackerel.io>\r\nTo: alerts@example.com\r\n\
+                    Subject: [Mackerel] [OK] app01.example.jp - CPU使用率 cpu% 12.40 < 90.00\r\n\
+                    MIME-Version: 1.0\r\nContent-Type: text/plain; charset=UTF-8\r\n\r\n\
+                    アラートが解決しました。\r\n";
+    let resolved = route_with_shipped_rules(recovery.as_bytes());
+    assert_eq!(resolved["action"], "resolve", "{resolved}");
+    assert_eq!(
+        resolved["dedup_key"], opened["dedup_key"],
+        "the recovery computes another dedup key than the problem it recovers from"
+    );
+}
