@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -567,5 +568,119 @@ fn a_mackerel_recovery_never_closes_its_incident() {
     assert_eq!(
         resolved["dedup_key"], opened["dedup_key"],
         "the recovery computes another dedup key than the problem it recovers from"
+    );
+}
+
+// ---- SMTP AUTH ---------------------------------------------------------------------------
+
+/// A line-by-line SMTP dialogue over TLS.
+struct TlsDialog {
+    reader: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+}
+
+impl TlsDialog {
+    fn cmd(&mut self, line: &str) -> (u16, String) {
+        let stream = self.reader.get_mut();
+        stream.write_all(format!("{line}\r\n").as_bytes()).unwrap();
+        stream.flush().unwrap();
+        let mut text = String::new();
+        loop {
+            let mut reply = String::new();
+            assert!(
+                self.reader.read_line(&mut reply).unwrap() > 0,
+                "connection closed; so far: {text:?}"
+            );
+            text.push_str(reply[4..].trim_end());
+            if reply.as_bytes()[3] == b' ' {
+                return (reply[..3].parse().unwrap(), text);
+            }
+            text.push('\n');
+        }
+    }
+}
+
+/// Connects, says EHLO, starts TLS trusting `cert_der`, and says EHLO again.
+fn smtp_over_tls(addr: SocketAddr, cert_der: &[u8]) -> TlsDialog {
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut plain = BufReader::new(tcp);
+    let mut line = String::new();
+    let mut expect = |plain: &mut BufReader<TcpStream>, code: &str| loop {
+        line.clear();
+        plain.read_line(&mut line).unwrap();
+        assert!(line.starts_with(code), "{line:?}");
+        if line.as_bytes()[3] == b' ' {
+            break;
+        }
+    };
+    expect(&mut plain, "220");
+    plain.get_mut().write_all(b"EHLO client.test\r\n").unwrap();
+    expect(&mut plain, "250");
+    plain.get_mut().write_all(b"STARTTLS\r\n").unwrap();
+    expect(&mut plain, "220");
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(cert_der.to_vec()))
+        .unwrap();
+    let client = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let conn = rustls::ClientConnection::new(client, "localhost".try_into().unwrap()).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, plain.into_inner());
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    let mut dialog = TlsDialog {
+        reader: BufReader::new(stream),
+    };
+    let (code, ehlo) = dialog.cmd("EHLO client.test");
+    assert!(code == 250 && ehlo.contains("AUTH"), "{ehlo}");
+    dialog
+}
+
+/// `max_auth_failures` is checked only when a connection comes in (`Guard::admit`);
+/// `authenticate` checks the password first and counts the failure after. A client that
+/// opens its sessions (up to 200 from one address) before guessing gets one guess in
+/// each, however many failed before: with `max_auth_failures = 3`, the 20th guess in a
+/// row — the right password here — still logs in, where README promises the address is
+/// "shut out" after 3.
+#[test]
+fn sessions_opened_before_the_auth_limit_keep_guessing_passwords() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.path().join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("key.pem"),
+        certified.key_pair.serialize_pem(),
+    )
+    .unwrap();
+    let der = certified.cert.der().to_vec();
+    let cfg = config(Some(&twilio), "[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n").replace(
+        "hostname = \"mx.test\"\n",
+        "hostname = \"mx.test\"\ntls_cert = \"cert.pem\"\ntls_key = \"key.pem\"\nrequire_auth = true\n\
+         max_auth_failures = 3\n[smtp.users]\nmonitor = \"MAILCALL_TEST_SMTP_PASSWORD\"\n",
+    );
+    std::fs::write(dir.path().join("rules.toml"), &cfg).unwrap();
+    let daemon =
+        Daemon::launch_with_env(dir.path(), &[("MAILCALL_TEST_SMTP_PASSWORD", "pa55word")]);
+    let mut sessions: Vec<TlsDialog> = (0..20).map(|_| smtp_over_tls(daemon.smtp, &der)).collect();
+    let plain_auth =
+        |pass: &str| base64::engine::general_purpose::STANDARD.encode(format!("\0monitor\0{pass}"));
+    let mut last = sessions.pop().unwrap();
+    for (i, session) in sessions.iter_mut().enumerate() {
+        let (code, text) = session.cmd(&format!("AUTH PLAIN {}", plain_auth(&format!("guess{i}"))));
+        assert_ne!(code, 235, "{text}");
+    }
+    let (code, text) = last.cmd(&format!("AUTH PLAIN {}", plain_auth("pa55word")));
+    assert_ne!(
+        code, 235,
+        "logged in on the 20th guess in a row from one address with max_auth_failures = 3: {text}"
     );
 }
