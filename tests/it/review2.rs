@@ -492,6 +492,55 @@ fn store_full_outlives_the_open_incidents_that_filled_the_store() {
     );
 }
 
+/// An answered incident is `bridged`, and only a recovery mail closes a bridged incident;
+/// otherwise it counts as live for the whole `retain` period (30 days) and `make_room`
+/// never deletes it. Half of the corpus's tools never send a recovery (cron, smartd,
+/// mdadm, Sentry): every such incident somebody answered stays in the store as if open,
+/// and under `max_bytes` they fill it — from then on every alert, the next real outage
+/// included, is refused with `452` although no incident is open, for up to a month.
+#[test]
+fn answered_incidents_without_a_recovery_fill_the_store_for_a_month() {
+    let twilio = FakeTwilio::start();
+    twilio.answer(
+        "+15005550001",
+        crate::fake_twilio::Answer {
+            answered_by: "human",
+            joins: true,
+        },
+    );
+    let dir = workdir();
+    let rules = "[state]\nmax_bytes = 1048576\n[limits]\nmax_calls_per_hour = 1000\n\
+                 [[rule]]\nname = \"cron\"\nsubject = '^Cron <root@(?P<host>[^>]+)>'\ncall = [\"alice\"]\n";
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
+    let mut smtp = daemon.smtp();
+    let output = "backup failed\n".repeat(10_000);
+    let mut accepted = 0;
+    for i in 0..10 {
+        let subject = format!("Cron <root@db{i}> /usr/local/bin/backup-db.sh");
+        let (code, _) = smtp.send(SENDER, &[RCPT], &mail(&subject, &output));
+        if code != 250 {
+            break;
+        }
+        accepted += 1;
+    }
+    assert!(accepted >= 2, "the store took {accepted} mails");
+    // Somebody answered each call: every incident is bridged, none is open.
+    let bridged = wait_for(Duration::from_secs(20), || {
+        let list = crate::harness::incidents(dir.path());
+        list.len() == accepted && list.iter().all(|i| i["status"] == "bridged")
+    });
+    assert!(bridged, "the answered incidents never became bridged");
+    let (code, text) = smtp.send(
+        SENDER,
+        &[RCPT],
+        &mail("Cron <root@web1> /usr/local/bin/rotate.sh", &output),
+    );
+    assert_eq!(
+        code, 250,
+        "mail refused while the store holds no open incident, only {accepted} answered ones: {text}"
+    );
+}
+
 /// Bytes of the store holding data, as `retention::data_bytes` counts them.
 fn store_data_bytes(dir: &std::path::Path) -> u64 {
     let db = rusqlite::Connection::open_with_flags(
