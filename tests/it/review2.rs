@@ -541,6 +541,39 @@ fn answered_incidents_without_a_recovery_fill_the_store_for_a_month() {
     );
 }
 
+/// `/twilio/*` callbacks read their whole body (up to `max_body_bytes`, 1 MiB) before
+/// anything is checked, even when the request has no `X-Twilio-Signature` header at all
+/// and so no chance: an unauthenticated client announcing 1 MiB and sending nothing more
+/// holds its connection until `request_timeout` (30 s), and 500 of them (25 addresses ×
+/// 20) hold 500 MiB once they send. The missing header could be refused (403) from the
+/// headers alone, as SendGrid's are.
+#[test]
+fn an_unsigned_twilio_callback_is_read_whole_before_it_is_refused() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let cfg = config(
+        Some(&twilio),
+        "[http]\nlisten = \"127.0.0.1:0\"\n[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n",
+    )
+    .replace(
+        "ring_seconds = 25\n",
+        "ring_seconds = 25\npublic_url = \"https://alerts.example.com\"\n",
+    );
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    let mut s = connect_from(Ipv4Addr::LOCALHOST, daemon.http.unwrap());
+    s.write_all(
+        b"POST /twilio/status HTTP/1.1\r\nHost: alerts.example.com\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 1048576\r\n\r\nCallSid=CA",
+    )
+    .unwrap();
+    let answer = read_head(&mut s, Duration::from_secs(5));
+    assert_eq!(
+        answer.as_ref().map(|a| a.0),
+        Some(403),
+        "a callback without any signature header is still waiting for its 1 MiB body: {answer:?}"
+    );
+}
+
 /// Bytes of the store holding data, as `retention::data_bytes` counts them.
 fn store_data_bytes(dir: &std::path::Path) -> u64 {
     let db = rusqlite::Connection::open_with_flags(
