@@ -293,7 +293,7 @@ fn two_slow_posts_with_forged_signatures_starve_every_sendgrid_delivery() {
     assert_eq!(
         answer.as_ref().map(|a| a.0),
         Some(200),
-        "a signed 10 KiB SendGrid post was refused while two unsigned posts sat on the byte budget: {answer:?}"
+        "a signed 10 KiB SendGrid post was refused while two posts with forged signatures sat on the byte budget: {answer:?}"
     );
 }
 
