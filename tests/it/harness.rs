@@ -152,6 +152,11 @@ impl Daemon {
         self.logs.lock().unwrap().join("\n")
     }
 
+    /// The daemon's process id (e.g. to read its `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits (bounded) until a log line contains `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

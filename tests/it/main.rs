@@ -17,5 +17,6 @@ mod oncall;
 mod ops;
 mod retention;
 mod review;
+mod review2;
 mod smtp;
 mod source_files;
