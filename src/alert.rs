@@ -59,9 +59,17 @@ pub struct Alert {
 /// logs would only slow routing down, and nobody listens to them on the phone.
 pub const MAX_BODY_CHARS: usize = 64 * 1024;
 
+/// Routing and speech read the headers and the first text part, which alert mail puts
+/// first; parsing the rest (attached logs, or a million empty MIME parts, which cost
+/// mail-parser twenty times their size) would only spend memory. The stored mail stays
+/// whole.
+pub const MAX_PARSE_BYTES: usize = 1024 * 1024;
+
 impl Alert {
-    /// Decodes a raw RFC 5322 message received with `envelope`.
+    /// Decodes a raw RFC 5322 message received with `envelope`. Only the first
+    /// [`MAX_PARSE_BYTES`] are looked at.
     pub fn from_mime(raw: &[u8], envelope: &Envelope) -> Alert {
+        let raw = &raw[..raw.len().min(MAX_PARSE_BYTES)];
         let mut alert = Alert {
             to: envelope.rcpt_to.clone(),
             from: envelope.mail_from.clone().unwrap_or_default(),
@@ -124,6 +132,12 @@ const HTML_TEXT_WIDTH: usize = 10_000;
 pub fn html_to_text(html: &str) -> String {
     // html2text works on the whole document in memory; the body cap keeps that bounded.
     let html = truncate_chars(html, MAX_HTML_CHARS);
+    if nesting_depth(&html) > MAX_HTML_DEPTH {
+        // html2text's layout costs time quadratic in nesting depth: 30,000 nested lists
+        // take minutes. No real alert nests this deep; the tag-stripping conversion is
+        // linear and still yields the words.
+        return mail_parser::decoders::html::html_to_text(&html);
+    }
     match html2text::config::plain_no_decorate()
         .link_footnotes(false)
         .raw_mode(true)
@@ -139,6 +153,43 @@ pub fn html_to_text(html: &str) -> String {
         // Only a renderer bug gets here; the mail-parser conversion is still words.
         Err(_) => mail_parser::decoders::html::html_to_text(&html),
     }
+}
+
+/// Nesting deeper than this is converted by stripping tags instead of laying it out.
+/// Alert mail nests tables a dozen deep; 256 levels lay out in milliseconds.
+const MAX_HTML_DEPTH: usize = 256;
+
+/// The deepest element nesting in `html`, approximately and in one pass: opening tags
+/// count up, closing tags down; void elements, self-closing tags, comments and
+/// declarations count nothing. Unclosed `<p>`s overestimate, which only means the
+/// plainer conversion.
+fn nesting_depth(html: &str) -> usize {
+    const VOID: &[&str] = &[
+        "area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param",
+        "source", "track", "wbr",
+    ];
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut rest = html;
+    while let Some(open) = rest.find('<') {
+        rest = &rest[open + 1..];
+        let end = rest.find('>').unwrap_or(rest.len());
+        let tag = &rest[..end];
+        rest = &rest[end..];
+        if let Some(_closing) = tag.strip_prefix('/') {
+            depth = depth.saturating_sub(1);
+            continue;
+        }
+        let name = tag
+            .split(|c: char| c.is_ascii_whitespace() || c == '/')
+            .next()
+            .unwrap_or("");
+        let is_element = name.starts_with(|c: char| c.is_ascii_alphabetic());
+        if is_element && !tag.ends_with('/') && !VOID.iter().any(|v| name.eq_ignore_ascii_case(v)) {
+            depth += 1;
+            deepest = deepest.max(depth);
+        }
+    }
+    deepest
 }
 
 /// HTML parts longer than this are cut before conversion (Alertmanager's inline styles
@@ -193,6 +244,32 @@ mod tests {
     }
 
     #[test]
+    fn nesting_depth_counts_elements_not_void_or_closed_tags() {
+        assert_eq!(nesting_depth("<p>a</p><p>b</p>"), 1);
+        assert_eq!(
+            nesting_depth("<table><tr><td><br><img src=x/><b>x</b></td></tr></table>"),
+            4
+        );
+        assert_eq!(nesting_depth("<!-- <div> --><!DOCTYPE html><div/>"), 0);
+        assert_eq!(nesting_depth(&"<ul><li>".repeat(1000)), 2000);
+    }
+
+    #[test]
+    fn deeply_nested_html_is_stripped_instead_of_laid_out() {
+        let html = format!(
+            "{}db1 is DOWN{}",
+            "<div>".repeat(30_000),
+            "</div>".repeat(30_000)
+        );
+        assert_eq!(html_to_text(&html).trim(), "db1 is DOWN");
+        // Ordinary nesting keeps the layout conversion: one line per cell.
+        assert_eq!(
+            html_to_text("<table><tr><td>host</td><td>db1</td></tr></table>"),
+            "host\ndb1"
+        );
+    }
+
+    #[test]
     fn header_from_wins_over_envelope_and_recipients_merge() {
         let raw = b"From: Nagios <nagios@monitoring.example.com>\r\n\
                     To: ALERTS@example.com, ops@example.com\r\nCc: boss@example.com\r\n\
@@ -226,5 +303,27 @@ mod tests {
         let mut raw = b"Subject: big\r\n\r\n".to_vec();
         raw.extend(std::iter::repeat_n(b'x', MAX_BODY_CHARS * 2));
         assert_eq!(Alert::from_mime(&raw, &env()).body.len(), MAX_BODY_CHARS);
+    }
+
+    #[test]
+    fn only_the_first_mebibyte_is_parsed() {
+        let mut raw = b"Subject: db1 report\r\nMIME-Version: 1.0\r\n\
+                        Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+                        --b\r\nContent-Type: text/plain\r\n\r\ndisk full on db1\r\n"
+            .to_vec();
+        while raw.len() < 2 * MAX_PARSE_BYTES {
+            raw.extend_from_slice(b"--b\r\n\r\nx\r\n");
+        }
+        raw.extend_from_slice(b"--b\r\nContent-Type: text/plain\r\n\r\nMARKER\r\n--b--\r\n");
+        let a = Alert::from_mime(&raw, &env());
+        assert_eq!(
+            (a.subject.as_str(), a.body.as_str()),
+            ("db1 report", "disk full on db1")
+        );
+        // A text part beyond the first MiB is never reached, even by the raw fallback.
+        let mut late = b"Subject: late\r\n\r\n".to_vec();
+        late.extend(std::iter::repeat_n(b' ', MAX_PARSE_BYTES));
+        late.extend_from_slice(b"MARKER");
+        assert!(!Alert::from_mime(&late, &env()).body.contains("MARKER"));
     }
 }
