@@ -129,9 +129,6 @@ impl FromRequest<Arc<HttpContext>> for Callback {
         ctx: &Arc<HttpContext>,
     ) -> Result<Self, Self::Rejection> {
         let (parts, body) = request.into_parts();
-        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), ctx)
-            .await
-            .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "cannot read the body"))?;
         let settings = ctx.live.load_full();
         let (Some(base), Some(token)) = (
             &settings.config.twilio.public_url,
@@ -144,13 +141,27 @@ impl FromRequest<Arc<HttpContext>> for Callback {
             "{base}{}",
             uri.path_and_query().map_or(uri.path(), |p| p.as_str())
         );
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+        // The signature covers the body, so a request that has one is read first; a
+        // request without one is refused before a byte of its body is read.
         let given = parts
             .headers
             .get("x-twilio-signature")
             .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
-        if !signature::verify(token, &url, &pairs, given) {
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let Some(given) = given else {
+            ctx.metrics.reject("twilio", "signature");
+            warn!(url = %url, "Twilio callback without X-Twilio-Signature; refused with 403");
+            return Err(HttpError::new(
+                StatusCode::FORBIDDEN,
+                "signature check failed",
+            ));
+        };
+        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), ctx)
+            .await
+            .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "cannot read the body"))?;
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+        if !signature::verify(token, &url, &pairs, &given) {
             ctx.metrics.reject("twilio", "signature");
             warn!(url = %url, "Twilio callback with a missing or wrong X-Twilio-Signature; refused with 403");
             return Err(HttpError::new(

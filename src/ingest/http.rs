@@ -14,7 +14,8 @@
 //! per-address connection cap (`503`, `429`), a write timeout on the socket, and a `408`
 //! for a client that never completed its request. Credentials in headers are checked
 //! before a body is read, and bodies are read under their limit, SendGrid's also under a
-//! byte budget shared by all requests, so unauthenticated posts cost no memory.
+//! byte budget shared by all requests and counted as bytes arrive, so unauthenticated
+//! posts cost no memory and a stalled post holds only what it sent.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -86,8 +87,9 @@ impl App {
 }
 
 /// SendGrid body bytes held in memory at once, across all requests: 24 parallel 40 MiB
-/// posts must not mean a gigabyte. One post of the largest size always fits; others wait
-/// for their turn (up to [`BUDGET_WAIT`]) or get `503`, and SendGrid retries.
+/// posts must not mean a gigabyte. Bytes are counted as they arrive; when they would
+/// pass the budget one body waits for room (up to [`BUDGET_WAIT`]), others get `503`,
+/// and SendGrid retries.
 const SENDGRID_BODY_BUDGET: usize = 64 * 1024 * 1024;
 
 /// How long a body waits for room in the budget before it is answered `503`.
@@ -122,9 +124,9 @@ pub fn app(ctx: Arc<HttpContext>) -> App {
         // The handler reads its body itself, after authentication, under its own limit.
         router = router.route(
             &sg.path,
-            axum::routing::post(sendgrid_inbound).layer(Extension(BodyBudget(Arc::new(
-                Semaphore::new(SENDGRID_BODY_BUDGET.max(sg.max_body_bytes)),
-            )))),
+            axum::routing::post(sendgrid_inbound).layer(Extension(BodyBudget::new(
+                SENDGRID_BODY_BUDGET.max(sg.max_body_bytes),
+            ))),
         );
     }
     if settings.config.twilio.public_url.is_some() {
@@ -772,38 +774,50 @@ async fn sendgrid_inbound(
         .and_then(|v| v.to_str().ok())
         .and_then(|ct| multer::parse_boundary(ct).ok())
         .ok_or_else(|| HttpError::new(StatusCode::BAD_REQUEST, "expected multipart/form-data"))?;
-    let (body, _held) = read_body(body, &headers, sg.max_body_bytes, Some(&budget.0))
+    let (body, _held) = read_body(body, &headers, sg.max_body_bytes, Some(&budget))
         .await
         .map_err(|e| {
             ctx.metrics.reject("sendgrid", e.kind());
             e.answer("SendGrid", peer.as_deref(), sg.max_body_bytes)
         })?;
-    if let (Some(key), Some(signature)) = (&sg.public_key, signature) {
-        let timestamp = header_str(&headers, TIMESTAMP_HEADER).unwrap_or_default();
-        sendgrid::verify_signature(
-            key,
-            Some(signature),
-            Some(timestamp),
-            &[&body],
-            now_ms() / 1000,
-            sg.max_age,
-        )
-        .map_err(|e| {
-            refused(HttpError::new(
+    // Hashing 40 MiB and parsing the mail are CPU work: off the async workers, which
+    // must keep serving SMTP, callbacks and `/healthz` meanwhile.
+    let body = Bytes::from(body);
+    if let Some(signature) = signature {
+        let timestamp = header_str(&headers, TIMESTAMP_HEADER)
+            .unwrap_or_default()
+            .to_string();
+        let (signature, signed, settings) =
+            (signature.to_string(), body.clone(), Arc::clone(&settings));
+        let checked = blocking(move || {
+            let sg = settings.config.sendgrid.as_ref()?;
+            let key = sg.public_key.as_ref()?;
+            sendgrid::verify_signature(
+                key,
+                Some(&signature),
+                Some(&timestamp),
+                &[&signed],
+                now_ms() / 1000,
+                sg.max_age,
+            )
+            .err()
+        })
+        .await?;
+        if let Some(e) = checked {
+            return Err(refused(HttpError::new(
                 StatusCode::FORBIDDEN,
                 format!("signature check failed: {e}"),
-            ))
-        })?;
+            )));
+        }
     }
-    let fields = read_fields(Bytes::from(body), boundary)
-        .await
-        .map_err(|e| {
-            HttpError::new(
-                StatusCode::BAD_REQUEST,
-                format!("malformed multipart body: {e}"),
-            )
-        })?;
-    let inbound = sendgrid::from_fields(fields)
+    let fields = read_fields(body, boundary).await.map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("malformed multipart body: {e}"),
+        )
+    })?;
+    let inbound = blocking(move || sendgrid::from_fields(fields))
+        .await?
         .map_err(|e| HttpError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     let rejected = refusal(&settings.config, sg, &inbound);
     let message_id = inbound.message_id.clone();
@@ -849,6 +863,16 @@ async fn sendgrid_inbound(
         }
     }
     Ok((StatusCode::OK, "ok\n").into_response())
+}
+
+/// Runs CPU-heavy request work on the blocking pool; only a panic in it fails (`500`).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, HttpError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        error!(error = %e, "request work panicked; answered 500");
+        HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    })
 }
 
 /// The header SendGrid signs with, and the one with the signed timestamp.
@@ -919,7 +943,48 @@ fn credentials<'h>(headers: &'h HeaderMap, scheme: &str) -> Option<&'h str> {
 
 /// The shared byte budget for SendGrid bodies in memory ([`SENDGRID_BODY_BUDGET`]).
 #[derive(Debug, Clone)]
-struct BodyBudget(Arc<Semaphore>);
+pub(super) struct BodyBudget {
+    /// One permit per byte.
+    bytes: Arc<Semaphore>,
+    /// The one body that may wait for room. Bodies hold what they read while they wait,
+    /// so if every body could wait, bodies could all be waiting on each other; a second
+    /// body that finds no room is answered `503` at once and gives its bytes back.
+    waiter: Arc<Semaphore>,
+}
+
+impl BodyBudget {
+    fn new(bytes: usize) -> Self {
+        BodyBudget {
+            bytes: Arc::new(Semaphore::new(bytes)),
+            waiter: Arc::new(Semaphore::new(1)),
+        }
+    }
+
+    /// Permits for `n` bytes: at once when there is room, else after waiting, as long
+    /// as no other body is waiting and this body's waits add up to less than
+    /// [`BUDGET_WAIT`].
+    async fn take(
+        &self,
+        n: usize,
+        waited: &mut Duration,
+    ) -> Result<OwnedSemaphorePermit, BodyError> {
+        let n = u32::try_from(n).map_err(|_| BodyError::TooLarge)?;
+        if let Ok(permit) = Arc::clone(&self.bytes).try_acquire_many_owned(n) {
+            return Ok(permit);
+        }
+        let Ok(_waiting) = self.waiter.try_acquire() else {
+            return Err(BodyError::Busy);
+        };
+        let started = tokio::time::Instant::now();
+        let left = BUDGET_WAIT.saturating_sub(*waited);
+        let taken = tokio::time::timeout(left, Arc::clone(&self.bytes).acquire_many_owned(n)).await;
+        *waited += started.elapsed();
+        match taken {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(BodyError::Busy),
+        }
+    }
+}
 
 /// Why a body was not read whole.
 #[derive(Debug)]
@@ -972,36 +1037,26 @@ impl BodyError {
 
 /// Reads a body as it streams in, refusing it as soon as it is known to exceed `limit`
 /// (by `Content-Length`, before reading anything, or by what arrived). With a `budget`,
-/// every byte held also holds a permit, returned when the caller drops it: a body with a
-/// `Content-Length` reserves all of it before reading (waiting its turn, holding nothing,
-/// so that bodies cannot starve each other half-read); a chunked one takes permits as
-/// its chunks arrive and is refused when there are none left.
+/// every byte held also holds a permit, returned when the caller drops it. Permits are
+/// taken as bytes arrive, never for what is only announced: a client that declares
+/// 40 MiB and stalls holds what it sent, not the budget every other post needs. A chunk
+/// that finds the budget spent may wait for room ([`BodyBudget::take`]), else `503`.
 pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: usize,
-    budget: Option<&Arc<Semaphore>>,
+    budget: Option<&BodyBudget>,
 ) -> Result<(Vec<u8>, Option<OwnedSemaphorePermit>), BodyError> {
     let declared = header_str(headers, header::CONTENT_LENGTH.as_str())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(BodyError::TooLarge);
     }
-    let mut held: Option<OwnedSemaphorePermit> = match (budget, declared) {
-        (Some(budget), Some(n)) => {
-            let n = u32::try_from(n).map_err(|_| BodyError::TooLarge)?;
-            let reserved =
-                tokio::time::timeout(BUDGET_WAIT, Arc::clone(budget).acquire_many_owned(n)).await;
-            match reserved {
-                Ok(Ok(permit)) => Some(permit),
-                _ => return Err(BodyError::Busy),
-            }
-        }
-        _ => None,
-    };
-    // One buffer, sized by `Content-Length` (reserved, not touched: memory grows with
-    // what arrives). Keeping hyper's chunks instead would keep each chunk's whole read
-    // buffer alive, several times the body.
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    let mut waited = Duration::ZERO;
+    // One buffer, sized by `Content-Length` (address space, not memory: pages are only
+    // touched as bytes arrive). Keeping hyper's chunks instead would keep each chunk's
+    // whole read buffer alive, several times the body.
     let mut out = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
@@ -1009,11 +1064,8 @@ pub(super) async fn read_body(
         if out.len() + chunk.len() > limit {
             return Err(BodyError::TooLarge);
         }
-        if let (Some(budget), None) = (budget, declared) {
-            let n = u32::try_from(chunk.len()).map_err(|_| BodyError::TooLarge)?;
-            let permit = Arc::clone(budget)
-                .try_acquire_many_owned(n)
-                .map_err(|_| BodyError::Busy)?;
+        if let Some(budget) = budget {
+            let permit = budget.take(chunk.len(), &mut waited).await?;
             match &mut held {
                 Some(h) => h.merge(permit),
                 None => held = Some(permit),
