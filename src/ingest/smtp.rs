@@ -60,6 +60,8 @@ const MAX_RECIPIENTS: usize = 100;
 const DATA_CHUNK: usize = 64 * 1024;
 /// The window over which failed AUTH attempts are counted.
 const AUTH_WINDOW: Duration = Duration::from_secs(15 * 60);
+/// Addresses whose failed AUTH attempts are remembered at once; a bound on that map.
+const MAX_TRACKED_ADDRESSES: usize = 4096;
 /// The longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Syntax and sequence errors one session may make before it is closed (Postfix's
@@ -164,20 +166,25 @@ impl Guard {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Admits a connection from `ip`: within `max_per_ip` it may carry mail; up to as
-    /// many again are admitted with their transactions deferred; beyond that, refused.
+    /// Admits a connection from `ip`: within `max_per_ip` it may carry mail; a few more
+    /// are admitted with their transactions deferred (as many again, but never more than
+    /// a quarter of `max_total`, so one address cannot hold every place); beyond that,
+    /// refused.
     fn admit(
         self: &Arc<Self>,
         ip: IpAddr,
         max_per_ip: usize,
+        max_total: usize,
         max_failures: u32,
     ) -> Result<Ticket, Refusal> {
+        let ip = address_key(ip);
         let mut state = self.lock();
-        if Self::failures(&mut state, ip) >= max_failures as usize && max_failures > 0 {
+        if Self::is_shut_out(&mut state, ip, max_failures) {
             return Err(Refusal::ShutOut);
         }
         let sessions = state.sessions.entry(ip).or_default();
-        if sessions.open >= max_per_ip.saturating_mul(2) {
+        let waiting = max_per_ip.min(max_total / 4);
+        if sessions.open >= max_per_ip.saturating_add(waiting) {
             return Err(Refusal::TooManyFromAddress);
         }
         sessions.open += 1;
@@ -192,15 +199,44 @@ impl Guard {
         })
     }
 
+    /// Whether `ip` has used up its failed AUTH attempts. Checked before every password
+    /// comparison, so sessions opened before the limit was reached cannot keep guessing.
+    fn shut_out(&self, ip: IpAddr, max_failures: u32) -> bool {
+        Self::is_shut_out(&mut self.lock(), address_key(ip), max_failures)
+    }
+
+    fn is_shut_out(state: &mut GuardState, key: IpAddr, max_failures: u32) -> bool {
+        max_failures > 0 && Self::failures(state, key) >= max_failures as usize
+    }
+
     /// Records a failed AUTH; true when the address is now shut out.
     fn auth_failed(&self, ip: IpAddr, max_failures: u32) -> bool {
+        let key = address_key(ip);
         let mut state = self.lock();
-        state
-            .auth_failures
-            .entry(ip)
-            .or_default()
-            .push_back(Instant::now());
-        Self::failures(&mut state, ip) >= max_failures as usize
+        if state.auth_failures.len() >= MAX_TRACKED_ADDRESSES {
+            // Many addresses each failing once: forget those whose failures have aged out
+            // so the map stays bounded by what the window can hold.
+            state
+                .auth_failures
+                .retain(|_, list| list.back().is_some_and(|t| t.elapsed() <= AUTH_WINDOW));
+            // Still full (failures from that many networks at once): forget the quietest.
+            if state.auth_failures.len() >= MAX_TRACKED_ADDRESSES
+                && let Some(quietest) = state
+                    .auth_failures
+                    .iter()
+                    .min_by_key(|(_, list)| list.back().copied())
+                    .map(|(ip, _)| *ip)
+            {
+                state.auth_failures.remove(&quietest);
+            }
+        }
+        let list = state.auth_failures.entry(key).or_default();
+        list.push_back(Instant::now());
+        // Only the count up to the limit matters; keep no more than that per address.
+        while list.len() > (max_failures as usize).max(1) {
+            list.pop_front();
+        }
+        Self::is_shut_out(&mut state, key, max_failures)
     }
 
     /// Failures of `ip` within the window (older ones are forgotten here).
@@ -216,6 +252,27 @@ impl Guard {
             state.auth_failures.remove(&ip);
         }
         n
+    }
+}
+
+/// The reply that ends a session whose address used up its failed AUTH attempts.
+fn too_many_failures(host: &str) -> Reply {
+    Reply::new(
+        421,
+        (4, 7, 0),
+        format!("{host} too many failed authentications, closing"),
+    )
+}
+
+/// The unit the per-address limits count: an IPv4 address, or an IPv6 /64 (one host
+/// usually holds a whole /64, so counting single IPv6 addresses would limit nothing).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
     }
 }
 
@@ -251,6 +308,7 @@ pub async fn serve(
                 .admit(
                     peer.ip(),
                     smtp.max_connections_per_ip,
+                    smtp.max_connections,
                     smtp.max_auth_failures,
                 )
                 .map(|ticket| Slot {
@@ -945,6 +1003,12 @@ impl<'a> Session<'a> {
     /// Checks AUTH credentials (in constant time) and counts failures per address.
     fn authenticate(&mut self, user: String, pass: &str) -> Step {
         let settings = Arc::clone(&self.settings);
+        let max = settings.config.smtp.max_auth_failures;
+        if self.ctx.guard.shut_out(self.peer.ip(), max) {
+            self.ctx.metrics.reject("smtp", "auth_shut_out");
+            warn!(peer = %self.peer, user = %user, "SMTP AUTH from a shut-out address");
+            return Step::Close(too_many_failures(self.host()));
+        }
         let ok = settings
             .secrets
             .smtp_passwords
@@ -955,16 +1019,11 @@ impl<'a> Session<'a> {
             self.user = Some(user);
             return Step::Reply(Reply::new(235, (2, 7, 0), "authentication successful"));
         }
-        let max = settings.config.smtp.max_auth_failures;
         let shut_out = self.ctx.guard.auth_failed(self.peer.ip(), max);
         self.ctx.metrics.reject("smtp", "auth_failed");
         warn!(peer = %self.peer, user = %user, shut_out, "SMTP AUTH failed");
         if shut_out {
-            return Step::Close(Reply::new(
-                421,
-                (4, 7, 0),
-                format!("{} too many failed authentications, closing", self.host()),
-            ));
+            return Step::Close(too_many_failures(self.host()));
         }
         Step::Reply(Reply::new(
             535,
@@ -1471,7 +1530,12 @@ mod tests {
             let settings = ctx.live.load_full();
             let ticket = ctx
                 .guard
-                .admit(peer.ip(), settings.config.smtp.max_connections_per_ip, 5)
+                .admit(
+                    peer.ip(),
+                    settings.config.smtp.max_connections_per_ip,
+                    settings.config.smtp.max_connections,
+                    5,
+                )
                 .unwrap();
             let slot = Slot {
                 _permit: None,
@@ -1771,19 +1835,19 @@ mod tests {
     fn sessions_beyond_the_per_address_cap_are_deferred_then_promoted() {
         let guard = Arc::new(Guard::default());
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
-        let first = guard.admit(ip, 2, 5).unwrap();
-        let _second = guard.admit(ip, 2, 5).unwrap();
-        let mut third = guard.admit(ip, 2, 5).unwrap();
-        let _fourth = guard.admit(ip, 2, 5).unwrap();
+        let first = guard.admit(ip, 2, 100, 5).unwrap();
+        let _second = guard.admit(ip, 2, 100, 5).unwrap();
+        let mut third = guard.admit(ip, 2, 100, 5).unwrap();
+        let _fourth = guard.admit(ip, 2, 100, 5).unwrap();
         assert!(first.carrying && !third.carrying);
         assert_eq!(
-            guard.admit(ip, 2, 5).unwrap_err(),
+            guard.admit(ip, 2, 100, 5).unwrap_err(),
             Refusal::TooManyFromAddress
         );
         // Another address is not affected.
         assert!(
             guard
-                .admit("192.0.2.2".parse().unwrap(), 2, 5)
+                .admit("192.0.2.2".parse().unwrap(), 2, 100, 5)
                 .unwrap()
                 .carrying
         );
@@ -1792,6 +1856,67 @@ mod tests {
         assert!(third.promote(2));
         drop((third, _second, _fourth));
         assert!(guard.lock().sessions.is_empty());
+    }
+
+    #[test]
+    fn one_address_waits_in_at_most_a_quarter_of_all_places() {
+        let guard = Arc::new(Guard::default());
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let held: Vec<_> = (0..150)
+            .map(|i| {
+                guard
+                    .admit(ip, 100, 200, 5)
+                    .unwrap_or_else(|e| panic!("{i}: {e:?}"))
+            })
+            .collect();
+        assert_eq!(held.iter().filter(|t| t.carrying).count(), 100);
+        assert_eq!(
+            guard.admit(ip, 100, 200, 5).unwrap_err(),
+            Refusal::TooManyFromAddress
+        );
+    }
+
+    #[test]
+    fn an_ipv6_network_counts_as_one_address() {
+        let guard = Arc::new(Guard::default());
+        let _a = guard
+            .admit("2001:db8::1".parse().unwrap(), 1, 4, 5)
+            .unwrap();
+        let _b = guard
+            .admit("2001:db8::2".parse().unwrap(), 1, 4, 5)
+            .unwrap();
+        assert_eq!(
+            guard
+                .admit("2001:db8::ffff:3".parse().unwrap(), 1, 4, 5)
+                .unwrap_err(),
+            Refusal::TooManyFromAddress
+        );
+        assert!(
+            guard
+                .admit("2001:db8:0:1::1".parse().unwrap(), 1, 4, 5)
+                .is_ok()
+        );
+        // An IPv4-mapped address is the IPv4 address.
+        let _c = guard.admit("192.0.2.9".parse().unwrap(), 1, 4, 5).unwrap();
+        let mapped = guard.admit("::ffff:192.0.2.9".parse().unwrap(), 1, 4, 5);
+        assert!(!mapped.unwrap().carrying);
+    }
+
+    #[test]
+    fn failed_auth_memory_stays_bounded() {
+        let guard = Guard::default();
+        for i in 0..(MAX_TRACKED_ADDRESSES as u32 + 100) {
+            guard.auth_failed(IpAddr::V4(i.into()), 3);
+        }
+        assert!(guard.lock().auth_failures.len() <= MAX_TRACKED_ADDRESSES);
+        for _ in 0..10 {
+            guard.auth_failed("192.0.2.1".parse().unwrap(), 3);
+        }
+        assert!(guard.shut_out("192.0.2.1".parse().unwrap(), 3));
+        assert_eq!(
+            guard.lock().auth_failures[&"192.0.2.1".parse::<IpAddr>().unwrap()].len(),
+            3
+        );
     }
 
     #[test]
