@@ -18,6 +18,8 @@ use crate::store::{Store, ms, now_ms};
 const EVERY: Duration = Duration::from_secs(10);
 /// Incidents (and unattached alerts) deleted per transaction.
 const BATCH: usize = 20;
+/// How often a full store is looked at again.
+const FULL_EVERY: Duration = Duration::from_secs(1);
 /// A pause between batches, so other writers get the store in between.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(50);
 
@@ -74,9 +76,19 @@ pub async fn run(
                 EVERY
             }
         };
+        // While mail is refused, look again every second whether it fits.
+        let wait = if store.is_full() {
+            if let Err(e) = store.recheck_full().await {
+                error!(error = %e, "retention: cannot look again whether the store is full");
+            }
+            wait.min(FULL_EVERY)
+        } else {
+            wait
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(wait) => {}
+            () = store.refused_mail() => {}
         }
     }
 }

@@ -216,7 +216,7 @@ async fn watchdog(
     let period = interval / 2;
     loop {
         let report = health.check(&store).await;
-        if report.healthy() {
+        if report.alive() {
             notifier.send(Message::Watchdog);
         } else {
             warn!(?report, "unhealthy: not pinging the systemd watchdog");

@@ -23,13 +23,17 @@ use tracing::{error, info, warn};
 
 use super::{Caller, Dispatcher, IDLE_POLL};
 use crate::health::Worker;
-use crate::store::{CallState, DueRound, RoundEnd, TwilioStatus, WatchedCall, now_ms};
+use crate::store::{CallState, DueRound, LiveCall, RoundEnd, TwilioStatus, WatchedCall, now_ms};
 use crate::twilio::{self, twiml};
 
 /// One call's answerer is asked for at most this often.
 const CHECK_CALL_EVERY: Duration = Duration::from_secs(2);
 /// Requests to Twilio one pass makes at once, at most.
 const CONCURRENT_READS: usize = 8;
+/// How often the calls of bridged incidents are followed.
+const BRIDGE_EVERY: Duration = Duration::from_secs(10);
+/// Calls of bridged incidents asked about per pass, at most.
+const BRIDGE_CALLS: usize = 64;
 
 /// What the loop's tasks share.
 #[derive(Debug, Default)]
@@ -45,8 +49,22 @@ impl Dispatcher {
     pub(super) async fn rounds_loop(self: Arc<Self>) {
         let busy: Arc<Mutex<Busy>> = Arc::default();
         let watching = Arc::new(AtomicBool::new(false));
+        let following = Arc::new(AtomicBool::new(false));
+        let mut followed = Instant::now();
         loop {
             self.beat(Worker::Rounds);
+            if let Caller::Twilio(client) = &self.caller
+                && followed.elapsed() >= BRIDGE_EVERY
+                && !following.swap(true, Ordering::AcqRel)
+            {
+                followed = Instant::now();
+                let (me, client, following) =
+                    (Arc::clone(&self), client.clone(), Arc::clone(&following));
+                self.calls.spawn(async move {
+                    me.follow_bridges(&client).await;
+                    following.store(false, Ordering::Release);
+                });
+            }
             if let Caller::Twilio(client) = &self.caller
                 && self.live.load().config.twilio.public_url.is_none()
                 && !watching.swap(true, Ordering::AcqRel)
@@ -255,13 +273,30 @@ impl Dispatcher {
     /// Asks Twilio about the incident's calls that may still be live, so the next round
     /// skips those that are; true when one was answered by a person.
     async fn refresh_live_calls(&self, client: &twilio::Client, incident: i64) -> bool {
-        let calls = match self.store.live_calls(incident).await {
-            Ok(calls) => calls,
+        match self.store.live_calls(incident).await {
+            Ok(calls) => self.refresh(client, calls).await,
             Err(e) => {
                 error!(incident, error = %e, "cannot read the incident's calls");
-                return false;
+                false
             }
-        };
+        }
+    }
+
+    /// Follows the calls of bridged incidents until they end, so that a bridge is known
+    /// to be over (retention may then delete the incident when the store is full) and
+    /// a later round never skips a number on a stale "in progress".
+    async fn follow_bridges(&self, client: &twilio::Client) {
+        match self.store.bridged_live_calls(BRIDGE_CALLS).await {
+            Ok(calls) => {
+                self.refresh(client, calls).await;
+            }
+            Err(e) => error!(error = %e, "cannot read the calls of bridged incidents"),
+        }
+    }
+
+    /// Asks Twilio about each call and records its status and answerer; true when one
+    /// was answered by a person.
+    async fn refresh(&self, client: &twilio::Client, calls: Vec<LiveCall>) -> bool {
         let human = AtomicBool::new(false);
         futures_util::stream::iter(calls)
             .for_each_concurrent(CONCURRENT_READS, |call| {
@@ -280,7 +315,7 @@ impl Dispatcher {
                             }
                         }
                         Err(e) => {
-                            warn!(incident, number = %call.number, error = %e, "cannot read a call's status")
+                            warn!(number = %call.number, error = %e, "cannot read a call's status")
                         }
                     }
                 }

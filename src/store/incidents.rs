@@ -154,13 +154,32 @@ impl Store {
     /// The incident's placed calls that may still ring or be on (their last known
     /// status is live, or unknown).
     pub async fn live_calls(&self, incident_id: i64) -> Result<Vec<LiveCall>, StoreError> {
+        self.live_calls_where("c.incident_id = ?1", incident_id)
+            .await
+    }
+
+    /// Placed calls of bridged incidents that may still be on (at most `limit`).
+    pub async fn bridged_live_calls(&self, limit: usize) -> Result<Vec<LiveCall>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.live_calls_where("i.status = 'bridged' LIMIT ?1", limit)
+            .await
+    }
+
+    /// Placed calls that may still be live, of incidents chosen by `filter` (SQL over
+    /// `calls c` and `incidents i`, with one parameter).
+    async fn live_calls_where(
+        &self,
+        filter: &'static str,
+        param: i64,
+    ) -> Result<Vec<LiveCall>, StoreError> {
         self.run(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, sid, number, answered_by FROM calls
-                 WHERE incident_id = ?1 AND state = 'placed' AND sid IS NOT NULL
-                   AND (twilio_status IS NULL OR twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress'))",
-            )?;
-            let rows = stmt.query_map([incident_id], |r| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT c.id, c.sid, c.number, c.answered_by FROM calls c JOIN incidents i ON i.id = c.incident_id
+                 WHERE c.state = 'placed' AND c.sid IS NOT NULL
+                   AND (c.twilio_status IS NULL OR c.twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress'))
+                   AND {filter}"
+            ))?;
+            let rows = stmt.query_map([param], |r| {
                 Ok(LiveCall {
                     call_id: r.get(0)?,
                     sid: r.get(1)?,

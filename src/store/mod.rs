@@ -32,7 +32,7 @@ pub mod states;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -188,6 +188,12 @@ pub struct Store {
 struct Capacity {
     max_bytes: Option<u64>,
     full: AtomicBool,
+    /// The size of the last mail refused for want of room: the store is full until a
+    /// mail of that size would fit again.
+    refused_bytes: AtomicU64,
+    /// Wakes the pruner when a mail is refused, so that a full store is looked at again
+    /// every second from then on, not only at the pruner's next idle pass.
+    refused: tokio::sync::Notify,
 }
 
 impl Capacity {
@@ -352,6 +358,8 @@ impl Store {
             capacity: Arc::new(Capacity {
                 max_bytes,
                 full: AtomicBool::new(false),
+                refused_bytes: AtomicU64::new(0),
+                refused: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -359,6 +367,12 @@ impl Store {
     /// New mail is being refused: open data alone fills `[state] max_bytes`.
     pub fn is_full(&self) -> bool {
         self.capacity.is_full()
+    }
+
+    /// Resolves once a mail has been refused for want of room (at once if one was
+    /// refused since the last call).
+    pub async fn refused_mail(&self) {
+        self.capacity.refused.notified().await;
     }
 
     /// This handle, storing every alert as a dry run.
@@ -428,6 +442,8 @@ impl Store {
                     let room = retention::make_room(c, max, need)?;
                     capacity.full.store(!room, Ordering::Relaxed);
                     if !room {
+                        capacity.refused_bytes.store(need, Ordering::Relaxed);
+                        capacity.refused.notify_one();
                         return Ok(None);
                     }
                 }

@@ -79,6 +79,27 @@ impl Store {
         .await
     }
 
+    /// Looks again whether the mail last refused would fit now (making room, as for an
+    /// alert): a store that was full stops saying so once the incidents that filled it
+    /// have ended, even before the next mail arrives.
+    pub async fn recheck_full(&self) -> Result<bool, StoreError> {
+        let capacity = std::sync::Arc::clone(&self.capacity);
+        self.run(move |c| {
+            let Some(max) = capacity.max_bytes else {
+                return Ok(false);
+            };
+            let need = capacity
+                .refused_bytes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let full = !make_room(c, max, need)?;
+            capacity
+                .full
+                .store(full, std::sync::atomic::Ordering::Relaxed);
+            Ok(full)
+        })
+        .await
+    }
+
     /// How full the store is.
     pub async fn usage(&self) -> Result<Usage, StoreError> {
         let capacity = std::sync::Arc::clone(&self.capacity);
@@ -99,17 +120,23 @@ pub(super) fn make_room(c: &Connection, max: u64, need: u64) -> rusqlite::Result
     let need = need
         .saturating_add(ROW_OVERHEAD)
         .saturating_add(if need > SMALL_MAIL { reserve(max) } else { 0 });
-    // Each round deletes a few incidents: bounded work for the alert that waits.
-    for _ in 0..20 {
+    // Deletes until the mail fits or nothing closed is left, within a time budget: the
+    // alert waits, and so does every commit behind it. Past the budget the mail is
+    // deferred (the sender retries) and the pruner goes on deleting in the background.
+    let started = std::time::Instant::now();
+    while started.elapsed() < MAKE_ROOM_FOR {
         if data_bytes(c)?.saturating_add(need) <= max {
             return Ok(true);
         }
-        if !prune_closed(c, i64::MAX, 8, true)?.any() {
+        if !prune_closed(c, i64::MAX, 64, true)?.any() {
             return Ok(false);
         }
     }
     Ok(data_bytes(c)?.saturating_add(need) <= max)
 }
+
+/// How long one alert's transaction may spend deleting closed data to make room.
+const MAKE_ROOM_FOR: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Bytes of the database holding data: pages in use (free pages are reused first).
 fn data_bytes(c: &Connection) -> rusqlite::Result<u64> {
@@ -129,24 +156,32 @@ fn prune_closed(
     pressure: bool,
 ) -> rusqlite::Result<Pruned> {
     let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+    // Never an incident with a call still to be placed or settled: that call would be
+    // lost (a round's retry outliving the incident's end, a canary still queued).
     let mut incidents: Vec<i64> = c
         .prepare_cached(
-            "SELECT id FROM incidents WHERE closed_at IS NOT NULL AND closed_at < ?1
+            "SELECT id FROM incidents i WHERE closed_at IS NOT NULL AND closed_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM calls c WHERE c.incident_id = i.id
+                               AND c.state IN ('queued', 'requesting', 'unknown', 'retrying'))
              ORDER BY closed_at LIMIT ?2",
         )?
         .query_map(params![before, limit], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    // A bridged incident no recovery ever closed: over once nothing came for as long.
-    if !pressure {
-        incidents.extend(
-            c.prepare_cached(
-                "SELECT id FROM incidents WHERE status = 'bridged' AND last_alert_at < ?1
+    // A bridged incident no recovery ever closed (cron, smartd and the like never send
+    // one): over once nothing came for as long as `retain` — or, when the store is full,
+    // once its bridge is over (no call of it is still live or under way).
+    let silent_since = if pressure { i64::MAX } else { before };
+    incidents.extend(
+        c.prepare_cached(
+            "SELECT id FROM incidents i WHERE status = 'bridged' AND last_alert_at < ?1
+               AND NOT EXISTS (SELECT 1 FROM calls c WHERE c.incident_id = i.id
+                               AND (c.state IN ('queued', 'requesting', 'unknown', 'retrying')
+                                    OR c.twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress')))
              ORDER BY last_alert_at LIMIT ?2",
-            )?
-            .query_map(params![before, limit], |r| r.get::<_, i64>(0))?
-            .collect::<rusqlite::Result<Vec<_>>>()?,
-        );
-    }
+        )?
+        .query_map(params![silent_since, limit], |r| r.get::<_, i64>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?,
+    );
     incidents.truncate(batch);
     for id in &incidents {
         delete_incident(c, *id)?;

@@ -721,16 +721,26 @@ async fn big_incident(store: &Store, key: &str, size: usize) -> Result<i64, Stor
     Ok(opened(&routed).0)
 }
 
+/// Closes an incident as a recovery does: its calls not yet sent are canceled.
 async fn resolve_now(store: &Store, incident_id: i64) {
     store
         .run(move |c| {
             c.execute(
                 "UPDATE incidents SET status = 'resolved', next_round_at = NULL, closed_at = ?2 WHERE id = ?1",
                 params![incident_id, now_ms()],
-            )
+            )?;
+            end_calls(c, incident_id)
         })
         .await
         .unwrap();
+}
+
+/// Ends every call of an incident that is still to be sent.
+fn end_calls(c: &rusqlite::Connection, incident_id: i64) -> rusqlite::Result<usize> {
+    c.execute(
+        "UPDATE calls SET state = 'canceled', next_attempt_at = NULL WHERE incident_id = ?1 AND state IN ('queued', 'retrying')",
+        [incident_id],
+    )
 }
 
 #[tokio::test]
@@ -741,6 +751,7 @@ async fn retention_deletes_closed_incidents_with_everything_of_them_and_keeps_li
     let live = big_incident(&store, "live", 100).await.unwrap();
     let bridged = big_incident(&store, "bridged", 100).await.unwrap();
     store.mark_bridged(bridged).await.unwrap();
+    store.run(move |c| end_calls(c, bridged)).await.unwrap();
     resolve_now(&store, closed).await;
     // A dropped alert no incident holds.
     let dropped = alert(&store).await;
@@ -786,6 +797,27 @@ async fn retention_deletes_closed_incidents_with_everything_of_them_and_keeps_li
             .unwrap();
         assert_eq!(left, 0, "{table}");
     }
+}
+
+#[tokio::test]
+async fn a_closed_incident_with_a_call_still_to_go_out_is_never_pruned() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    // Closed with its call still queued, as the canary's incident is from the start.
+    let id = big_incident(&store, "canary", 100).await.unwrap();
+    store
+        .run(move |c| {
+            c.execute(
+                "UPDATE incidents SET status = 'resolved', next_round_at = NULL, closed_at = 1 WHERE id = ?1",
+                [id],
+            )
+        })
+        .await
+        .unwrap();
+    assert!(!store.prune(now_ms(), 10).await.unwrap().any());
+    assert!(store.incident(id).await.unwrap().is_some());
+    store.run(move |c| end_calls(c, id)).await.unwrap();
+    assert_eq!(store.prune(now_ms(), 10).await.unwrap().incidents, 1);
 }
 
 #[tokio::test]

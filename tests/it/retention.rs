@@ -97,6 +97,16 @@ fn a_store_filled_to_max_bytes_prunes_closed_data_and_refuses_only_for_open_data
     // open incidents are closed, their room is free again and big mail is accepted.
     smtp.alert("web0 is UP");
     smtp.alert("web1 is UP");
+    // Stored is not yet routed: wait until the router has closed them.
+    wait_incidents(dir.path(), Duration::from_secs(10), |l| {
+        l.iter()
+            .filter(|i| {
+                i["status"] == "resolved"
+                    && ["web0", "web1"].contains(&i["dedup_key"].as_str().unwrap_or_default())
+            })
+            .count()
+            == 2
+    });
     let (code, text) = send(&mut smtp, "web99 is DOWN");
     assert_eq!(code, 250, "{text}");
     let (status, _) = http_get(&format!("http://{}/healthz", daemon.http.unwrap()));
