@@ -493,8 +493,7 @@ fn speak_segment(piece: &str, words: &Words, out: &mut Speech) {
     }
     let mut previous = "";
     for part in parts.iter().filter(|p| !p.is_empty()) {
-        let port = part.bytes().all(|b| b.is_ascii_digit());
-        if port && is_host(previous) {
+        if is_port(part) && is_host(previous) {
             out.word(words.colon);
             out.word(&spell(part));
         } else {
@@ -505,9 +504,22 @@ fn speak_segment(piece: &str, words: &Words, out: &mut Speech) {
     }
 }
 
-/// Could `s` be the host of a `host:port`?
+/// Could `s` be the host of a `host:port`? A dotted name, `localhost`, or a short host
+/// name as Prometheus' `instance` labels have them (`db1:9100`): lower-case letters,
+/// digits and hyphens. (`FIRING:2` and other upper-case keys are not.)
 fn is_host(s: &str) -> bool {
-    s.contains('.') || s.eq_ignore_ascii_case("localhost")
+    s.contains('.')
+        || s.eq_ignore_ascii_case("localhost")
+        || (s.bytes().any(|b| b.is_ascii_lowercase())
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
+}
+
+/// Could `s` be the port of a `host:port`? Two to five digits, at most 65535.
+fn is_port(s: &str) -> bool {
+    (2..=5).contains(&s.len())
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && s.parse::<u32>().is_ok_and(|p| p <= 65535)
 }
 
 /// A name whose parts are separated by dots: host names and IPv4 addresses get "dot"

@@ -191,6 +191,15 @@ fn table() -> Vec<Case> {
                 &["CRITICAL", "app01 ドット example ドット jp", "CPU 使用率"],
             )
         },
+        Case {
+            language: JA,
+            ..case(
+                "mackerel-ja-ok.eml",
+                "mackerel recoveries",
+                "resolve",
+                &["app01 ドット example ドット jp", "CPU 使用率"],
+            )
+        },
         case(
             "datadog-triggered.eml",
             "datadog",
@@ -348,6 +357,7 @@ fn recoveries_close_the_incident_their_problem_opened() {
             "zabbix-ja-recovery-utf8.eml",
         ),
         ("cloudwatch-alarm.eml", "cloudwatch-ok.eml"),
+        ("mackerel-ja.eml", "mackerel-ja-ok.eml"),
     ] {
         let d = route(&shipped(), &[problem, recovery]);
         assert_eq!(
