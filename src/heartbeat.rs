@@ -24,7 +24,7 @@ use crate::health::{Health, Worker};
 use crate::metrics::{Metrics, WorkerLabel};
 use crate::oncall::from_ms;
 use crate::settings::Live;
-use crate::store::{HeartbeatRow, HeartbeatState, NewAlert, Store, ms, now_ms};
+use crate::store::{HeartbeatRow, NewAlert, Store, ms, now_ms};
 
 /// How often the worker looks: a deadline is noticed within this (tests use seconds).
 const EVERY: Duration = Duration::from_millis(500);
@@ -39,19 +39,20 @@ pub struct Missed {
     pub message: String,
 }
 
-/// Which heartbeats are past their deadline at `now` and not yet missed (pure).
+/// Which heartbeats are past their deadline at `now` and not yet missed for a daemon
+/// that is (or is not) a `dry_run` (pure).
 pub fn due(
     heartbeats: &[Heartbeat],
     rows: &[HeartbeatRow],
     now: i64,
     tz: &TimeZone,
+    dry_run: bool,
 ) -> Vec<Missed> {
     heartbeats
         .iter()
         .zip(rows)
         .filter(|(hb, row)| {
-            row.state != HeartbeatState::Missed
-                && now >= row.base().saturating_add(ms(hb.every + hb.grace))
+            !row.missed_for(dry_run) && now >= row.base().saturating_add(ms(hb.every + hb.grace))
         })
         .map(|(hb, row)| {
             let last_seen = from_ms(row.base())
@@ -112,7 +113,7 @@ async fn check(store: &Store, heartbeats: &[Heartbeat], wake: &Notify, tz: &Time
             return;
         }
     };
-    for missed in due(heartbeats, &rows, now, tz) {
+    for missed in due(heartbeats, &rows, now, tz, store.is_dry_run()) {
         let alert = NewAlert {
             source: "heartbeat",
             direct: Some(DirectAlert {
@@ -141,6 +142,7 @@ async fn check(store: &Store, heartbeats: &[Heartbeat], wake: &Notify, tz: &Time
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::HeartbeatState;
     use std::path::Path;
 
     #[test]
@@ -157,11 +159,27 @@ mod tests {
             state,
             since: 1_000_000,
             last_beat_at: last,
+            missed_dry_run: false,
         };
         let hb = &config.heartbeats;
         let utc = TimeZone::UTC;
-        assert!(due(hb, &[row(HeartbeatState::Waiting, None)], 1_014_999, &utc).is_empty());
-        let missed = due(hb, &[row(HeartbeatState::Waiting, None)], 1_015_000, &utc);
+        assert!(
+            due(
+                hb,
+                &[row(HeartbeatState::Waiting, None)],
+                1_014_999,
+                &utc,
+                false
+            )
+            .is_empty()
+        );
+        let missed = due(
+            hb,
+            &[row(HeartbeatState::Waiting, None)],
+            1_015_000,
+            &utc,
+            false,
+        );
         assert_eq!(missed.len(), 1);
         assert_eq!(missed[0].message, "No backup since 1970-01-01 00:16 UTC.");
         assert!(
@@ -169,7 +187,8 @@ mod tests {
                 hb,
                 &[row(HeartbeatState::Ok, Some(1_010_000))],
                 1_020_000,
-                &utc
+                &utc,
+                false
             )
             .is_empty()
         );
@@ -178,12 +197,33 @@ mod tests {
                 hb,
                 &[row(HeartbeatState::Ok, Some(1_010_000))],
                 1_025_000,
-                &utc
+                &utc,
+                false
             )[0]
             .base,
             1_010_000
         );
         // Missed once is missed until the next beat: no second incident.
-        assert!(due(hb, &[row(HeartbeatState::Missed, None)], 9_999_999, &utc).is_empty());
+        assert!(
+            due(
+                hb,
+                &[row(HeartbeatState::Missed, None)],
+                9_999_999,
+                &utc,
+                false
+            )
+            .is_empty()
+        );
+        // A miss only a dry run recorded is still to be called by a real daemon, and
+        // not again by a dry run.
+        let dry = HeartbeatRow {
+            missed_dry_run: true,
+            ..row(HeartbeatState::Missed, None)
+        };
+        assert_eq!(
+            due(hb, std::slice::from_ref(&dry), 1_015_000, &utc, false).len(),
+            1
+        );
+        assert!(due(hb, &[dry], 1_015_000, &utc, true).is_empty());
     }
 }

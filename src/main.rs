@@ -347,7 +347,15 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        match DaemonLock::acquire(&config.state.path) {
+        let deadline = tokio::time::Instant::now() + args.wait;
+        let (store, id) = match DaemonLock::acquire(&config.state.path) {
+            Ok(lock) => {
+                // Credentials are checked before anything is stored.
+                let caller = caller(&config, args.dry_run)?;
+                let store = open()?;
+                let id = store.insert_alert(alert).await?.id;
+                return dispatch_here(&config, &store, caller, id, lock, deadline).await;
+            }
             Err(StoreError::Locked { .. }) => {
                 let store = open()?;
                 let id = store.insert_alert(alert).await?.id;
@@ -356,111 +364,181 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
                 } else {
                     eprintln!("stored as alert {id}; the running daemon places the calls");
                 }
-                report_call(&store, id, args.wait).await
+                (store, id)
             }
-            Err(e) => Err(e.into()),
-            Ok(_lock) => {
-                let caller = caller(&config, args.dry_run)?;
-                let store = open()?;
-                let id = store.insert_alert(alert).await?.id;
-                // The dispatch workers run here until the calls settle (no rounds: this
-                // process does not stay; a later daemon runs them). No listeners, so
-                // no secrets or certificate.
-                let live = Settings {
-                    config: (*config).clone(),
-                    secrets: Secrets::default(),
-                    tls: None,
+            Err(e) => return Err(e.into()),
+        };
+        // Whoever holds the lock dispatches. That may be another `mailcall call`, which
+        // leaves once its own calls settle: then this process takes over, so the alert
+        // is never left waiting for a daemon that is not coming.
+        loop {
+            let status = call_status(&store, id).await?;
+            if status.done() || tokio::time::Instant::now() >= deadline {
+                return print_call(id, &status);
+            }
+            match DaemonLock::acquire(&config.state.path) {
+                Ok(lock) => {
+                    eprintln!("the store's lock came free: this process places the calls");
+                    let caller = caller(&config, args.dry_run)?;
+                    return dispatch_here(&config, &store, caller, id, lock, deadline).await;
                 }
-                .live();
-                let shutdown = CancellationToken::new();
-                let dispatcher = Arc::new(Dispatcher::new(
-                    live,
-                    store.clone(),
-                    caller,
-                    Arc::new(Notify::new()),
-                    Arc::new(Health::default()),
-                    Arc::new(Metrics::new(config.state.path.clone())),
-                    shutdown.clone(),
-                ));
-                let workers: Vec<Worker> = dispatcher
-                    .workers()
-                    .iter()
-                    .copied()
-                    .filter(|w| *w != Worker::Rounds)
-                    .collect();
-                let tasks = TaskTracker::new();
-                dispatcher.start(&tasks, &workers).await;
-                let code = report_call(&store, id, args.wait).await;
-                shutdown.cancel();
-                tasks.close();
-                dispatcher.calls.close();
-                let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                    tasks.wait().await;
-                    dispatcher.calls.wait().await;
-                })
-                .await;
-                code
+                Err(StoreError::Locked { .. }) => {}
+                Err(e) => return Err(e.into()),
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
 }
 
-/// Waits (up to `wait`) for the alert's calls to settle and prints them. Exit 0 when
-/// every call was placed (or is a dry run, or the alert joined an open incident), 1
-/// otherwise.
-async fn report_call(store: &Store, alert: i64, wait: Duration) -> anyhow::Result<ExitCode> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut out = std::io::stdout().lock();
-    loop {
-        let (state, action, incident) = store.alert_outcome(alert).await?;
-        let report = match incident {
-            Some(id) if state == AlertState::Routed => store.incident(id).await?,
-            _ => None,
-        };
-        let settled = report
-            .as_ref()
-            .is_some_and(|r| r.calls.iter().all(|c| c.status.is_final()));
-        if action.as_deref() == Some("deduplicated") {
-            writeln!(
-                out,
-                "same problem as open incident #{}: nobody is called again",
-                incident.unwrap_or_default()
-            )?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        if settled || tokio::time::Instant::now() >= deadline {
-            let Some(report) = report else {
-                writeln!(
-                    out,
-                    "alert {alert} is not routed yet; see `mailcall incidents` later"
-                )?;
-                return Ok(ExitCode::FAILURE);
-            };
-            let drill = if report.dry_run { " (dry run)" } else { "" };
-            writeln!(
-                out,
-                "incident #{}{drill} (room mailcall-{})",
-                report.id, report.public_id
-            )?;
-            let mut all_placed = true;
-            for c in &report.calls {
-                all_placed &= matches!(c.status, CallState::Placed | CallState::DryRun);
-                writeln!(
-                    out,
-                    "  {:<16} {:<10} {}",
-                    c.number,
-                    c.status,
-                    call_detail(c)
-                )?;
+/// Runs the dispatch workers in this process (it holds the store's lock) until the
+/// alert's calls settle or `deadline`, then prints them. No rounds: this process does
+/// not stay; a later daemon runs them. No listeners, so no secrets or certificate.
+async fn dispatch_here(
+    config: &Config,
+    store: &Store,
+    caller: Caller,
+    id: i64,
+    _lock: DaemonLock,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<ExitCode> {
+    let live = Settings {
+        config: config.clone(),
+        secrets: Secrets::default(),
+        tls: None,
+    }
+    .live();
+    let shutdown = CancellationToken::new();
+    let dispatcher = Arc::new(Dispatcher::new(
+        live,
+        store.clone(),
+        caller,
+        Arc::new(Notify::new()),
+        Arc::new(Health::default()),
+        Arc::new(Metrics::new(config.state.path.clone())),
+        shutdown.clone(),
+    ));
+    let workers: Vec<Worker> = dispatcher
+        .workers()
+        .iter()
+        .copied()
+        .filter(|w| *w != Worker::Rounds)
+        .collect();
+    let tasks = TaskTracker::new();
+    dispatcher.start(&tasks, &workers).await;
+    let code = report_call(store, id, deadline).await;
+    shutdown.cancel();
+    tasks.close();
+    dispatcher.calls.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        tasks.wait().await;
+        dispatcher.calls.wait().await;
+    })
+    .await;
+    code
+}
+
+/// Where an alert given to `mailcall call` stands.
+#[derive(Debug)]
+enum CallStatus {
+    /// It joined an open incident: nobody is called again.
+    Deduplicated(i64),
+    /// Routed into an incident; `settled` once every call is final.
+    Routed {
+        report: Box<mailcall::store::IncidentReport>,
+        settled: bool,
+    },
+    /// Not routed yet.
+    Waiting,
+}
+
+impl CallStatus {
+    fn done(&self) -> bool {
+        matches!(
+            self,
+            CallStatus::Deduplicated(_) | CallStatus::Routed { settled: true, .. }
+        )
+    }
+}
+
+async fn call_status(store: &Store, alert: i64) -> anyhow::Result<CallStatus> {
+    let (state, action, incident) = store.alert_outcome(alert).await?;
+    if action.as_deref() == Some("deduplicated") {
+        return Ok(CallStatus::Deduplicated(incident.unwrap_or_default()));
+    }
+    let report = match incident {
+        Some(id) if state == AlertState::Routed => store.incident(id).await?,
+        _ => None,
+    };
+    Ok(match report {
+        Some(report) => {
+            let settled = report.calls.iter().all(|c| c.status.is_final());
+            CallStatus::Routed {
+                report: Box::new(report),
+                settled,
             }
-            return Ok(if all_placed {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            });
+        }
+        None => CallStatus::Waiting,
+    })
+}
+
+/// Waits (until `deadline`) for the alert's calls to settle and prints them.
+async fn report_call(
+    store: &Store,
+    alert: i64,
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<ExitCode> {
+    loop {
+        let status = call_status(store, alert).await?;
+        if status.done() || tokio::time::Instant::now() >= deadline {
+            return print_call(alert, &status);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Prints where the alert stands. Exit 0 when every call was placed (or is a dry run,
+/// or the alert joined an open incident), 1 otherwise.
+fn print_call(alert: i64, status: &CallStatus) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    let report = match status {
+        CallStatus::Deduplicated(incident) => {
+            writeln!(
+                out,
+                "same problem as open incident #{incident}: nobody is called again"
+            )?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        CallStatus::Waiting => {
+            writeln!(
+                out,
+                "alert {alert} is not routed yet; see `mailcall incidents` later"
+            )?;
+            return Ok(ExitCode::FAILURE);
+        }
+        CallStatus::Routed { report, .. } => report,
+    };
+    let drill = if report.dry_run { " (dry run)" } else { "" };
+    writeln!(
+        out,
+        "incident #{}{drill} (room mailcall-{})",
+        report.id, report.public_id
+    )?;
+    let mut all_placed = true;
+    for c in &report.calls {
+        all_placed &= matches!(c.status, CallState::Placed | CallState::DryRun);
+        writeln!(
+            out,
+            "  {:<16} {:<10} {}",
+            c.number,
+            c.status,
+            call_detail(c)
+        )?;
+    }
+    Ok(if all_placed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// A call's SID, or why it has none.

@@ -147,7 +147,12 @@ impl Dispatcher {
                     retry_at: None,
                 }
             }
-            Outcome::Retry { after, reason } => {
+            Outcome::Retry {
+                after,
+                status,
+                code,
+                reason,
+            } => {
                 let attempt = u32::try_from(job.attempts).unwrap_or(u32::MAX);
                 let delay = backoff(
                     attempt,
@@ -162,11 +167,11 @@ impl Dispatcher {
                         "gave up after retrying for {}: {reason}",
                         humantime::format_duration(t.retry_for)
                     );
-                    self.count_failure(&job, None, &error);
+                    self.count_failure(&job, code, &error);
                     error!(incident = job.incident_id, number = %job.number, error = %error, "call failed; this number is not called");
                     AttemptOutcome::Failed {
-                        http_status: None,
-                        code: None,
+                        http_status: status,
+                        code,
                         error,
                         retry_at: None,
                     }
@@ -177,8 +182,8 @@ impl Dispatcher {
                     );
                     self.metrics.call_retries.inc();
                     AttemptOutcome::Failed {
-                        http_status: None,
-                        code: None,
+                        http_status: status,
+                        code,
                         error: reason,
                         retry_at: Some(next),
                     }

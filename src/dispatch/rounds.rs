@@ -6,7 +6,9 @@
 //! takes them straight into the bridge), someone who pressed 1 or joined the bridge
 //! (callbacks, with a public URL), or a participant of the bridge that is not one of
 //! our calls (a dial-in). AMD's `unknown` is not a person. Polling watches every call
-//! of the current round through the whole round, not one snapshot at its end.
+//! that may still be answered, through the whole round, not one snapshot at its end:
+//! a call retried past its round's end, and a call still ringing after someone joined
+//! (a voicemail answering then gets its message instead of recording the bridge).
 //!
 //! A round's end is one store transaction that first checks the incident is still open
 //! and in that round, and skips numbers whose call is still live (queued, ringing, in
@@ -111,8 +113,8 @@ impl Dispatcher {
         }
     }
 
-    /// Polling mode: asks Twilio about the calls of running rounds (each at most every
-    /// [`CHECK_CALL_EVERY`]). A person answering bridges the incident at once; an
+    /// Polling mode: asks Twilio about the calls that may still be answered (each at
+    /// most every [`CHECK_CALL_EVERY`]). A person answering bridges the incident at once; an
     /// answering machine gets the voicemail TwiML.
     async fn watch_answers(&self, client: &twilio::Client, busy: &Mutex<Busy>) {
         let ring = Duration::from_secs(u64::from(self.live.load().config.twilio.ring_seconds));

@@ -460,14 +460,17 @@ impl Store {
         .await
     }
 
-    /// Placed calls of open incidents' current rounds whose answerer is not known yet
-    /// and that may still be live, placed since `since` (Unix milliseconds).
+    /// Placed calls whose answerer is not known yet and that may still be live, placed
+    /// since `since` (Unix milliseconds), of incidents that are open or bridged: of
+    /// any round (a call retried past its round's end is still someone who may
+    /// answer), and after someone joined (a voicemail answering then must get its
+    /// message, not the bridge).
     pub async fn calls_to_watch(&self, since: i64) -> Result<Vec<WatchedCall>, StoreError> {
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT c.id, c.incident_id, c.sid, c.number, i.message, i.language, i.voice
                  FROM incidents i JOIN calls c ON c.incident_id = i.id
-                 WHERE i.status = 'open' AND i.kind = 'alert' AND i.dry_run = 0 AND c.round = i.round
+                 WHERE i.status IN ('open', 'bridged') AND i.kind = 'alert' AND i.dry_run = 0
                    AND c.state = 'placed' AND c.sid IS NOT NULL AND c.answered_by IS NULL
                    AND (c.twilio_status IS NULL OR c.twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress'))
                    AND c.updated_at > ?1",
@@ -542,7 +545,10 @@ fn place(
         _ => (Some(sid), None),
     };
     c.prepare_cached(
-        "UPDATE attempts SET state = ?2, sid = ?3, error = ?4, reconciled = ?5, settled_at = ?6 WHERE id = ?1",
+        // What went wrong with the request (it timed out, its answer was lost) stays
+        // on record next to how it was settled.
+        "UPDATE attempts SET state = ?2, sid = ?3, error = COALESCE(?4, error), reconciled = ?5, settled_at = ?6
+         WHERE id = ?1",
     )?
     .execute(params![attempt_id, AttemptState::Placed, sid, error, reconciled, now])?;
     c.prepare_cached(

@@ -415,30 +415,9 @@ fn finish_round(
         )?
         .query_map([incident_id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut last_call = c.prepare_cached(
-        "SELECT round, state, twilio_status FROM calls
-         WHERE incident_id = ?1 AND number = ?2 AND state != 'skipped' ORDER BY id DESC LIMIT 1",
-    )?;
     let mut targets = Vec::with_capacity(numbers.len());
     for number in numbers {
-        let last: Option<(i64, CallState, Option<TwilioStatus>)> = last_call
-            .query_row(params![incident_id, number], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
-            .optional()?;
-        let skip = last.and_then(|(of, state, status)| {
-            let doing = match state {
-                CallState::Queued | CallState::Retrying => "is still being retried",
-                CallState::Requesting | CallState::Unknown => "is still being requested",
-                CallState::Placed => match status.filter(|s| s.is_live()) {
-                    Some(TwilioStatus::InProgress) => "is still in progress",
-                    Some(_) => "is still ringing",
-                    None => return None,
-                },
-                _ => return None,
-            };
-            Some(format!("its call from round {of} {doing}"))
-        });
+        let skip = still_live(c, incident_id, &number)?;
         targets.push((number, skip));
     }
     c.execute(
@@ -457,6 +436,39 @@ fn finish_round(
     };
     let calls = insert_calls(c, &target, &targets, now, max_calls_per_hour)?;
     Ok(RoundEnd::NextRound { round: next, calls })
+}
+
+/// Why `number` must not be called again for the incident now, if so: its last call
+/// (of any round) is still live — queued, being retried or requested, ringing, in
+/// progress. Rounds and escalation steps both ask, so neither rings a phone that
+/// already rings.
+pub(super) fn still_live(
+    c: &Connection,
+    incident_id: i64,
+    number: &str,
+) -> rusqlite::Result<Option<String>> {
+    let last: Option<(i64, CallState, Option<TwilioStatus>)> = c
+        .prepare_cached(
+            "SELECT round, state, twilio_status FROM calls
+             WHERE incident_id = ?1 AND number = ?2 AND state != 'skipped' ORDER BY id DESC LIMIT 1",
+        )?
+        .query_row(params![incident_id, number], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()?;
+    Ok(last.and_then(|(of, state, status)| {
+        let doing = match state {
+            CallState::Queued | CallState::Retrying => "is still being retried",
+            CallState::Requesting | CallState::Unknown => "is still being requested",
+            CallState::Placed => match status.filter(|s| s.is_live()) {
+                Some(TwilioStatus::InProgress) => "is still in progress",
+                Some(_) => "is still ringing",
+                None => return None,
+            },
+            _ => return None,
+        };
+        Some(format!("its call from round {of} {doing}"))
+    }))
 }
 
 /// Incident reports with their rounds, calls, requests and events; `filter` follows

@@ -375,6 +375,11 @@ impl Store {
         self.capacity.refused.notified().await;
     }
 
+    /// Whether this handle stores its alerts as dry runs.
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+
     /// This handle, storing every alert as a dry run.
     pub fn dry_run(self) -> Store {
         Store {

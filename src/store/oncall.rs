@@ -45,12 +45,20 @@ pub struct HeartbeatRow {
     /// When the daemon first watched it (Unix ms): the deadline's base before a beat.
     pub since: i64,
     pub last_beat_at: Option<i64>,
+    /// Only a dry run marked it missed: a real daemon has not called for it yet.
+    pub missed_dry_run: bool,
 }
 
 impl HeartbeatRow {
     /// What the deadline counts from: the last beat, else when watching began.
     pub fn base(&self) -> i64 {
         self.last_beat_at.unwrap_or(self.since)
+    }
+
+    /// Whether this miss was already acted on by a daemon of this kind (`dry_run`):
+    /// a miss a dry run recorded is still to be called by a real daemon.
+    pub fn missed_for(&self, dry_run: bool) -> bool {
+        self.state == HeartbeatState::Missed && (dry_run || !self.missed_dry_run)
     }
 }
 
@@ -249,18 +257,19 @@ impl Store {
                 "INSERT INTO heartbeats (name, state, since) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
             )?;
             let mut select = c.prepare_cached(
-                "SELECT state, since, last_beat_at FROM heartbeats WHERE name = ?1",
+                "SELECT state, since, last_beat_at, missed_dry_run FROM heartbeats WHERE name = ?1",
             )?;
             let mut rows = Vec::with_capacity(names.len());
             for name in names {
                 insert.execute(params![name, HeartbeatState::Waiting, now])?;
-                let (state, since, last_beat_at) =
-                    select.query_row([&name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                let (state, since, last_beat_at, missed_dry_run) = select
+                    .query_row([&name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
                 rows.push(HeartbeatRow {
                     name,
                     state,
                     since,
                     last_beat_at,
+                    missed_dry_run,
                 });
             }
             Ok(rows)
@@ -281,10 +290,13 @@ impl Store {
         let dry_run = self.dry_run;
         self.run(move |c| {
             let now = now_ms();
+            // Not missed yet for this kind of daemon: a real one takes over a miss only
+            // a dry run recorded (and calls for it), never the other way round.
             let changed = c.execute(
-                "UPDATE heartbeats SET state = ?2, missed_at = ?3
-                 WHERE name = ?1 AND state != 'missed' AND COALESCE(last_beat_at, since) = ?4",
-                params![name, HeartbeatState::Missed, now, base],
+                "UPDATE heartbeats SET state = ?2, missed_at = ?3, missed_dry_run = ?5
+                 WHERE name = ?1 AND (state != 'missed' OR (missed_dry_run = 1 AND ?5 = 0))
+                   AND COALESCE(last_beat_at, since) = ?4",
+                params![name, HeartbeatState::Missed, now, base, dry_run],
             )?;
             if changed == 0 {
                 return Ok(None);
@@ -299,7 +311,7 @@ impl Store {
 pub(super) fn beat(c: &Connection, name: &str, now: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
         "INSERT INTO heartbeats (name, state, since, last_beat_at) VALUES (?1, ?2, ?3, ?3)
-         ON CONFLICT (name) DO UPDATE SET state = ?2, last_beat_at = ?3, missed_at = NULL",
+         ON CONFLICT (name) DO UPDATE SET state = ?2, last_beat_at = ?3, missed_at = NULL, missed_dry_run = 0",
     )?
     .execute(params![name, HeartbeatState::Ok, now])?;
     Ok(())
@@ -448,7 +460,10 @@ fn escalate(
             .optional()?
             .is_none()
         {
-            targets.push((number, None));
+            // A number whose call from an earlier round still rings is skipped, as a
+            // round skips it.
+            let skip = super::incidents::still_live(c, due.incident_id, &number)?;
+            targets.push((number, skip));
         }
     }
     let target = CallTarget {

@@ -625,6 +625,7 @@ async fn hot_lookups_use_indexes() {
                 "SELECT incident_id, step FROM escalations WHERE state = 'pending' AND due_at <= 1 ORDER BY due_at LIMIT 5",
                 "SELECT numbers FROM escalations WHERE incident_id = 1 AND step = 1 AND state = 'pending'",
                 "SELECT state FROM heartbeats WHERE name = 'x'",
+                "SELECT id FROM calls WHERE state = 'placed' AND answered_by IS NULL AND updated_at > 1",
                 "SELECT id FROM incidents WHERE dedup_key = 'k' AND status = 'silenced' AND dry_run = 0 AND opened_at > 1 ORDER BY opened_at DESC LIMIT 1",
             ];
             let mut plans = Vec::new();

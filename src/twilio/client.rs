@@ -174,6 +174,9 @@ pub enum Outcome {
     Retry {
         /// `Retry-After`, when Twilio sent one.
         after: Option<Duration>,
+        /// The HTTP status and Twilio error code, when Twilio answered.
+        status: Option<u16>,
+        code: Option<i64>,
         reason: String,
     },
     /// Trying again would fail the same way (4xx): bad number, unverified trial
@@ -284,6 +287,8 @@ impl Client {
             Err(e) if e.is_connect() => {
                 return Outcome::Retry {
                     after: None,
+                    status: None,
+                    code: None,
                     reason: describe_transport_error(&e),
                 };
             }
@@ -572,6 +577,8 @@ pub fn classify(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Outc
         };
         Outcome::Retry {
             after: retry_after,
+            status: Some(status),
+            code,
             reason,
         }
     } else {
