@@ -313,8 +313,8 @@ fn dashed_numbers_in_a_host_name_keep_their_groups() {
     }
 }
 
-/// IPv6 is named by the issue ("IP addresses incl. IPv6") and the unit test only covers
-/// an address with a leading group. Two shapes real alerts carry are mangled, measured
+/// IPv6 is named by the issue ("IP addresses incl. IPv6"), yet no test speaks an IPv6
+/// address. Two shapes real alerts carry are mangled, measured
 /// with `mailcall route` on the shipped rules:
 /// - Uptime Kuma (Node ≥ 17 resolves `localhost` to `::1`):
 ///   `[api] [🔴 Down] connect ECONNREFUSED ::1:3000` is spoken "… ECONNREFUSED 1:3000",
@@ -458,5 +458,72 @@ fn a_regex_error_after_a_line_continuation_points_at_the_pattern() {
             "{}:7:{column}: invalid regex for `subject`: unclosed character class",
             path.display()
         )
+    );
+}
+
+/// Grafana's legacy alerting (the dashboard alerts of Grafana ≤ 10, still what many
+/// installations run) mails `[Alerting] CPU alert` and, when it recovers, `[OK] CPU alert`
+/// (`[state text] rule name`). The shipped rules know neither: measured with
+/// `mailcall route`, `[OK] CPU alert` goes to the catch-all and rings alice — a recovery
+/// calling someone, the issue's defect 3 — and its key differs from the problem's, so it
+/// could not close that incident anyway. Cause: rules.toml's `recoveries` pattern has no
+/// `[OK]` alternative. Fix: add `^\[OK\] ` to the recoveries (and key `[Alerting]`
+/// mails on the rule name so the two meet).
+#[test]
+fn a_grafana_legacy_ok_mail_resolves_its_alerting_mail_instead_of_ringing() {
+    let grafana = |state: &str| {
+        plain(
+            "Grafana <grafana@monitoring.example.com>",
+            &format!("[{state}] CPU alert"),
+            &format!(
+                "[{state}] CPU alert\n\nCPU usage on web1.example.com is high\n\n\
+                 Metric name: web1.example.com\nValue: 97.2\n"
+            ),
+        )
+    };
+    let d = route(&shipped_path(), &[grafana("Alerting"), grafana("OK")]);
+    assert_eq!(d[0]["action"], "call", "{:#}", d[0]);
+    assert_ne!(d[1]["action"], "call", "a recovery rings: {:#}", d[1]);
+    assert_eq!(
+        d[0]["dedup_key"], d[1]["dedup_key"],
+        "the recovery closes the alert's incident"
+    );
+}
+
+/// Issue item 4: "with `language = "ja-JP"` … English text read by a Japanese voice".
+/// The call's own opening still is: a config that sets `[defaults] language = "ja-JP"`
+/// and `voice = "Polly.Mizuki"` and leaves `message` at its default gets
+/// `<Say language="ja-JP" voice="Polly.Mizuki">Alert. web01 停止</Say>` (measured with
+/// `mailcall route`), and a `language = "ja-JP"` rule without a `message` does the same
+/// under English defaults. The built-in default of a resolve rule is localised (the
+/// `resolved` prompt, "復旧しました。"), the one of a call rule is not, and no
+/// `[prompts."ja-JP"]` key can change it. The same holds for the built-in heartbeat
+/// ("Heartbeat {name} missed: …") and canary messages. Cause: config/validate.rs
+/// hard-codes `"Alert. {subject}"` as the default message (config/oncall.rs and the
+/// canary likewise). Fix: take the default's opening from the language's prompts (an
+/// `alert` prompt), as the resolve default does.
+#[test]
+fn a_japanese_call_with_the_default_message_says_no_english() {
+    let dir = workdir();
+    let cfg = dir.path().join("ja.toml");
+    std::fs::write(
+        &cfg,
+        "[twilio]\nfrom = \"+15005550006\"\n[defaults]\nlanguage = \"ja-JP\"\nvoice = \"Polly.Mizuki\"\n\
+         [[rule]]\nname = \"all\"\ncall = [\"+15005550001\"]\n",
+    )
+    .unwrap();
+    let d = route(
+        cfg.to_str().unwrap(),
+        &[plain(
+            "zabbix@monitoring.example.com",
+            "=?UTF-8?B?d2ViMDEg5YGc5q2i?=",
+            "web01 停止",
+        )],
+    );
+    let twiml = d[0]["twiml"].as_str().unwrap();
+    assert!(twiml.contains("language=\"ja-JP\""), "{twiml}");
+    assert!(
+        !twiml.contains("Alert"),
+        "English in a Japanese call: {twiml}"
     );
 }
