@@ -157,10 +157,11 @@ fn compact(s: &str) -> String {
 /// (`dedup_key = "{what}"`). Measured with `serve --dry-run` on the shipped rules.toml:
 /// the problem on db1 opens incident 1; the same trigger firing on db2 a moment later is
 /// logged "same problem as an open incident; nobody is called again" and nobody hears
-/// that db2 is in trouble; db1's recovery then resolves the one incident, so db2's open
-/// problem has no incident at all. Cause: rules.toml's `zabbix` and `recoveries` rules
-/// (dedup key from the subject only). Fix: key Zabbix problems and recoveries on the
-/// host too, or better on the body's `Original problem ID:` that both carry.
+/// that db2 is in trouble; and as db1's recovery computes the same key (`mailcall
+/// route`), it resolves that one incident while db2's problem is still open. Cause:
+/// rules.toml's `zabbix` and `recoveries` rules (dedup key from the subject only). Fix:
+/// key Zabbix problems and recoveries on the host too, or better on the body's
+/// `Original problem ID:` that both carry.
 #[test]
 fn zabbix_problems_on_two_hosts_are_two_incidents_and_a_recovery_closes_only_its_own() {
     let dir = workdir();
