@@ -20,5 +20,6 @@ mod review;
 mod review2;
 mod review3_12;
 mod review3_15;
+mod review3_14;
 mod smtp;
 mod source_files;
