@@ -59,12 +59,25 @@ pub(super) fn rotations(
             }
         }
         let shift = match r.shift.get_ref().parse::<Span>() {
-            Ok(s) if s.is_positive() && s.get_months() == 0 && s.get_years() == 0 => Some(s),
+            // At least a second: shorter shifts could not be told apart (and would never
+            // resolve to anyone).
+            Ok(s)
+                if s.is_positive()
+                    && s.get_months() == 0
+                    && s.get_years() == 0
+                    && s.total((
+                        jiff::Unit::Second,
+                        jiff::SpanRelativeTo::days_are_24_hours(),
+                    ))
+                    .is_ok_and(|secs| secs >= 1.0) =>
+            {
+                Some(s)
+            }
             _ => {
                 p.push(
                     r.shift.span(),
                     format!(
-                        "invalid `shift` `{}`; write a positive length in weeks, days or hours, e.g. \"1w\", \"1d\" or \"12h\"",
+                        "invalid `shift` `{}`; write a length of at least a second, in weeks, days or hours, e.g. \"1w\", \"1d\" or \"12h\"",
                         r.shift.get_ref()
                     ),
                 );

@@ -44,9 +44,13 @@ pub struct Segment {
     pub override_id: Option<i64>,
 }
 
-/// The most shifts a lookup steps over to correct its estimate; far more than any
-/// calendar irregularity (a DST change moves a day shift by an hour) needs.
+/// The most corrections a lookup makes to its estimate; far more than any calendar
+/// irregularity (a DST change moves a day shift by an hour) needs.
 const MAX_STEPS: usize = 64;
+/// The most shifts [`Rotation::schedule`] walks: a rotation whose member never changes
+/// (one person, or overrides covering every handoff) shows that far ahead, not to the
+/// end of the calendar.
+const MAX_SCHEDULE_SHIFTS: usize = 1024;
 
 impl Rotation {
     /// The time zone handoffs are computed and shown in.
@@ -67,15 +71,20 @@ impl Rotation {
             .total((Unit::Second, &self.start))
             .ok()
             .filter(|s| *s >= 1.0)?;
-        let elapsed = at.duration_since(self.start.timestamp()).as_secs_f64();
+        // Shifts differ in length (a day holding a DST change is 23 or 25 hours), so the
+        // first estimate may be off by many shifts years from `start`; each correction
+        // measures from the boundary it landed on, so it converges in a step or two.
+        let shifts_from = |t: Timestamp| at.duration_since(t).as_secs_f64() / nominal;
         #[allow(clippy::cast_possible_truncation)]
-        let mut n = (elapsed / nominal).floor() as i64;
+        let mut n = shifts_from(self.start.timestamp()).floor() as i64;
         for _ in 0..MAX_STEPS {
             let (from, until) = (self.boundary(n)?, self.boundary(n + 1)?);
+            #[allow(clippy::cast_possible_truncation)]
+            let off = shifts_from(from).floor() as i64;
             if at < from {
-                n -= 1;
+                n = n.checked_add(off.min(-1))?;
             } else if at >= until {
-                n += 1;
+                n = n.checked_add(off.max(1))?;
             } else {
                 return Some((n, from, until));
             }
@@ -125,7 +134,10 @@ impl Rotation {
     pub fn schedule(&self, overrides: &[Override], at: Timestamp, count: usize) -> Vec<Segment> {
         let mut out: Vec<Segment> = Vec::with_capacity(count);
         let mut t = at;
-        while out.len() < count {
+        for _ in 0..MAX_SCHEDULE_SHIFTS {
+            if out.len() >= count {
+                break;
+            }
             let Some(seg) = self.on_call(overrides, t) else {
                 break;
             };
@@ -169,14 +181,11 @@ pub fn parse_start(text: &str, tz: Option<&TimeZone>) -> Result<ZonedDateTime, S
         return Ok(match tz {
             Some(tz) => ts.to_zoned_datetime(tz.clone()),
             None => {
-                // Keep the offset as written: the civil time minus the instant.
-                let civil = text
-                    .parse::<jiff::civil::DateTime>()
-                    .map_err(|e| e.to_string())?;
-                let utc = ts.to_zoned_datetime(TimeZone::UTC).datetime();
-                let seconds = utc.duration_until(civil).as_secs().clamp(-93_599, 93_599);
-                let offset = jiff::tz::Offset::from_seconds(i32::try_from(seconds).unwrap_or(0))
-                    .map_err(|e| e.to_string())?;
+                // Keep the offset as written (`Z` is UTC).
+                let offset = jiff::fmt::temporal::Pieces::parse(text)
+                    .ok()
+                    .and_then(|p| p.to_numeric_offset())
+                    .unwrap_or(jiff::tz::Offset::UTC);
                 ts.to_zoned_datetime(TimeZone::fixed(offset))
             }
         });
@@ -237,6 +246,48 @@ mod tests {
             r.on_call(&[], at("2026-11-23T12:00:00+09:00")).unwrap().who,
             "bob"
         );
+    }
+
+    #[test]
+    fn a_daily_rotation_started_the_day_before_dst_stays_exact_for_years() {
+        // The first shift is 23 hours: an estimate from it drifts a shift every 23 days.
+        let r = rotation("2021-03-13T09:00:00", Some("America/New_York"), "1d");
+        for (t, who) in [
+            ("2021-03-14T08:59:59-04:00", "alice"),
+            ("2021-03-14T09:00:00-04:00", "bob"),
+            // 2,096 days after the start: shift 2096, carol's.
+            ("2026-12-08T12:00:00-05:00", "carol"),
+            ("2031-07-01T09:00:00-04:00", "alice"),
+            ("2011-01-01T12:00:00-05:00", "carol"),
+        ] {
+            let s = r
+                .on_call(&[], at(t))
+                .unwrap_or_else(|| panic!("nobody at {t}"));
+            assert_eq!(s.who, who, "{t}");
+            assert!(
+                r.local(s.until).ends_with("T09:00:00-05:00")
+                    || r.local(s.until).ends_with("T09:00:00-04:00")
+            );
+        }
+    }
+
+    #[test]
+    fn a_rotation_of_one_has_a_bounded_schedule() {
+        let mut r = rotation("2026-01-05T10:00:00+09:00", None, "1h");
+        r.members = vec!["alice".into()];
+        let s = r.schedule(&[], at("2026-11-23T10:30:00+09:00"), 4);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].who, "alice");
+        assert!(s[0].until > at("2026-12-23T00:00:00Z"), "{s:?}");
+    }
+
+    #[test]
+    fn a_start_in_utc_may_say_z() {
+        let z = parse_start("2026-01-05T01:00:00Z", None).unwrap();
+        assert_eq!(z.timestamp(), at("2026-01-05T10:00:00+09:00"));
+        assert_eq!(z.offset(), jiff::tz::Offset::UTC);
+        let plus9 = parse_start("2026-01-05T10:00:00+09:00", None).unwrap();
+        assert_eq!(plus9.offset().seconds(), 9 * 3600);
     }
 
     #[test]

@@ -47,7 +47,8 @@ pub fn parse_day(name: &str) -> Option<usize> {
         .or_else(|| full.iter().position(|d| *d == lower))
 }
 
-/// Parses `"HH:MM-HH:MM"` (the end may be `24:00`); the two ends must differ.
+/// Parses `"HH:MM-HH:MM"` (the end may be `24:00`); the two ends must differ, but
+/// `00:00-24:00` is the whole day.
 pub fn parse_hours(text: &str) -> Result<(Time, Time), String> {
     let parse = |part: &str, end: bool| -> Result<Time, String> {
         let part = part.trim();
@@ -66,11 +67,12 @@ pub fn parse_hours(text: &str) -> Result<(Time, Time), String> {
         );
         Time::new(h, m, 0, 0).map_err(|_| format!("`{part}` is not a time of day"))
     };
-    let (start, end) = text.split_once('-').ok_or_else(|| {
+    let (from, to) = text.split_once('-').ok_or_else(|| {
         "write the hours as \"09:00-18:00\" (or \"22:00-06:00\" overnight)".to_string()
     })?;
-    let (start, end) = (parse(start, false)?, parse(end, true)?);
-    if start == end {
+    let (start, end) = (parse(from, false)?, parse(to, true)?);
+    // The end `24:00` is midnight after the day: `00:00-24:00` is the whole day.
+    if start == end && to.trim() != "24:00" {
         return Err("the range is empty; write e.g. \"09:00-18:00\"".into());
     }
     Ok((start, end))
@@ -226,11 +228,13 @@ mod tests {
             "09:00",
             "25:00-26:00",
             "09:00-09:00",
+            "00:00-00:00",
             "09:60-10:00",
             "x",
         ] {
             assert!(parse_hours(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_hours("00:00-24:00"), Ok((Time::MIN, Time::MIN)));
         assert_eq!(parse_day("Fri"), Some(4));
         assert_eq!(parse_day("sunday"), Some(6));
         assert_eq!(parse_day("frі"), None);

@@ -280,7 +280,8 @@ impl Store {
     /// A heartbeat missed its deadline: in one transaction, checks that it is still
     /// the same wait (no beat came since `base`, not already missed), marks it missed
     /// and stores `alert`, which the router turns into an incident. The alert's id, or
-    /// `None` when a beat or another pass got there first.
+    /// `None` when a beat or another pass got there first, or while mail received
+    /// before now is not routed yet (it may be the beat; the next pass looks again).
     pub async fn heartbeat_missed(
         &self,
         name: String,
@@ -290,6 +291,16 @@ impl Store {
         let dry_run = self.dry_run;
         self.run(move |c| {
             let now = now_ms();
+            // A mail that arrived before the deadline and is not routed yet may be the
+            // beat: the deadline is judged once the router has caught up.
+            let unrouted = c
+                .prepare_cached(
+                    "SELECT 1 FROM alerts WHERE state = 'received' AND received_at <= ?1 LIMIT 1",
+                )?
+                .exists([now])?;
+            if unrouted {
+                return Ok(None);
+            }
             // Not missed yet for this kind of daemon: a real one takes over a miss only
             // a dry run recorded (and calls for it), never the other way round.
             let changed = c.execute(
@@ -307,13 +318,15 @@ impl Store {
     }
 }
 
-/// Records a beat of heartbeat `name` (in the routing transaction).
-pub(super) fn beat(c: &Connection, name: &str, now: i64) -> rusqlite::Result<()> {
+/// Records a beat of heartbeat `name` that arrived `at` (in the routing transaction).
+/// Beats routed out of order never move the last beat back.
+pub(super) fn beat(c: &Connection, name: &str, at: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
         "INSERT INTO heartbeats (name, state, since, last_beat_at) VALUES (?1, ?2, ?3, ?3)
-         ON CONFLICT (name) DO UPDATE SET state = ?2, last_beat_at = ?3, missed_at = NULL, missed_dry_run = 0",
+         ON CONFLICT (name) DO UPDATE SET state = ?2, last_beat_at = MAX(COALESCE(last_beat_at, ?3), ?3),
+                                          missed_at = NULL, missed_dry_run = 0",
     )?
-    .execute(params![name, HeartbeatState::Ok, now])?;
+    .execute(params![name, HeartbeatState::Ok, at])?;
     Ok(())
 }
 

@@ -132,9 +132,14 @@ fn record_routing(
         })?
         .collect()
     };
-    // A heartbeat's beat, then like a resolution of its missed-beat incident.
+    // A heartbeat's beat (as of when it arrived, not when it was routed), then like a
+    // resolution of its missed-beat incident.
     if decision.action == Action::Beat {
-        oncall::beat(c, decision.rule.as_deref().unwrap_or_default(), now)?;
+        oncall::beat(
+            c,
+            decision.rule.as_deref().unwrap_or_default(),
+            new.received_at,
+        )?;
     }
     if matches!(decision.action, Action::Resolve | Action::Beat) {
         let action = decision.action.as_str();

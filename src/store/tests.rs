@@ -978,3 +978,61 @@ async fn escalation_steps_join_the_open_round_and_are_not_needed_once_bridged() 
     ));
     assert_eq!(scalar(&store, "SELECT COUNT(*) FROM calls").await, 2);
 }
+
+#[tokio::test]
+async fn a_beat_stored_before_the_deadline_but_not_routed_yet_is_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let name = "backup".to_string();
+    let rows = store.heartbeats(vec![name.clone()], 1_000).await.unwrap();
+    let base = rows[0].base();
+    let missed = |store: Store| {
+        let name = name.clone();
+        async move {
+            store
+                .heartbeat_missed(
+                    name,
+                    base,
+                    NewAlert {
+                        source: "heartbeat",
+                        ..NewAlert::default()
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    // The beat's mail is stored (acknowledged) but the router has not got to it: the
+    // deadline waits for it.
+    let beat = alert(&store).await;
+    assert_eq!(missed(store.clone()).await, None);
+    let received = scalar(&store, "SELECT received_at FROM alerts ORDER BY id LIMIT 1").await;
+    let mut incident = incident("beat");
+    incident.received_at = received;
+    let mut decision = decision("heartbeat: backup", &[], Duration::ZERO);
+    decision.rule = Some("backup".into());
+    decision.action = Action::Beat;
+    store
+        .record_routings(vec![(beat, decision, incident)], 1000)
+        .await
+        .unwrap();
+    // Routed: the beat counts from when it arrived, and this wait is over.
+    let rows = store
+        .heartbeats(vec!["backup".into()], 1_000)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].state, HeartbeatState::Ok);
+    assert_eq!(rows[0].last_beat_at, Some(received));
+    assert_eq!(
+        missed(store.clone()).await,
+        None,
+        "a beat came since the base"
+    );
+}
+
+#[test]
+fn states_line_up_in_padded_columns() {
+    // `mailcall status` and `incidents` print states in columns.
+    assert_eq!(format!("[{:<8}]", HeartbeatState::Ok), "[ok      ]");
+    assert_eq!(format!("[{:<10}]", CallState::Placed), "[placed    ]");
+}

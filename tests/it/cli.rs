@@ -272,7 +272,8 @@ fn check_reports_every_on_call_problem_as_path_line_column() {
          [[rotation]]\nname = \"primary\"\nmembers = [\"alice\", \"bobb\"]\nshift = \"1w\"\nstart = \"2026-01-05T10:00:00+09:00\"\n\
          [[rotation]]\nname = \"primary\"\nmembers = []\nshift = \"1w\"\nstart = \"2026-01-05T10:00:00+09:00\"\ntimezone = \"Asia/Tokio\"\n\
          [[rule]]\nname = \"a\"\ncall = [\"primary\"]\nwhen = { days = [\"mon\"], hours = \"9-18\", timezone = \"Mars/Olympus\" }\n\
-         [[heartbeat]]\nname = \"backup\"\nevery = \"1d\"\ncall = [\"nobody\"]\nmessage = \"since {last_sen}\"\n",
+         [[heartbeat]]\nname = \"backup\"\nevery = \"1d\"\ncall = [\"nobody\"]\nmessage = \"since {last_sen}\"\n\
+         [[rotation]]\nname = \"fast\"\nmembers = [\"alice\"]\nshift = \"500ms\"\nstart = \"2026-01-05T10:00:00+09:00\"\n",
     )
     .unwrap();
     let out = mailcall(&["--config", path.to_str().unwrap(), "check"]);
@@ -288,11 +289,12 @@ fn check_reports_every_on_call_problem_as_path_line_column() {
         format!("{p}:19:53: unknown time zone `Mars/Olympus`"),
         format!("{p}:23:9: `nobody` in heartbeat `backup` is neither a contact"),
         format!("{p}:24:11: placeholder `{{last_sen}}` in `message` names nothing"),
+        format!("{p}:28:9: invalid `shift` `500ms`; write a length of at least a second"),
     ] {
         assert!(
             stdout.lines().any(|l| l.starts_with(&expected)),
             "missing {expected:?} in:\n{stdout}"
         );
     }
-    assert_eq!(stdout.lines().count(), 8, "{stdout}");
+    assert_eq!(stdout.lines().count(), 9, "{stdout}");
 }
