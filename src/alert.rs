@@ -11,7 +11,11 @@
 //! and table cells end up as separate lines, so `instance = db1:9100<br>job = node` never
 //! becomes `db1:9100job`; scripts, styles and comments are dropped.
 
+use std::borrow::Cow;
+use std::sync::LazyLock;
+
 use mail_parser::{Message, MessageParser, PartType};
+use regex::Regex;
 
 /// The SMTP envelope (or its equivalent from another way in).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -70,6 +74,8 @@ impl Alert {
     /// [`MAX_PARSE_BYTES`] are looked at.
     pub fn from_mime(raw: &[u8], envelope: &Envelope) -> Alert {
         let raw = &raw[..raw.len().min(MAX_PARSE_BYTES)];
+        let raw = charset_aliases(raw);
+        let raw = raw.as_ref();
         let mut alert = Alert {
             to: envelope.rcpt_to.clone(),
             from: envelope.mail_from.clone().unwrap_or_default(),
@@ -94,11 +100,12 @@ impl Alert {
                 .extend(list.iter().filter_map(|a| a.address()).map(str::to_string));
         }
         dedup_addresses(&mut alert.to);
-        alert.subject = message
-            .subject()
+        alert.subject = raw_japanese_subject(&message)
+            .or_else(|| message.subject().map(str::to_string))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         alert.body = body_text(&message)
+            .map(undeclared_iso_2022_jp)
             .map(|b| truncate_chars(b.trim(), MAX_BODY_CHARS))
             .unwrap_or_default();
         if alert.body.is_empty() {
@@ -111,6 +118,69 @@ impl Alert {
     pub fn to_joined(&self) -> String {
         self.to.join(", ")
     }
+}
+
+/// Japanese charset names mail-parser does not know, as the ones it does: Windows'
+/// `cp932` is Shift_JIS as `ms932` is, and the ISO-2022-JP extensions are ISO-2022-JP
+/// for everything but a few rare kanji.
+fn charset_aliases(raw: &[u8]) -> Cow<'_, [u8]> {
+    static ALIAS: LazyLock<regex::bytes::Regex> = LazyLock::new(|| {
+        regex::bytes::Regex::new(
+            r#"(?i)(charset\s*=\s*"?|=\?)(cp932|iso-2022-jp-(?:2|3|ext|2004))\b"#,
+        )
+        .expect("a valid pattern")
+    });
+    ALIAS.replace_all(raw, |c: &regex::bytes::Captures<'_>| {
+        let canonical: &[u8] = if c[2].eq_ignore_ascii_case(b"cp932") {
+            b"shift_jis"
+        } else {
+            b"iso-2022-jp"
+        };
+        [&c[1], canonical].concat()
+    })
+}
+
+/// A subject sent raw in a Japanese charset, without RFC 2047 encoding (old tools and
+/// scripts do this): ISO-2022-JP when it has escape sequences, else Shift_JIS or EUC-JP
+/// when its bytes are not UTF-8. `None` for anything else, which mail-parser decodes.
+fn raw_japanese_subject(message: &Message<'_>) -> Option<String> {
+    let header = message
+        .headers()
+        .iter()
+        .find(|h| h.name == mail_parser::HeaderName::Subject)?;
+    let raw = message
+        .raw_message()
+        .get(header.offset_start as usize..header.offset_end as usize)?;
+    // Unfolded: a line break inside a header is not part of its value.
+    let raw: Vec<u8> = raw
+        .iter()
+        .copied()
+        .filter(|b| !matches!(b, b'\r' | b'\n'))
+        .collect();
+    let strict = |encoding: &'static encoding_rs::Encoding| {
+        encoding
+            .decode_without_bom_handling_and_without_replacement(&raw)
+            .map(|s| s.into_owned())
+    };
+    if raw.contains(&0x1b) {
+        strict(encoding_rs::ISO_2022_JP)
+    } else if std::str::from_utf8(&raw).is_err() {
+        strict(encoding_rs::SHIFT_JIS).or_else(|| strict(encoding_rs::EUC_JP))
+    } else {
+        None
+    }
+}
+
+/// A body in ISO-2022-JP whose part did not say so (it reads as ASCII with escape
+/// sequences): decoded.
+fn undeclared_iso_2022_jp(body: String) -> String {
+    if !body.contains("\u{1b}$") {
+        return body;
+    }
+    let decoded = encoding_rs::ISO_2022_JP
+        .decode_without_bom_handling_and_without_replacement(body.as_bytes())
+        .map(Cow::into_owned);
+    decoded.unwrap_or(body)
 }
 
 /// The first inline text part, converted from HTML when the mail has no plain text.
@@ -138,6 +208,7 @@ pub fn html_to_text(html: &str) -> String {
         // linear and still yields the words.
         return mail_parser::decoders::html::html_to_text(&html);
     }
+    let html = blocks_as_divs(&html);
     match html2text::config::plain_no_decorate()
         .link_footnotes(false)
         .raw_mode(true)
@@ -152,6 +223,24 @@ pub fn html_to_text(html: &str) -> String {
             .join("\n"),
         // Only a renderer bug gets here; the mail-parser conversion is still words.
         Err(_) => mail_parser::decoders::html::html_to_text(&html),
+    }
+}
+
+/// html2text lays out HTML5's sectioning elements, `<center>` and `<hr>` inline, which
+/// glues the words on either side together (`CRITICAL` + `db1` → `CRITICALdb1`). They
+/// are blocks in every browser; here they become `<div>`s (and `<hr>` a line break).
+fn blocks_as_divs(html: &str) -> Cow<'_, str> {
+    static BLOCK: LazyLock<Regex> = LazyLock::new(|| {
+        Regex::new(
+            r"(?i)<(/?)(?:address|article|aside|center|details|dialog|fieldset|figcaption|figure|footer|header|hgroup|legend|main|menu|nav|search|section|summary)\b",
+        )
+        .expect("a valid pattern")
+    });
+    static RULE: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"(?i)<hr\b[^>]*>").expect("a valid pattern"));
+    match BLOCK.replace_all(html, "<${1}div") {
+        Cow::Borrowed(_) => RULE.replace_all(html, "<br>"),
+        Cow::Owned(divs) => Cow::Owned(RULE.replace_all(&divs, "<br>").into_owned()),
     }
 }
 
@@ -262,6 +351,14 @@ mod tests {
             "</div>".repeat(30_000)
         );
         assert_eq!(html_to_text(&html).trim(), "db1 is DOWN");
+        // HTML5's sections and `<hr>` separate words like any block.
+        assert_eq!(
+            html_to_text(
+                "<center><header>CRITICAL</header><section>db1 is DOWN</section><hr>\
+                 <SECTION>web1 is DOWN</SECTION><footer>Sent by monitor</footer></center>"
+            ),
+            "CRITICAL\ndb1 is DOWN\nweb1 is DOWN\nSent by monitor"
+        );
         // Ordinary nesting keeps the layout conversion: one line per cell.
         assert_eq!(
             html_to_text("<table><tr><td>host</td><td>db1</td></tr></table>"),
@@ -303,6 +400,38 @@ mod tests {
         let mut raw = b"Subject: big\r\n\r\n".to_vec();
         raw.extend(std::iter::repeat_n(b'x', MAX_BODY_CHARS * 2));
         assert_eq!(Alert::from_mime(&raw, &env()).body.len(), MAX_BODY_CHARS);
+    }
+
+    #[test]
+    fn japanese_mail_decodes_whatever_its_charset_label_or_lack_of_one() {
+        let (sjis, _, _) = encoding_rs::SHIFT_JIS.encode("web01 停止");
+        let (jis, _, _) = encoding_rs::ISO_2022_JP.encode("web01 停止");
+        // Labelled `cp932` (Windows' Shift_JIS), in the body and in an encoded word.
+        let mut raw = b"Subject: =?CP932?B?".to_vec();
+        raw.extend(
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &sjis).bytes(),
+        );
+        raw.extend(b"?=\r\nContent-Type: text/plain; charset=cp932\r\n\r\n");
+        raw.extend(sjis.iter());
+        let a = Alert::from_mime(&raw, &env());
+        assert_eq!(
+            (a.subject.as_str(), a.body.as_str()),
+            ("web01 停止", "web01 停止")
+        );
+        // Raw bytes in the Subject, no RFC 2047: ISO-2022-JP, Shift_JIS.
+        for bytes in [&jis, &sjis] {
+            let mut raw = b"Subject: ".to_vec();
+            raw.extend(bytes.iter());
+            raw.extend(b"\r\n\r\nbody\r\n");
+            assert_eq!(Alert::from_mime(&raw, &env()).subject, "web01 停止");
+        }
+        // An ISO-2022-JP body whose part says nothing of its charset.
+        let mut raw = b"Subject: x\r\n\r\n".to_vec();
+        raw.extend(jis.iter());
+        assert_eq!(Alert::from_mime(&raw, &env()).body, "web01 停止");
+        // A UTF-8 subject is left as it is.
+        let a = Alert::from_mime("Subject: web01 停止\r\n\r\nx".as_bytes(), &env());
+        assert_eq!(a.subject, "web01 停止");
     }
 
     #[test]

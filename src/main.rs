@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use mailcall::alert::{Alert, DirectAlert, Envelope};
 use mailcall::config::{Config, ConfigError};
-use mailcall::dispatch::{Caller, Dispatcher};
+use mailcall::dispatch::{Caller, Dispatcher, call_twiml};
 use mailcall::health::{Health, Worker};
 use mailcall::ingest::Secrets;
 use mailcall::logging::{self, Logs};
@@ -29,7 +29,7 @@ use mailcall::route::{self, Action};
 use mailcall::server::{self, Listeners};
 use mailcall::settings::{Live, LoadError, Settings};
 use mailcall::store::{AlertState, CallState, DaemonLock, NewAlert, Store, StoreError};
-use mailcall::twilio::{self, twiml};
+use mailcall::twilio;
 
 /// Turns alert e-mails into phone calls: everyone on call is rung at once, and whoever
 /// answers joins one conference per incident.
@@ -716,14 +716,8 @@ fn route_files(
     for (name, raw) in inputs {
         let alert = Alert::from_mime(&raw, &Envelope::default());
         let d = route::route(&config, &alert, &policy);
-        let twiml = (d.action == Action::Call).then(|| {
-            twiml::call(
-                &d.message,
-                &d.language,
-                &d.voice,
-                &twiml::room_name("preview"),
-            )
-        });
+        // What `serve` would send (press 1 with a public URL), for a room named `preview`.
+        let twiml = (d.action == Action::Call).then(|| call_twiml(&config, &d, "preview"));
         if json {
             let value = serde_json::json!({
                 "rule": d.rule,

@@ -109,10 +109,16 @@ pub struct Prompts {
     pub not_taken: String,
     /// Opens the message left on an answering machine.
     pub voicemail: String,
+    /// Opens the default message of a call rule (`Alert.` + the subject).
+    pub alert: String,
+    /// The default message of a `[[heartbeat]]` that missed its beat.
+    pub heartbeat_missed: String,
+    /// The default message of the `[canary]` test call.
+    pub canary: String,
 }
 
 /// The prompt keys of `[prompts."<language>"]` and the placeholders each one may use.
-pub const PROMPT_KEYS: [(&str, &[&str]); 14] = [
+pub const PROMPT_KEYS: [(&str, &[&str]); 17] = [
     ("press_one", &[]),
     ("goodbye", &[]),
     ("nobody_joined", &[]),
@@ -127,6 +133,9 @@ pub const PROMPT_KEYS: [(&str, &[&str]); 14] = [
     ("no_incident", &[]),
     ("not_taken", &[]),
     ("voicemail", &[]),
+    ("alert", &[]),
+    ("heartbeat_missed", &["name", "last_seen"]),
+    ("canary", &[]),
 ];
 
 impl Prompts {
@@ -173,6 +182,15 @@ impl Prompts {
                 "この番号では電話をお受けしていません。",
             ),
             voicemail: pick("This is mailcall.", "メールコールからのお知らせです。"),
+            alert: pick("Alert.", "アラート。"),
+            heartbeat_missed: pick(
+                "Heartbeat {name} missed: nothing since {last_seen}.",
+                "ハートビート {name} が途絶えました。最後の受信は {last_seen} です。",
+            ),
+            canary: pick(
+                "This is the mailcall test call. The alert path works. No action is needed.",
+                "メールコールのテスト電話です。通知の経路は正常です。対応は不要です。",
+            ),
         }
     }
 
@@ -193,6 +211,9 @@ impl Prompts {
             "no_incident" => &mut self.no_incident,
             "not_taken" => &mut self.not_taken,
             "voicemail" => &mut self.voicemail,
+            "alert" => &mut self.alert,
+            "heartbeat_missed" => &mut self.heartbeat_missed,
+            "canary" => &mut self.canary,
             _ => return None,
         })
     }
@@ -241,6 +262,8 @@ pub fn is_japanese(language: &str) -> bool {
 struct Words {
     dot: &'static str,
     colon: &'static str,
+    /// Between two groups of digits (`ip-10-0-1-23`), so the groups stay apart.
+    dash: &'static str,
     slash: &'static str,
     at: &'static str,
     link: &'static str,
@@ -254,6 +277,7 @@ struct Words {
 const ENGLISH: Words = Words {
     dot: "dot",
     colon: "colon",
+    dash: "dash",
     slash: "slash",
     at: "at",
     link: "link",
@@ -265,6 +289,7 @@ const ENGLISH: Words = Words {
 const JAPANESE: Words = Words {
     dot: "ドット",
     colon: "コロン",
+    dash: "ダッシュ",
     slash: "スラッシュ",
     at: "アット",
     link: "リンク",
@@ -326,8 +351,9 @@ fn unquoted_lines(text: &str) -> impl Iterator<Item = &str> {
         .take_while(|line| {
             let t = line.trim();
             let lower = t.to_ascii_lowercase();
-            !(t == "--"
-                || *line == "-- "
+            // The signature separator is `-- ` (RFC 3676); a bare `--` is often an alert
+            // template's own divider, with the alert after it.
+            !(*line == "-- "
                 || (lower.starts_with("-----") && lower.contains("original message"))
                 || (lower.starts_with("on ") && lower.ends_with("wrote:")))
         })
@@ -383,6 +409,13 @@ fn speak_narrow(token: &str, words: &Words, out: &mut Speech) {
         // Pure punctuation (`*****`, `|`, `=`, bullets, emoji) has nothing to say.
         return;
     };
+    // An IPv6 address may begin with `::` (`::1`, Node's `ECONNREFUSED ::1:3000`), or
+    // be bracketed before its port (`[2001:db8::1]:9100`).
+    let start = if token[..start].ends_with('[') && bracketed_ipv6(&token[start - 1..]).is_some() {
+        start - 1
+    } else {
+        ipv6_start(token, start)
+    };
     let end = token
         .char_indices()
         .rev()
@@ -402,28 +435,82 @@ fn speak_narrow(token: &str, words: &Words, out: &mut Speech) {
     }
 }
 
+/// Where an identifier that starts at byte `start` of `token` really starts: before a
+/// `::` that opens an IPv6 address.
+fn ipv6_start(token: &str, start: usize) -> usize {
+    let opens_v6 = token[..start].ends_with("::")
+        && token[start..]
+            .split(|c: char| !(c.is_ascii_hexdigit() || c == ':'))
+            .next()
+            .is_some_and(|a| !a.is_empty());
+    if opens_v6 { start - 2 } else { start }
+}
+
 /// Splits an identifier at the characters that only group its parts (`alertname=HostDown`,
-/// `{host:ip-10-0-1-23}`, `[FIRING:2]`) and speaks each part.
+/// `{host:ip-10-0-1-23}`, `[FIRING:2]`) and speaks each part. A bracketed IPv6 address
+/// with its port (`[2001:db8::1]:9100`) stays one.
 fn speak_core(core: &str, words: &Words, out: &mut Speech) {
     if is_noise(core) {
         return;
     }
-    for piece in core.split(|c: char| {
-        matches!(
-            c,
-            '=' | '{' | '}' | '[' | ']' | '(' | ')' | '"' | ',' | '|' | ';' | '<' | '>' | '`'
-        )
-    }) {
-        let piece = piece.trim_matches(|c: char| !c.is_alphanumeric());
-        if piece.is_empty() {
+    let mut rest = core;
+    while !rest.is_empty() {
+        if let Some((address, port, after)) = bracketed_ipv6(rest) {
+            speak_segment(address, words, out);
+            if let Some(port) = port {
+                out.word(words.colon);
+                out.word(&spell(port));
+            }
+            rest = after;
             continue;
         }
-        if is_url(piece) {
-            out.link(words);
-        } else if !is_noise(piece) {
-            speak_piece(piece, words, out);
+        let end = rest
+            .char_indices()
+            .skip(1)
+            .find(|&(_, c)| c == '[')
+            .map_or(rest.len(), |(i, _)| i);
+        let (chunk, after) = rest.split_at(end);
+        rest = after;
+        for piece in chunk.split(|c: char| {
+            matches!(
+                c,
+                '=' | '{' | '}' | '[' | ']' | '(' | ')' | '"' | ',' | '|' | ';' | '<' | '>' | '`'
+            )
+        }) {
+            let start = piece.find(char::is_alphanumeric).unwrap_or(piece.len());
+            let piece =
+                piece[ipv6_start(piece, start)..].trim_end_matches(|c: char| !c.is_alphanumeric());
+            if piece.is_empty() {
+                continue;
+            }
+            if is_url(piece) {
+                out.link(words);
+            } else if !is_noise(piece) {
+                speak_piece(piece, words, out);
+            }
         }
     }
+}
+
+/// `[2001:db8::1]:9100` at the start of `s`: the address, the port if any, and what
+/// follows.
+fn bracketed_ipv6(s: &str) -> Option<(&str, Option<&str>, &str)> {
+    let inner = s.strip_prefix('[')?;
+    let close = inner.find(']')?;
+    let address = &inner[..close];
+    let is_v6 = address.matches(':').count() >= 2
+        && address.bytes().all(|b| b.is_ascii_hexdigit() || b == b':');
+    if !is_v6 {
+        return None;
+    }
+    let after = &inner[close + 1..];
+    if let Some(tail) = after.strip_prefix(':') {
+        let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+        if is_port(&tail[..digits]) {
+            return Some((address, Some(&tail[..digits]), &tail[digits..]));
+        }
+    }
+    Some((address, None, after))
 }
 
 /// An identifier without grouping characters: mail addresses, paths, `host:port`,
@@ -470,7 +557,10 @@ fn speak_segment(piece: &str, words: &Words, out: &mut Speech) {
         return;
     }
     let parts: Vec<&str> = piece.split(':').collect();
-    if parts.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())) {
+    if parts
+        .iter()
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
         // A time of day (`03:14:07`): the voice reads it well as it is.
         out.word(piece);
         return;
@@ -527,7 +617,7 @@ fn is_port(s: &str) -> bool {
 fn speak_dotted(s: &str, words: &Words, out: &mut Speech) {
     let parts: Vec<&str> = s.split('.').filter(|p| !p.is_empty()).collect();
     if parts.len() <= 1 {
-        speak_word(parts.first().copied().unwrap_or(s), out);
+        speak_word(parts.first().copied().unwrap_or(s), words, out);
         return;
     }
     let numeric = |p: &&str| p.bytes().all(|b| b.is_ascii_digit());
@@ -559,16 +649,17 @@ fn speak_dotted(s: &str, words: &Words, out: &mut Speech) {
         if i > 0 {
             out.word(words.dot);
         }
-        speak_word(part, out);
+        speak_word(part, words, out);
     }
 }
 
 /// One label: `_` separates words, and so does `-` around numbers, which are read digit
-/// by digit (`ip-10-0-1-23` → "ip 1 0 0 1 2 3"); CamelCase is split (`HostDown` → "Host
-/// Down").
+/// by digit, with "dash" between two groups of digits so that they stay apart
+/// (`ip-10-0-1-23` → "ip 1 0 dash 0 dash 1 dash 2 3", never the same as `ip-100-1-2-3`);
+/// CamelCase is split (`HostDown` → "Host Down").
 /// Dates (`2025-03-03`) and plain numbers are read as they are, and letter-digit words such
 /// as `db1` are left to the voice, which reads them well.
-fn speak_word(word: &str, out: &mut Speech) {
+fn speak_word(word: &str, words: &Words, out: &mut Speech) {
     let segments: Vec<&str> = word
         .split(['-', '_'])
         .filter(|s| !s.is_empty() && !is_hash_segment(s))
@@ -586,11 +677,17 @@ fn speak_word(word: &str, out: &mut Speech) {
         out.word(&split_camel_case(&segments.join("-")));
         return;
     }
+    let mut previous_numeric = false;
     for segment in segments {
         if numeric(&segment) {
+            if previous_numeric {
+                out.word(words.dash);
+            }
             out.word(&spell(segment));
+            previous_numeric = true;
         } else {
             out.word(&split_camel_case(segment));
+            previous_numeric = false;
         }
     }
 }
@@ -671,6 +768,21 @@ fn is_noise(piece: &str) -> bool {
     if !base64 || len < 16 {
         return false;
     }
+    // A name people gave in parts (`prod-Web01-HighCPU-Api02`, an alarm's name) is
+    // judged part by part: only a long part can be a blob.
+    if piece.contains(['-', '_']) {
+        return piece
+            .split(['-', '_'])
+            .any(|part| part.len() >= 16 && is_random(part));
+    }
+    is_random(piece)
+}
+
+/// Mixed case and digits, switching between them all the time: base64, a random id.
+fn is_random(piece: &str) -> bool {
+    let len = piece.len();
+    let count = |f: fn(&u8) -> bool| piece.bytes().filter(f).count();
+    let digits = count(u8::is_ascii_digit);
     let upper = count(u8::is_ascii_uppercase);
     let lower_count = count(u8::is_ascii_lowercase);
     let class = |b: u8| {
@@ -716,8 +828,21 @@ mod tests {
         );
         assert_eq!(
             en("ip-10-0-1-23.ap-northeast-1.compute.internal is down"),
-            "ip 1 0 0 1 2 3 dot ap northeast 1 dot compute dot internal is down"
+            "ip 1 0 dash 0 dash 1 dash 2 3 dot ap northeast 1 dot compute dot internal is down"
         );
+        // Groups of digits stay apart: these are three different hosts.
+        assert_eq!(en("ip-10-0-12-3"), "ip 1 0 dash 0 dash 1 2 dash 3");
+        assert_eq!(en("ip-100-1-2-3"), "ip 1 0 0 dash 1 dash 2 dash 3");
+        // IPv6: a leading `::`, and a bracketed address with its port.
+        assert_eq!(
+            en("connect ECONNREFUSED ::1:3000"),
+            "connect ECONNREFUSED colon colon 1 colon 3 0 0 0"
+        );
+        assert_eq!(
+            en("instance = [2001:db8::1]:9100 down"),
+            "instance 2 0 0 1 colon d b 8 colon colon 1 colon 9 1 0 0 down"
+        );
+        assert_eq!(en("[fe80::1] up"), "f e 8 0 colon colon 1 up");
         assert_eq!(
             en("instance = 10.0.1.23:9100, job = node_exporter"),
             "instance 1 0 dot 0 dot 1 dot 2 3 colon 9 1 0 0, job node exporter"
@@ -754,6 +879,8 @@ mod tests {
         assert_eq!(en(text), "Backup failed on db1 see below more");
         let text = "Job done\n\nOn Mon, 3 Mar 2025, cron wrote:\n> earlier";
         assert_eq!(en(text), "Job done");
+        let text = "Backup report\n--\ndb1 failed";
+        assert_eq!(en(text), "Backup report db1 failed");
         assert_eq!(
             en(
                 "pod api-gateway-7d9f8b6c4-x2x9z instance i-0abc123def4567890 blob dGhpcyBpcyBhIHRlc3Q/Zm9v+YmFy=="
@@ -764,6 +891,13 @@ mod tests {
             en("arn:aws:sns:ap-northeast-1:123456789012:ops https://a/b https://c/d ok"),
             "link ok"
         );
+        // Names people gave in parts are names, however mixed their case and digits.
+        assert_eq!(
+            en("prod-Web01-HighCPU-Api02 ECS-Service2-Memory85Percent ALB-Target5xx-Prod01"),
+            "prod-Web01-High CPU-Api02 ECS-Service2-Memory85Percent ALB-Target5xx-Prod01"
+        );
+        // A long blob inside a dashed name still goes.
+        assert_eq!(en("token-dGhpcyBpcyB5hIHRlc3QxZm9v ok"), "ok");
     }
 
     #[test]

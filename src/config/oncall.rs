@@ -11,8 +11,9 @@ use toml::Spanned;
 
 use super::problems::Problemset;
 use super::raw::{RawEscalation, RawHeartbeat, RawRotation, RawWhen};
-use super::{Callee, Defaults, Escalation, Heartbeat, is_e164};
+use super::{Callee, Defaults, Escalation, Heartbeat, is_e164, prompt_set};
 use crate::oncall::{Rotation, When, parse_start, when};
+use crate::speech::Prompts;
 
 /// The placeholders a heartbeat's `message` may use.
 pub const HEARTBEAT_PLACEHOLDERS: [&str; 2] = ["name", "last_seen"];
@@ -284,6 +285,7 @@ pub(super) fn heartbeats(
     text: &str,
     known: &Known<'_>,
     defaults: &Defaults,
+    prompts: &BTreeMap<String, Prompts>,
 ) -> Vec<Heartbeat> {
     let mut names = BTreeSet::new();
     let mut out = Vec::new();
@@ -315,10 +317,12 @@ pub(super) fn heartbeats(
             p.push(h.call.span(), format!("heartbeat `{name}` has an empty `call` list; name whom to call when it misses a beat"));
         }
         let call = call_list(p, h.call.get_ref(), known, &format!("heartbeat `{name}`"));
-        let default_message = Spanned::new(
-            0..0,
-            "Heartbeat {name} missed: nothing since {last_seen}.".to_string(),
-        );
+        // The built-in message is in the heartbeat's language.
+        let language = h
+            .language
+            .as_ref()
+            .map_or(defaults.language.as_str(), |l| l.get_ref().as_str());
+        let default_message = Spanned::new(0..0, prompt_set(prompts, language).heartbeat_missed);
         let message = p
             .template(
                 h.message.as_ref().unwrap_or(&default_message),

@@ -247,12 +247,19 @@ impl Problemset {
                 let Some(names) = names else { return Some(t) };
                 for p in t.placeholders().filter(|p| !names.contains(p)) {
                     let known: Vec<String> = names.iter().map(|n| format!("{{{n}}}")).collect();
-                    self.push(
-                        value.span(),
-                        format!(
-                            "placeholder `{{{p}}}` in `{key}` names nothing; use one of {} (named regex captures become placeholders)",
+                    // Prompts take fixed placeholders (often none); rules' templates also
+                    // take their regexes' named captures.
+                    let hint = match (known.is_empty(), key.starts_with("prompts.")) {
+                        (true, true) => "this prompt takes no placeholders; write it as plain text (`{{` for a brace)".to_string(),
+                        (false, true) => format!("use one of {}", known.join(", ")),
+                        (_, false) => format!(
+                            "use one of {} (named regex captures become placeholders)",
                             known.join(", ")
                         ),
+                    };
+                    self.push(
+                        value.span(),
+                        format!("placeholder `{{{p}}}` in `{key}` names nothing; {hint}"),
                     );
                 }
                 Some(t)
@@ -293,28 +300,60 @@ fn raw_offset(text: &str, start: usize, offset: usize) -> usize {
     if literal {
         return at + offset;
     }
+    let body = &raw[at..];
+    // A line-ending backslash (multi-line strings) decodes to nothing and takes the
+    // whitespace and newlines after it along.
+    let continuation_end = |i: usize| -> Option<usize> {
+        if delimiter != 3 || !body[i..].starts_with('\\') {
+            return None;
+        }
+        let after = &body[i + 1..];
+        let line_end = after.find('\n')?;
+        if !after[..line_end]
+            .trim_end_matches('\r')
+            .chars()
+            .all(|c| c == ' ' || c == '\t')
+        {
+            return None;
+        }
+        let rest = &after[line_end..];
+        let skipped = rest.len() - rest.trim_start_matches([' ', '\t', '\r', '\n']).len();
+        Some(i + 1 + line_end + skipped)
+    };
     let mut decoded = 0;
-    let mut chars = raw[at..].char_indices();
-    while decoded < offset {
-        let Some((_, c)) = chars.next() else { break };
+    let mut i = 0;
+    loop {
+        if let Some(end) = continuation_end(i) {
+            i = end;
+            continue;
+        }
+        let Some(c) = body[i..].chars().next() else {
+            break;
+        };
+        if decoded >= offset {
+            break;
+        }
         if c == '\\' {
-            let width = match chars.next().map(|(_, e)| e) {
+            let mut escape = body[i + 1..].chars();
+            let letter = escape.next();
+            let width = match letter {
                 Some('u') => 4,
                 Some('U') => 8,
                 _ => 0,
             };
-            let hex: String = (0..width)
-                .filter_map(|_| chars.next().map(|(_, h)| h))
-                .collect();
+            let hex: String = escape.take(width).collect();
             decoded += u32::from_str_radix(&hex, 16)
                 .ok()
                 .and_then(char::from_u32)
                 .map_or(1, char::len_utf8);
+            // The backslash, the escape letter and its hex digits.
+            i += 1 + letter.map_or(0, char::len_utf8) + hex.len();
         } else {
             decoded += c.len_utf8();
+            i += c.len_utf8();
         }
     }
-    at + chars.next().map_or(raw.len() - at, |(i, _)| i)
+    at + i
 }
 
 pub(super) fn positive(

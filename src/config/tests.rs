@@ -179,15 +179,51 @@ fn prompts_per_language_are_overridden_and_checked() {
     assert_eq!(c.prompts("en-US"), Prompts::builtin("en-US"));
     assert_eq!(c.rules[0].message.to_string(), "復旧しました。 {subject}");
     let got = problems(&format!(
-        "{MINIMAL}[prompts.\"ja-JP\"]\ngoodby = \"x\"\njoined = \"{{whom}}\"\n[prompts.japanese]\ngoodbye = \"x\"\n"
+        "{MINIMAL}[prompts.\"ja-JP\"]\ngoodby = \"x\"\njoined = \"{{whom}}\"\ngoodbye = \"{{who}}\"\n[prompts.japanese]\ngoodbye = \"x\"\n"
     ));
-    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(got.len(), 4, "{got:#?}");
     assert!(got[0].contains("unknown prompt `goodby`"), "{got:?}");
     assert!(
-        got[1].contains("placeholder `{whom}` in `prompts.joined`"),
+        got[1].contains("placeholder `{whom}` in `prompts.joined` names nothing; use one of {who}")
+            && !got[1].contains("regex"),
         "{got:?}"
     );
-    assert!(got[2].contains("is not a language tag"), "{got:?}");
+    assert!(
+        got[2].contains("`prompts.goodbye` names nothing; this prompt takes no placeholders"),
+        "{got:?}"
+    );
+    assert!(got[3].contains("is not a language tag"), "{got:?}");
+}
+
+#[test]
+fn default_messages_speak_the_rules_language() {
+    // No [defaults] message: each rule's built-in opening is in its own language, and
+    // so are the heartbeat's and the canary's messages.
+    let c = Config::parse(
+        Path::new("r.toml"),
+        &format!(
+            "{MINIMAL}[defaults]\nlanguage = \"ja-JP\"\nvoice = \"Polly.Mizuki\"\n\
+             [canary]\nevery = \"24h\"\ncall = [\"+15005550001\"]\n\
+             [[rule]]\nname = \"ja\"\ncall = [\"+15005550001\"]\n\
+             [[rule]]\nname = \"en\"\ncall = [\"+15005550001\"]\nlanguage = \"en-US\"\nvoice = \"Polly.Joanna\"\n\
+             [[heartbeat]]\nname = \"backup\"\nevery = \"1d\"\ncall = [\"+15005550001\"]\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(c.rules[0].message.to_string(), "アラート。 {subject}");
+    assert_eq!(c.rules[1].message.to_string(), "Alert. {subject}");
+    assert!(
+        c.heartbeats[0]
+            .message
+            .to_string()
+            .starts_with("ハートビート {name}")
+    );
+    assert!(
+        c.canary
+            .unwrap()
+            .message
+            .starts_with("メールコールのテスト電話")
+    );
 }
 
 #[test]

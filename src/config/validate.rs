@@ -414,18 +414,20 @@ pub(super) fn validate(
                 ))
             }
         };
+        // Without a `message`: the opening prompt in the rule's language ("Resolved." for
+        // a recovery, "Alert." unless [defaults] says otherwise), then the subject.
+        let language = r
+            .language
+            .as_ref()
+            .map_or(defaults.language.as_str(), |l| l.get_ref().as_str());
+        let opening = |prompt: fn(Prompts) -> String| {
+            let text = prompt(prompt_set(&prompts, language));
+            Template::parse(&format!("{} {{subject}}", literal(&text))).ok()
+        };
         let message = match &r.message {
             Some(m) => p.template(m, "message", regexes_ok.then_some(&placeholders)),
-            None if action == RuleAction::Resolve => {
-                // "Resolved." in the rule's language, then the subject.
-                let language = r
-                    .language
-                    .as_ref()
-                    .map_or(defaults.language.as_str(), |l| l.get_ref().as_str());
-                let resolved = prompt_set(&prompts, language).resolved;
-                let literal = resolved.replace('{', "{{").replace('}', "}}");
-                Template::parse(&format!("{literal} {{subject}}")).ok()
-            }
+            None if action == RuleAction::Resolve => opening(|p| p.resolved),
+            None if raw.defaults.message.is_none() => opening(|p| p.alert),
             None => Some(defaults.message.clone()),
         };
         let dedup_key = r
@@ -471,7 +473,7 @@ pub(super) fn validate(
             escalate,
         });
     }
-    let heartbeats = oncall::heartbeats(&mut p, &raw.heartbeats, text, &known, &defaults);
+    let heartbeats = oncall::heartbeats(&mut p, &raw.heartbeats, text, &known, &defaults, &prompts);
 
     // [state] and [limits]
     let state_path = PathBuf::from(raw.state.path.as_deref().unwrap_or("mailcall.db"));
@@ -641,9 +643,10 @@ pub(super) fn validate(
         Canary {
             every,
             numbers: p.callees(c.call.get_ref(), &contacts, &groups, "[canary]"),
-            message: c.message.clone().unwrap_or_else(|| {
-                "This is the mailcall test call. The alert path works. No action is needed.".into()
-            }),
+            message: c
+                .message
+                .clone()
+                .unwrap_or_else(|| prompt_set(&prompts, &defaults.language).canary),
         }
     });
 
@@ -669,4 +672,9 @@ pub(super) fn validate(
         rotations,
         heartbeats,
     })
+}
+
+/// `text` as a template that says it literally (braces escaped).
+fn literal(text: &str) -> String {
+    text.replace('{', "{{").replace('}', "}}")
 }

@@ -41,6 +41,7 @@ use crate::twilio;
 
 pub use placer::follow_up;
 pub use reconcile::{Candidate, Decision as Reconciliation, Pending, decide};
+pub use router::call_twiml;
 
 /// How often an idle worker looks at the store even when nobody woke it: work stored by
 /// another process (`mailcall call` beside a running daemon) waits at most this long.

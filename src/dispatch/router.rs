@@ -72,22 +72,7 @@ fn decide(config: &Config, batch: Vec<PendingAlert>, policy: &Policy) -> Decided
             }
         };
         let public_id = new_public_id();
-        let twiml = match &config.twilio.public_url {
-            // Press 1 to join: only a person who chose to is in the bridge.
-            Some(base) => twiml::gather_call(
-                &config.prompts(&decision.language),
-                &decision.message,
-                &decision.language,
-                &decision.voice,
-                &format!("{base}/twilio/gather?room={public_id}"),
-            ),
-            None => twiml::call(
-                &decision.message,
-                &decision.language,
-                &decision.voice,
-                &twiml::room_name(&public_id),
-            ),
-        };
+        let twiml = call_twiml(config, &decision, &public_id);
         let kind = if pending.source == "canary" {
             IncidentKind::Canary
         } else {
@@ -393,13 +378,19 @@ impl Dispatcher {
             });
             return;
         }
-        let announcement = twiml::announce(
-            &decision.message,
-            &decision.language,
-            &decision.voice,
-            &room,
+        let (message, language, voice) = (
+            decision.message.clone(),
+            decision.language.clone(),
+            decision.voice.clone(),
         );
+        let store = self.store.clone();
         self.calls.spawn(async move {
+            // In the incident's language and voice, as with a public URL.
+            let (language, voice) = match store.incident_voice(&public_id).await {
+                Ok(Some(speaker)) => speaker,
+                _ => (language, voice),
+            };
+            let announcement = twiml::announce(&message, &language, &voice, &room);
             let participants = match client.conference_calls(&room).await {
                 Ok(p) => p,
                 Err(e) => {
@@ -414,5 +405,26 @@ impl Dispatcher {
                 }
             }
         });
+    }
+}
+
+/// The TwiML every call of an incident says, for the incident whose room is
+/// `public_id`: with a public URL, press 1 to join (only a person who chose to is in
+/// the bridge); without, straight into the bridge.
+pub fn call_twiml(config: &Config, decision: &route::Decision, public_id: &str) -> String {
+    match &config.twilio.public_url {
+        Some(base) => twiml::gather_call(
+            &config.prompts(&decision.language),
+            &decision.message,
+            &decision.language,
+            &decision.voice,
+            &format!("{base}/twilio/gather?room={public_id}"),
+        ),
+        None => twiml::call(
+            &decision.message,
+            &decision.language,
+            &decision.voice,
+            &twiml::room_name(public_id),
+        ),
     }
 }

@@ -298,3 +298,35 @@ fn check_reports_every_on_call_problem_as_path_line_column() {
     }
     assert_eq!(stdout.lines().count(), 9, "{stdout}");
 }
+
+/// `route` shows the TwiML `serve` would send: with a public URL, the press-1 call in the
+/// rule's language (its prompts can be checked before a real alert comes).
+#[test]
+fn route_previews_the_press_one_call_with_a_public_url() {
+    let dir = crate::harness::workdir();
+    let path = dir.path().join("public.toml");
+    std::fs::write(
+        &path,
+        "[twilio]\nfrom = \"+15005550006\"\npublic_url = \"https://alerts.example.com\"\n\
+         [http]\nlisten = \"127.0.0.1:0\"\n\
+         [[rule]]\nname = \"ja\"\ncall = [\"+15005550001\"]\nlanguage = \"ja-JP\"\nvoice = \"Polly.Mizuki\"\n",
+    )
+    .unwrap();
+    let mail = dir.path().join("a.eml");
+    std::fs::write(&mail, "Subject: web01 down\r\n\r\nx\r\n").unwrap();
+    let out = mailcall(&[
+        "--config",
+        path.to_str().unwrap(),
+        "route",
+        "--json",
+        mail.to_str().unwrap(),
+    ]);
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let twiml = got["twiml"].as_str().unwrap();
+    assert!(
+        twiml.contains("<Gather")
+            && twiml.contains("https://alerts.example.com/twilio/gather?room=preview")
+            && twiml.contains("1 を"),
+        "{twiml}"
+    );
+}

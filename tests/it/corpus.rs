@@ -42,7 +42,7 @@ const fn case(
 }
 
 const JA: &str = "ja-JP";
-const AWS_HOST: &str = "ip 1 0 0 1 2 3 dot ap northeast 1 dot compute dot internal";
+const AWS_HOST: &str = "ip 1 0 dash 0 dash 1 dash 2 3 dot ap northeast 1 dot compute dot internal";
 
 fn table() -> Vec<Case> {
     vec![
@@ -58,12 +58,14 @@ fn table() -> Vec<Case> {
         ),
         case(
             "alertmanager-grouped.eml",
-            "alertmanager",
+            "alertmanager group",
             "call",
             &[
                 "Firing",
                 "Node Filesystem Almost Full",
                 "var slash lib slash postgresql",
+                // The group's first host: the subject holds only what the alerts share.
+                AWS_HOST,
             ],
         ),
         case(
@@ -106,7 +108,7 @@ fn table() -> Vec<Case> {
         ),
         case(
             "zabbix-resolved.eml",
-            "recoveries",
+            "zabbix recoveries",
             "resolve",
             &["Resolved", "High CPU utilization"],
         ),
@@ -146,6 +148,17 @@ fn table() -> Vec<Case> {
                 "Nagios",
                 "db1 dot example dot com is DOWN",
                 "1 0 dot 0 dot 1 dot 2 3",
+            ],
+        ),
+        case(
+            "nagios-service-critical.eml",
+            "nagios",
+            "call",
+            &[
+                "Nagios",
+                "web1 dot example dot com slash HTTP is CRITICAL",
+                // The check's output, from the service template's "Additional Info:".
+                "Connection refused",
             ],
         ),
         case(
@@ -357,6 +370,7 @@ fn recoveries_close_the_incident_their_problem_opened() {
             "zabbix-ja-recovery-utf8.eml",
         ),
         ("cloudwatch-alarm.eml", "cloudwatch-ok.eml"),
+        ("nagios-service-critical.eml", "nagios-service-recovery.eml"),
         ("mackerel-ja.eml", "mackerel-ja-ok.eml"),
     ] {
         let d = route(&shipped(), &[problem, recovery]);
