@@ -166,6 +166,43 @@ fn a_resolve_mail_stops_the_rounds() {
     );
 }
 
+/// The bridge hears the resolution in the incident's voice, whatever the recovery rule's
+/// (as with a public URL): a Japanese bridge is not spoken to by an English voice.
+#[test]
+fn a_resolution_is_announced_in_the_incidents_voice() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    twilio.answer(
+        "+15005550001",
+        Answer {
+            answered_by: "human",
+            joins: true,
+        },
+    );
+    let rules = "[[rule]]\nname = \"recovery\"\nsubject = '(?P<host>\\S+) 復旧'\nresolve = true\ndedup_key = \"{host}\"\n\
+                 [[rule]]\nname = \"down\"\nsubject = '(?P<host>\\S+) 停止'\ncall = [\"alice\"]\ndedup_key = \"{host}\"\n\
+                 language = \"ja-JP\"\nvoice = \"Polly.Mizuki\"\n";
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
+    let mut smtp = daemon.smtp();
+    smtp.alert("db1 停止");
+    let calls = twilio.wait_until(Duration::from_secs(10), |c| !c.is_empty());
+    let alice = calls[0].sid.clone().unwrap();
+    smtp.alert("db1 復旧");
+    daemon.wait_for_log(
+        "resolution announced in the bridge",
+        Duration::from_secs(10),
+    );
+    let updates = twilio.updates();
+    let update = updates.iter().find(|u| u.sid == alice).expect("announced");
+    assert!(
+        update
+            .twiml
+            .contains("language=\"ja-JP\" voice=\"Polly.Mizuki\""),
+        "{}",
+        update.twiml
+    );
+}
+
 #[test]
 fn a_resolution_is_announced_to_whoever_is_in_the_bridge() {
     let twilio = FakeTwilio::start();
