@@ -18,5 +18,6 @@ mod ops;
 mod retention;
 mod review;
 mod review2;
+mod review3_13;
 mod smtp;
 mod source_files;
