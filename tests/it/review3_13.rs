@@ -509,3 +509,89 @@ fn the_workers_once_a_second_lookups_use_indexes() {
         bad.join("\n")
     );
 }
+
+/// A SendGrid Inbound Parse post in raw mode (`email`, `envelope`, `dkim`) to `addr`;
+/// the status.
+fn sendgrid_post(addr: SocketAddr, email: &str, dkim: &str) -> u16 {
+    const BOUNDARY: &str = "xYzZY";
+    let mut body = Vec::new();
+    let envelope = format!(r#"{{"to":["{RCPT}"],"from":"{SENDER}"}}"#);
+    for (name, value) in [("email", email), ("envelope", &envelope), ("dkim", dkim)] {
+        body.extend_from_slice(
+            format!(
+                "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!(
+            "POST /sendgrid/inbound HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
+             Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    read_answer(&mut BufReader::new(s)).unwrap_or(0)
+}
+
+/// `[sendgrid] require_dkim = true`, and a mail from a Japanese internationalised domain
+/// — `From: 監視 <alert@例え.jp>`, raw UTF-8 as SMTPUTF8 mail carries it, the case the
+/// issue's SMTPUTF8 work is for — signed by that very domain. SendGrid reports the
+/// signature's `d=` domain, which RFC 6376 (3.5) requires in A-label form:
+/// `{@xn--r8jz45g.jp : pass}`.
+///
+/// Measured: the mail is recorded as rejected ("DKIM {@xn--r8jz45g.jp : pass} for From:
+/// alert@例え.jp") and nobody is called. `dkim_aligned` compares the organisational domain
+/// of the `From:` address as written (U-labels, `例え.jp`) with that of the DKIM domain
+/// (A-labels, `xn--r8jz45g.jp`) byte for byte, so a correctly signed mail from any IDN
+/// domain never aligns. Both must be brought to one form (A-labels, `idna`) before they
+/// are compared, as DMARC does for EAI mail.
+#[test]
+fn dkim_alignment_holds_for_an_internationalised_from_domain() {
+    let dir = workdir();
+    let cfg = config(
+        None,
+        "[http]\nlisten = \"127.0.0.1:0\"\n[sendgrid]\nrequire_dkim = true\n\
+         [[rule]]\nname = \"all\"\ncall = [\"alice\"]\n",
+    );
+    let daemon = Daemon::start(dir.path(), &cfg, true);
+    let addr = daemon.http.unwrap();
+    let mail = |subject: &str| {
+        format!(
+            "From: 監視 <alert@例え.jp>\r\nTo: {RCPT}\r\nSubject: {subject}\r\n\
+             Message-ID: <{subject}@例え.jp>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nweb01 停止\r\n"
+        )
+    };
+    // Signed by another domain: rightly refused (the check is on).
+    assert_eq!(
+        sendgrid_post(addr, &mail("forged"), "{@evil.example : pass}"),
+        200
+    );
+    daemon.wait_for_log("recorded as rejected", Duration::from_secs(5));
+    // Signed by the From: domain itself, as SendGrid reports it (A-labels).
+    assert_eq!(
+        sendgrid_post(addr, &mail("genuine"), "{@xn--r8jz45g.jp : pass}"),
+        200
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon.logs().contains("SendGrid mail accepted and stored") {
+        let rejected = daemon.logs().matches("recorded as rejected").count();
+        assert!(
+            rejected < 2 && Instant::now() < deadline,
+            "a mail DKIM-signed by its own IDN From: domain was refused:\n{}",
+            daemon
+                .logs()
+                .lines()
+                .filter(|l| l.contains("SendGrid"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
