@@ -565,7 +565,8 @@ fn dkim_alignment_holds_for_an_internationalised_from_domain() {
     let mail = |subject: &str| {
         format!(
             "From: 監視 <alert@例え.jp>\r\nTo: {RCPT}\r\nSubject: {subject}\r\n\
-             Message-ID: <{subject}@例え.jp>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nweb01 停止\r\n"
+             Message-ID: <{subject}@例え.jp>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\
+             web01 停止\r\n"
         )
     };
     // Signed by another domain: rightly refused (the check is on).
