@@ -135,7 +135,7 @@ fn the_store_on_disk_stays_near_max_bytes_after_a_burst_of_big_mails() {
 /// default), each sending a 9 MiB message (the default `max_message_bytes` is 10 MiB) and
 /// stalling before the final `.`.
 ///
-/// Measured: the daemon's resident memory went from 29 MB to about 220 MB (40 such
+/// Measured: the daemon's resident memory went from 13–28 MiB to 231–245 MiB (40 such
 /// sessions: 392 MB); every byte of every message in flight is buffered in its session
 /// (`read_data` collects the whole message in a `Vec`), with no budget shared between
 /// sessions. One unauthenticated address can hold 100 × 10 MiB = 1 GiB, 200 sessions
