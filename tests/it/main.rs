@@ -19,6 +19,7 @@ mod retention;
 mod review;
 mod review2;
 mod review3_12;
+mod review3_13;
 mod review3_14;
 mod review3_15;
 mod smtp;
