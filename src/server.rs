@@ -147,6 +147,7 @@ pub async fn run(
         wake: Arc::clone(&wake),
         guard: Arc::new(smtp::Guard::default()),
         metrics: Arc::clone(&metrics),
+        data_budget: smtp::DataBudget::new(live.load().config.smtp.max_message_bytes),
     });
     let (smtp_tasks, smtp_shutdown, smtp_health) =
         (tasks.clone(), shutdown.clone(), Arc::clone(&health));

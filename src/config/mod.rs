@@ -377,6 +377,17 @@ impl Config {
     /// What is allowed but probably unintended: logged at start and printed by `check`.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        // A big mail leaves a tenth of the cap (at most 1 MiB) free, and the empty store
+        // takes a few hundred kB: a mail near the size limit could never be stored.
+        if let Some(max) = self.state.max_bytes {
+            let biggest = self.smtp.max_message_bytes as u64;
+            let needed = biggest + (max / 10).min(1024 * 1024) + 512 * 1024;
+            if needed > max {
+                warnings.push(format!(
+                    "[state] max_bytes ({max}) leaves no room for a mail of smtp.max_message_bytes ({biggest}): such mail is refused for good (552); raise max_bytes to at least {needed}, or lower max_message_bytes"
+                ));
+            }
+        }
         if let Some(sg) = &self.sendgrid
             && sg.basic.is_none()
             && sg.public_key.is_none()

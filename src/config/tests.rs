@@ -399,3 +399,31 @@ fn escalations_must_come_in_order_and_before_the_last_round_ends() {
     );
     assert_eq!(c.rules[0].escalate[0].after, Duration::from_secs(60));
 }
+
+#[test]
+fn a_max_bytes_nothing_fits_under_is_refused_and_one_too_small_for_big_mail_warned() {
+    let got = problems(&format!("{MINIMAL}[state]\nmax_bytes = 100000\n"));
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].contains("`max_bytes` = 100000 is too small"),
+        "{got:?}"
+    );
+    let c = Config::parse(
+        Path::new("r.toml"),
+        &format!("{MINIMAL}[state]\nmax_bytes = 4194304\n"),
+    )
+    .unwrap();
+    let warnings = c.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("leaves no room for a mail of smtp.max_message_bytes (10485760)")),
+        "{warnings:?}"
+    );
+    let c = Config::parse(
+        Path::new("r.toml"),
+        &format!("{MINIMAL}[smtp]\nmax_message_bytes = 1048576\n[state]\nmax_bytes = 4194304\n"),
+    )
+    .unwrap();
+    assert!(c.warnings().iter().all(|w| !w.contains("max_bytes")));
+}

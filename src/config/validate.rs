@@ -483,7 +483,18 @@ pub(super) fn validate(
         } else {
             base.join(state_path)
         },
-        max_bytes: raw.state.max_bytes.as_ref().map(|m| *m.get_ref()),
+        max_bytes: raw.state.max_bytes.as_ref().map(|m| {
+            if *m.get_ref() < MIN_MAX_BYTES {
+                p.push(
+                    m.span(),
+                    format!(
+                        "`max_bytes` = {} is too small: an empty store takes about 200 kB and every mail needs room besides; set at least {MIN_MAX_BYTES} (1 MiB)",
+                        m.get_ref()
+                    ),
+                );
+            }
+            *m.get_ref()
+        }),
         retain: p.duration(
             raw.state.retain.as_ref(),
             "retain",
@@ -678,3 +689,6 @@ pub(super) fn validate(
 fn literal(text: &str) -> String {
     text.replace('{', "{{").replace('}', "}}")
 }
+
+/// The smallest `[state] max_bytes`: the empty schema's pages and room for mail.
+const MIN_MAX_BYTES: u64 = 1024 * 1024;

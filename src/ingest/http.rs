@@ -56,7 +56,7 @@ use crate::ingest::sendgrid::{self, Inbound};
 use crate::metrics::Metrics;
 use crate::route;
 use crate::settings::Live;
-use crate::store::{Inserted, NewAlert, Store, now_ms};
+use crate::store::{Inserted, NewAlert, Store, StoreError, now_ms};
 
 /// What every request handler shares.
 #[derive(Debug)]
@@ -856,6 +856,14 @@ async fn sendgrid_inbound(
                 info!(alert = id, peer = ?peer, from = ?envelope.mail_from, rcpt = ?envelope.rcpt_to, message_id = ?message_id, "SendGrid mail accepted and stored");
             }
         },
+        Err(e @ StoreError::TooBig { .. }) => {
+            ctx.metrics.reject("sendgrid", "size");
+            error!(peer = ?peer, error = %e, "a SendGrid mail can never be stored; answered 413");
+            return Err(HttpError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "message too big for this server's store",
+            ));
+        }
         Err(e) => {
             ctx.metrics.reject("sendgrid", "store");
             error!(peer = ?peer, error = %e, "cannot store a SendGrid mail; answered 503 so SendGrid retries");

@@ -134,13 +134,21 @@ pub fn dkim_aligned(dkim: Option<&str>, header_from: &str) -> bool {
     let Some((_, from_domain)) = header_from.rsplit_once('@') else {
         return false;
     };
-    let from_domain = from_domain.trim_end_matches('.').to_ascii_lowercase();
+    let from_domain = a_labels(from_domain);
     let from_org = organisational_domain(&from_domain);
     dkim.is_some_and(|d| {
         dkim_results(d).any(|(domain, passed)| {
-            passed && !domain.is_empty() && organisational_domain(&domain) == from_org
+            passed && !domain.is_empty() && organisational_domain(&a_labels(&domain)) == from_org
         })
     })
+}
+
+/// A domain in its ASCII form, lower-cased: a `From:` of an internationalised domain
+/// (`例え.jp`, as SMTPUTF8 mail has it) and its DKIM signature (`d=` is always
+/// `xn--r8jz45g.jp`, RFC 6376 §3.5) are then the same name.
+fn a_labels(domain: &str) -> String {
+    let domain = domain.trim_end_matches('.');
+    idna::domain_to_ascii(domain).unwrap_or_else(|_| domain.to_ascii_lowercase())
 }
 
 /// The registrable domain (`mail.example.co.uk` → `example.co.uk`); the name itself when
@@ -373,6 +381,15 @@ mod tests {
         assert!(dkim_aligned(
             Some("{@mail.example.co.uk : pass}"),
             "a@example.co.uk"
+        ));
+        // An internationalised domain: the signature names it in A-labels.
+        assert!(dkim_aligned(
+            Some("{@xn--r8jz45g.jp : pass}"),
+            "alert@例え.jp"
+        ));
+        assert!(!dkim_aligned(
+            Some("{@xn--r8jz45g.jp : pass}"),
+            "alert@例.jp"
         ));
         // A passing signature of someone else's domain is not enough.
         assert!(!dkim_aligned(Some("{@sendgrid.net : pass}"), from));

@@ -69,6 +69,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_ERRORS: u32 = 20;
 /// The longest a refusal at the door (`421` before any greeting) may take to write.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Message bytes all sessions together hold in memory while they read DATA (at least
+/// two messages of `max_message_bytes`); one client address holds at most half.
+const DATA_BUDGET: usize = 64 * 1024 * 1024;
 
 /// What every SMTP connection shares.
 #[derive(Debug)]
@@ -80,6 +83,105 @@ pub struct Context {
     pub wake: Arc<Notify>,
     pub guard: Arc<Guard>,
     pub metrics: Arc<Metrics>,
+    /// Shared by every session's message in flight.
+    pub data_budget: Arc<DataBudget>,
+}
+
+/// The memory budget for messages being read: 24 sessions each sending 9 MiB and
+/// stalling before the final `.` must not mean 240 MiB. A message that finds no room
+/// is read to its end and thrown away, and answered `452 4.3.1` (the sender retries);
+/// one address holds at most half the budget, so the others still get in.
+#[derive(Debug)]
+pub struct DataBudget {
+    limit: usize,
+    per_address: usize,
+    /// Bytes held in all, and per address.
+    held: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+impl DataBudget {
+    /// A budget that holds at least two messages of `max_message_bytes`.
+    pub fn new(max_message_bytes: usize) -> Arc<DataBudget> {
+        let limit = DATA_BUDGET.max(max_message_bytes.saturating_mul(2));
+        Arc::new(DataBudget {
+            limit,
+            per_address: limit / 2,
+            held: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes `n` more bytes for `ip`, if both its share and the whole have room.
+    fn take(&self, ip: IpAddr, n: usize) -> bool {
+        let mut held = self.lock();
+        let (total, per) = &mut *held;
+        let mine = per.get(&ip).copied().unwrap_or(0);
+        if total.saturating_add(n) > self.limit || mine.saturating_add(n) > self.per_address {
+            return false;
+        }
+        *total += n;
+        per.insert(ip, mine + n);
+        true
+    }
+
+    fn give(&self, ip: IpAddr, n: usize) {
+        let mut held = self.lock();
+        let (total, per) = &mut *held;
+        *total = total.saturating_sub(n);
+        if let Some(mine) = per.get_mut(&ip) {
+            *mine = mine.saturating_sub(n);
+            if *mine == 0 {
+                per.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One message's share of the [`DataBudget`] (none: unlimited), given back when dropped.
+#[derive(Debug)]
+struct DataHold {
+    budget: Option<Arc<DataBudget>>,
+    ip: IpAddr,
+    bytes: usize,
+}
+
+impl DataHold {
+    fn new(budget: Option<Arc<DataBudget>>, ip: IpAddr) -> DataHold {
+        DataHold {
+            budget,
+            ip: address_key(ip),
+            bytes: 0,
+        }
+    }
+
+    /// Room for `n` more bytes; false when the budget has none.
+    fn grow(&mut self, n: usize) -> bool {
+        let Some(budget) = &self.budget else {
+            return true;
+        };
+        let ok = budget.take(self.ip, n);
+        if ok {
+            self.bytes += n;
+        }
+        ok
+    }
+
+    fn release(&mut self) {
+        if let Some(budget) = &self.budget {
+            budget.give(self.ip, std::mem::take(&mut self.bytes));
+        }
+    }
+}
+
+impl Drop for DataHold {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// Per-address bookkeeping: open sessions and recent failed AUTH attempts.
@@ -624,9 +726,15 @@ async fn dialogue<S: AsyncRead + AsyncWrite + Unpin>(
                     wire.send(&Reply::plain(354, "end data with <CR><LF>.<CR><LF>"))
                         .await?;
                     let max = session.settings.config.smtp.max_message_bytes;
-                    Step::Reply(match wire.read_data(max, shutdown).await? {
+                    // Held until the message is stored (or refused).
+                    let mut hold = DataHold::new(
+                        Some(Arc::clone(&session.ctx.data_budget)),
+                        session.peer.ip(),
+                    );
+                    Step::Reply(match wire.read_data(max, &mut hold, shutdown).await? {
                         Data::Message(raw) => session.deliver(raw).await,
                         Data::TooBig => session.too_big(),
+                        Data::NoRoom => session.no_room(),
                     })
                 }
             };
@@ -699,8 +807,11 @@ struct Session<'a> {
     tls: bool,
     /// The authenticated user, after a successful AUTH.
     user: Option<String>,
-    /// Syntax and sequence errors so far.
+    /// Syntax and sequence errors so far (since the last stored message).
     errors: u32,
+    /// This transaction's `MAIL` was refused or deferred: the `RCPT`s and `DATA` a
+    /// pipelining client sent with it get `503`, which is our doing, not its error.
+    mail_refused: bool,
     deadline: Instant,
     /// `None` once the session has ended.
     slot: Option<Slot>,
@@ -719,6 +830,7 @@ impl<'a> Session<'a> {
             tls: false,
             user: None,
             errors: 0,
+            mail_refused: false,
             deadline,
             slot: Some(slot),
         }
@@ -740,7 +852,14 @@ impl<'a> Session<'a> {
         let step = match verb.as_str() {
             "EHLO" => self.hello(args, true),
             "HELO" => self.hello(args, false),
-            "MAIL" => Step::Reply(self.mail(line)),
+            "MAIL" => {
+                let reply = self.mail(line);
+                // A nested MAIL leaves the open transaction as it was.
+                if reply.code != 503 {
+                    self.mail_refused = reply.code >= 400;
+                }
+                Step::Reply(reply)
+            }
             "RCPT" => Step::Reply(self.rcpt(line)),
             "DATA" => self.data(args),
             "RSET" => {
@@ -770,8 +889,10 @@ impl<'a> Session<'a> {
             }
             _ => Step::Reply(Reply::new(500, (5, 5, 2), "command not recognized")),
         };
+        let follows_refused_mail = self.mail_refused && matches!(verb.as_str(), "RCPT" | "DATA");
         if let Step::Reply(reply) = &step
             && reply.is_protocol_error()
+            && !(follows_refused_mail && reply.code == 503)
         {
             self.errors += 1;
             if self.errors >= MAX_ERRORS {
@@ -1039,6 +1160,7 @@ impl<'a> Session<'a> {
         }
         self.envelope = Envelope::default();
         self.utf8 = false;
+        self.mail_refused = false;
     }
 
     /// Stores a received message; the reply is `250` only once it is committed.
@@ -1061,6 +1183,8 @@ impl<'a> Session<'a> {
             .await;
         match stored {
             Ok(Inserted { id, .. }) => {
+                // As Postfix does: a client that delivers is not a garbage sender.
+                self.errors = 0;
                 self.ctx.wake.notify_one();
                 self.ctx.metrics.receive("smtp");
                 info!(alert = id, %peer, from = ?envelope.mail_from, rcpt = ?envelope.rcpt_to, bytes, tls = self.tls, user = ?self.user, smtputf8 = utf8, "mail accepted and stored");
@@ -1068,8 +1192,9 @@ impl<'a> Session<'a> {
             }
             Err(e) => {
                 self.ctx.metrics.reject("smtp", "store");
-                error!(%peer, from = ?envelope.mail_from, error = %e, "cannot store a mail; answered 4xx so the sender retries");
-                store_failed(&e)
+                let reply = store_failed(&e);
+                error!(%peer, from = ?envelope.mail_from, error = %e, code = reply.code, "cannot store a mail");
+                reply
             }
         }
     }
@@ -1082,6 +1207,19 @@ impl<'a> Session<'a> {
         self.ctx.metrics.reject("smtp", "size");
         warn!(peer = %self.peer, from = ?envelope.mail_from, limit = max, "message too big; refused with 552");
         too_big(max)
+    }
+
+    /// A message the memory budget had no room for was read to its end and thrown away.
+    fn no_room(&mut self) -> Reply {
+        let envelope = std::mem::take(&mut self.envelope);
+        self.reset();
+        self.ctx.metrics.reject("smtp", "memory");
+        warn!(peer = %self.peer, from = ?envelope.mail_from, "too many messages in flight; refused with 452, the sender retries");
+        Reply::new(
+            452,
+            (4, 3, 1),
+            "too many messages in flight, try again later",
+        )
     }
 
     /// The session is over because of the client's input: gives its places back, logs
@@ -1160,8 +1298,8 @@ fn too_big(max: usize) -> Reply {
     )
 }
 
-/// The answer to a store that could not take a message: always a 4xx, so the sender
-/// keeps the message and tries again.
+/// The answer to a store that could not take a message: a 4xx, so the sender keeps the
+/// message and tries again — unless it can never fit (`552`).
 fn store_failed(error: &StoreError) -> Reply {
     match error {
         // RFC 3463: 4.3.1 "mail system full"; the sender keeps it queued and retries.
@@ -1169,6 +1307,12 @@ fn store_failed(error: &StoreError) -> Reply {
             452,
             (4, 3, 1),
             "insufficient system storage, try again later",
+        ),
+        // Permanent: no amount of waiting makes room for it (RFC 3463 5.3.4).
+        StoreError::TooBig { max_bytes, .. } => Reply::new(
+            552,
+            (5, 3, 4),
+            format!("message too big for this server's store ({max_bytes} bytes)"),
         ),
         _ => Reply::new(
             451,
@@ -1202,6 +1346,8 @@ enum Data {
     Message(Vec<u8>),
     /// Over the size limit: read to its end and thrown away.
     TooBig,
+    /// No room in the [`DataBudget`]: read to its end and thrown away.
+    NoRoom,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
@@ -1273,10 +1419,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     }
 
     /// Reads a message after `354`.
-    async fn read_data(&mut self, max: usize, shutdown: &CancellationToken) -> Result<Data, Halt> {
+    async fn read_data(
+        &mut self,
+        max: usize,
+        hold: &mut DataHold,
+        shutdown: &CancellationToken,
+    ) -> Result<Data, Halt> {
+        let limits = DataLimits {
+            max,
+            bare_newline: self.bare_newline,
+            timeout: self.timeout,
+            deadline: self.deadline,
+        };
         tokio::select! {
             () = shutdown.cancelled() => Err(Halt::Stop(Stop::Shutdown, During::Data { bare_dot: false })),
-            d = read_data(&mut self.stream, max, self.bare_newline, self.timeout, self.deadline) => d,
+            d = read_data(&mut self.stream, limits, hold) => d,
         }
     }
 }
@@ -1296,17 +1453,23 @@ enum Read {
 /// `.` on as content must not see us end the message there, or the rest would be taken
 /// for a second, smuggled message. Lines ending in a bare `<LF>` are stored ending in
 /// `<CRLF>` (`normalize`) or end the session (`reject`). Bytes beyond `max` are read and
-/// thrown away, so the client hears `552` and the session stays usable.
+/// thrown away, so the client hears `552` and the session stays usable; so are the
+/// bytes of a message the memory budget (`hold`) has no room for (`452`).
 async fn read_data<R: AsyncBufRead + Unpin>(
     reader: &mut R,
-    max: usize,
-    bare_newline: BareNewline,
-    timeout: Duration,
-    deadline: Instant,
+    limits: DataLimits,
+    hold: &mut DataHold,
 ) -> Result<Data, Halt> {
-    let mut message = Vec::with_capacity(8 * 1024);
+    let DataLimits {
+        max,
+        bare_newline,
+        timeout,
+        deadline,
+    } = limits;
+    let mut message = Vec::new();
     let mut piece = Vec::with_capacity(DATA_CHUNK);
     let mut too_big = false;
+    let mut no_room = false;
     let mut at_line_start = true;
     // Whether the line before ended in <CRLF>; the 354 reply counts as one.
     let mut after_crlf = true;
@@ -1352,6 +1515,8 @@ async fn read_data<R: AsyncBufRead + Unpin>(
             if line_start && content == b".\r\n" && after_crlf {
                 return Ok(if too_big {
                     Data::TooBig
+                } else if no_room {
+                    Data::NoRoom
                 } else {
                     Data::Message(message)
                 });
@@ -1370,14 +1535,42 @@ async fn read_data<R: AsyncBufRead + Unpin>(
         if !too_big && message.len() + added > max {
             too_big = true;
             message = Vec::new();
+            hold.release();
         }
-        if !too_big {
+        if !too_big && !no_room {
+            // The buffer grows by doubling, as a Vec would, but every byte of it is
+            // taken from the budget first.
+            let need = message.len() + added;
+            if need > message.capacity() {
+                let capacity = (message.capacity() * 2).clamp(need, max.max(need));
+                if hold.grow(capacity - message.capacity()) {
+                    message.reserve_exact(capacity - message.len());
+                } else {
+                    no_room = true;
+                    message = Vec::new();
+                    hold.release();
+                }
+            }
+        }
+        if !too_big && !no_room {
             message.extend_from_slice(content);
             if bare {
                 message.extend_from_slice(b"\r\n");
             }
         }
     }
+}
+
+/// What bounds one message's DATA.
+#[derive(Debug, Clone, Copy)]
+struct DataLimits {
+    /// `max_message_bytes`.
+    max: usize,
+    bare_newline: BareNewline,
+    /// The longest silence.
+    timeout: Duration,
+    /// The session's end.
+    deadline: Instant,
 }
 
 /// Appends bytes up to and including the next `\n`, or `max` bytes, whichever is first.
@@ -1509,6 +1702,7 @@ mod tests {
                 wake: Arc::new(Notify::new()),
                 guard: Arc::new(Guard::default()),
                 metrics,
+                data_budget: DataBudget::new(1024 * 1024),
             }),
             _dir: dir,
         }
@@ -1788,6 +1982,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stored_message_clears_the_error_count_and_refused_mail_adds_none() {
+        let b = bench("senders = [\"ok@example.com\"]");
+        let (mut c, task) = b.connect(64 * 1024);
+        dialog(&mut c, &[("", "220"), ("EHLO x\r\n", "250")]).await;
+        // A sender refused at MAIL, pipelined as relays do: the 503s that follow are
+        // the refusal's echo, not the client's errors. Many times over.
+        for _ in 0..MAX_ERRORS {
+            dialog(
+                &mut c,
+                &[
+                    ("MAIL FROM:<bad@example.com>\r\n", "5"),
+                    ("RCPT TO:<a@example.com>\r\n", "503"),
+                    ("DATA\r\n", "503"),
+                    ("RSET\r\n", "250"),
+                ],
+            )
+            .await;
+        }
+        // Real errors up to one short of the limit, then a stored message resets them.
+        for _ in 1..MAX_ERRORS {
+            dialog(&mut c, &[("FROB\r\n", "500 5.5.2")]).await;
+        }
+        dialog(
+            &mut c,
+            &[
+                ("MAIL FROM:<ok@example.com>\r\n", "250"),
+                ("RCPT TO:<a@example.com>\r\n", "250"),
+                ("DATA\r\n", "354"),
+                ("Subject: x\r\n\r\ny\r\n.\r\n", "250"),
+                ("FROB\r\n", "500 5.5.2"),
+                ("QUIT\r\n", "221"),
+            ],
+        )
+        .await;
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
     async fn quit_gives_the_slot_back_before_221_is_written() {
         let b = bench("timeout = \"10s\"");
         // A pipe too small for the 221: its write blocks until the client reads.
@@ -1999,13 +2231,27 @@ mod tests {
         max: usize,
         policy: BareNewline,
     ) -> (Result<Data, (Stop, During)>, Vec<u8>) {
+        let mut hold = DataHold::new(None, "192.0.2.1".parse().unwrap());
+        data_within(input, max, policy, &mut hold).await
+    }
+
+    async fn data_within(
+        input: &[u8],
+        max: usize,
+        policy: BareNewline,
+        hold: &mut DataHold,
+    ) -> (Result<Data, (Stop, During)>, Vec<u8>) {
         let mut r = BufReader::with_capacity(16, input);
-        let outcome = read_data(&mut r, max, policy, Duration::from_secs(1), far())
-            .await
-            .map_err(|h| match h {
-                Halt::Stop(stop, during) => (stop, during),
-                Halt::Failed(e) => panic!("{e}"),
-            });
+        let limits = DataLimits {
+            max,
+            bare_newline: policy,
+            timeout: Duration::from_secs(1),
+            deadline: far(),
+        };
+        let outcome = read_data(&mut r, limits, hold).await.map_err(|h| match h {
+            Halt::Stop(stop, during) => (stop, during),
+            Halt::Failed(e) => panic!("{e}"),
+        });
         let mut rest = Vec::new();
         r.read_to_end(&mut rest).await.unwrap();
         (outcome, rest)
@@ -2024,6 +2270,38 @@ mod tests {
         let (outcome, rest) = data(input, 10, BareNewline::Normalize).await;
         assert_eq!(outcome.unwrap(), Data::TooBig);
         assert_eq!(rest, b"NEXT");
+    }
+
+    #[tokio::test]
+    async fn messages_in_flight_share_a_budget_per_address_and_in_all() {
+        let budget = Arc::new(DataBudget {
+            limit: 4000,
+            per_address: 2000,
+            held: Mutex::default(),
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let mut input = vec![b'x'; 1500];
+        input.extend_from_slice(b"\r\n.\r\nNEXT");
+        // One address: its first message fits in its half, a second one does not, and
+        // is read to its end all the same.
+        let mut first = DataHold::new(Some(Arc::clone(&budget)), a);
+        let (outcome, _) = data_within(&input, 10_000, BareNewline::Normalize, &mut first).await;
+        assert!(matches!(outcome, Ok(Data::Message(m)) if m.len() == 1502));
+        let mut second = DataHold::new(Some(Arc::clone(&budget)), a);
+        let (outcome, rest) =
+            data_within(&input, 10_000, BareNewline::Normalize, &mut second).await;
+        assert_eq!(
+            (outcome.unwrap(), rest.as_slice()),
+            (Data::NoRoom, &b"NEXT"[..])
+        );
+        assert_eq!(second.bytes, 0, "a refused message holds nothing");
+        // Another address still gets in; the first one's bytes come back when dropped.
+        let mut other = DataHold::new(Some(Arc::clone(&budget)), "192.0.2.2".parse().unwrap());
+        let (outcome, _) = data_within(&input, 10_000, BareNewline::Normalize, &mut other).await;
+        assert!(matches!(outcome, Ok(Data::Message(_))));
+        drop((first, second, other));
+        assert_eq!(budget.lock().0, 0);
+        assert!(budget.lock().1.is_empty());
     }
 
     #[tokio::test]

@@ -99,6 +99,10 @@ pub enum StoreError {
         "the store is full: open incidents and unrouted alerts alone fill [state] max_bytes ({max_bytes} bytes); raise it, or resolve incidents"
     )]
     Full { max_bytes: u64 },
+    #[error(
+        "a mail of {bytes} bytes can never fit into [state] max_bytes ({max_bytes} bytes), even with the store empty; raise max_bytes, or lower smtp.max_message_bytes"
+    )]
+    TooBig { bytes: u64, max_bytes: u64 },
     #[error("store query failed: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("store commit failed: {0}")]
@@ -307,8 +311,12 @@ impl Store {
                 detail: format!("cannot switch to WAL journal mode (got {mode})"),
             });
         }
-        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;")
-            .map_err(corrupt)?;
+        // `journal_size_limit`: a WAL that was reset is cut back to this size, instead of
+        // keeping the largest size a burst ever gave it.
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000; PRAGMA journal_size_limit = {WAL_KEPT};"
+        ))
+        .map_err(corrupt)?;
         let check: String = conn
             .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
             .map_err(corrupt)?;
@@ -333,7 +341,8 @@ impl Store {
             path: path.to_path_buf(),
             source,
         })?;
-        checkpointer.busy_timeout(Duration::from_secs(5))?;
+        // A truncating checkpoint holds up commits while it waits for readers: briefly.
+        checkpointer.busy_timeout(TRUNCATE_WAIT)?;
         let running = Arc::new(AtomicBool::new(true));
         // Bounded: when the writer falls behind, callers wait for room (asynchronously)
         // instead of piling up work without end.
@@ -349,7 +358,10 @@ impl Store {
             .map_err(|e| StoreError::Commit(format!("cannot start the store thread: {e}")))?;
         std::thread::Builder::new()
             .name("mailcall-checkpoint".into())
-            .spawn(move || checkpoint(&checkpointer, &running))
+            .spawn({
+                let wal = wal_path(path);
+                move || checkpoint(&checkpointer, &wal, &running)
+            })
             .map_err(|e| StoreError::Commit(format!("cannot start the checkpoint thread: {e}")))?;
         Ok(Store {
             jobs,
@@ -436,41 +448,44 @@ impl Store {
 
     /// Stores a received alert durably; resolves once it is committed. Under
     /// `[state] max_bytes` the oldest closed data makes room first; `Full` when open
-    /// data alone leaves none.
+    /// data alone leaves none, `TooBig` when not even an empty store would.
     pub async fn insert_alert(&self, alert: NewAlert) -> Result<Inserted, StoreError> {
         let dry_run = self.dry_run;
         let capacity = Arc::clone(&self.capacity);
-        let stored = self
-            .run(move |c| {
-                if let Some(max) = capacity.max_bytes {
-                    let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
-                    let room = retention::make_room(c, max, need)?;
-                    capacity.full.store(!room, Ordering::Relaxed);
-                    if !room {
-                        capacity.refused_bytes.store(need, Ordering::Relaxed);
-                        capacity.refused.notify_one();
-                        return Ok(None);
-                    }
-                }
-                let inserted = insert_alert_row(c, &alert, dry_run, now_ms())?;
-                if inserted > 0 {
-                    return Ok(Some(Inserted {
-                        id: inserted,
-                        duplicate: false,
+        self.run(move |c| {
+            if let Some(max) = capacity.max_bytes {
+                let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
+                // Not a matter of waiting: even an empty store has no room for it.
+                if retention::never_fits(c, max, need)? {
+                    return Ok(Err(StoreError::TooBig {
+                        bytes: need,
+                        max_bytes: max,
                     }));
                 }
-                let id = c
-                    .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
-                    .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
-                Ok(Some(Inserted {
-                    id,
-                    duplicate: true,
-                }))
-            })
-            .await?;
-        stored.ok_or(StoreError::Full {
-            max_bytes: self.capacity.max_bytes.unwrap_or_default(),
+                let room = retention::make_room(c, max, need)?;
+                capacity.full.store(!room, Ordering::Relaxed);
+                if !room {
+                    capacity.refused_bytes.store(need, Ordering::Relaxed);
+                    capacity.refused.notify_one();
+                    return Ok(Err(StoreError::Full { max_bytes: max }));
+                }
+            }
+            let inserted = insert_alert_row(c, &alert, dry_run, now_ms())?;
+            if inserted > 0 {
+                return Ok(Ok(Inserted {
+                    id: inserted,
+                    duplicate: false,
+                }));
+            }
+            let id = c
+                .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
+                .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
+            Ok(Ok(Inserted {
+                id,
+                duplicate: true,
+            }))
         })
+        .await?
     }
 
     /// A value from the `meta` table (e.g. when the canary last ran).
@@ -647,14 +662,33 @@ fn file_identity(path: &Path) -> Option<(u64, u64)> {
 
 /// How often the WAL is checkpointed into the database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// The WAL size past which the checkpoint also resets and truncates it.
+const WAL_TRUNCATE_AT: u64 = 16 * 1024 * 1024;
+/// The size a reset WAL is cut back to (`journal_size_limit`).
+const WAL_KEPT: u64 = 4 * 1024 * 1024;
+/// How long a truncating checkpoint waits for readers (commits wait meanwhile).
+const TRUNCATE_WAIT: Duration = Duration::from_millis(500);
 
-/// The checkpoint thread: a passive checkpoint twice a second (it never blocks the
-/// writer), until the writer thread has stopped.
-fn checkpoint(conn: &Connection, running: &AtomicBool) {
+/// The WAL file of the database at `path`.
+fn wal_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push("-wal");
+    path.with_file_name(name)
+}
+
+/// The checkpoint thread, until the writer thread has stopped: a passive checkpoint
+/// twice a second (it never blocks the writer). Passive checkpoints never catch up
+/// while commits come back to back (a burst of big mails, or clients asking
+/// `/healthz`), and the WAL would grow without end — far past `max_bytes` — so once it
+/// passes [`WAL_TRUNCATE_AT`] the checkpoint is a truncating one, which holds commits
+/// back for the few milliseconds it takes to copy the WAL and cut it to nothing.
+fn checkpoint(conn: &Connection, wal: &Path, running: &AtomicBool) {
     while running.load(Ordering::Relaxed) {
         std::thread::sleep(CHECKPOINT_EVERY);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "WAL checkpoint failed; will try again");
+        let big = std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_TRUNCATE_AT);
+        let mode = if big { "TRUNCATE" } else { "PASSIVE" };
+        if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
+            tracing::warn!(error = %e, mode, "WAL checkpoint failed; will try again");
         }
     }
 }

@@ -114,12 +114,33 @@ impl Store {
     }
 }
 
+/// The room a mail of `bytes` takes under `max`: itself, its rows, and for a big one
+/// the reserve it must leave free.
+fn room_for(max: u64, bytes: u64) -> u64 {
+    bytes
+        .saturating_add(ROW_OVERHEAD)
+        .saturating_add(if bytes > SMALL_MAIL { reserve(max) } else { 0 })
+}
+
+/// Would a mail of `bytes` not fit under `max` even in an empty store (every table and
+/// index at its one page)? Then deferring it (`452`) would only make the sender retry
+/// for days: it is refused for good.
+pub(super) fn never_fits(c: &Connection, max: u64, bytes: u64) -> rusqlite::Result<bool> {
+    let trees: i64 = c.query_row(
+        "SELECT COUNT(*) FROM sqlite_schema WHERE type IN ('table', 'index')",
+        [],
+        |r| r.get(0),
+    )?;
+    let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    // One page per b-tree, and the database header's.
+    let empty = u64::try_from((trees + 1) * page).unwrap_or(0);
+    Ok(empty.saturating_add(room_for(max, bytes)) > max)
+}
+
 /// Makes room for `need` bytes under `max`, deleting the oldest closed data a little at
 /// a time; false when open data alone leaves no room.
 pub(super) fn make_room(c: &Connection, max: u64, need: u64) -> rusqlite::Result<bool> {
-    let need = need
-        .saturating_add(ROW_OVERHEAD)
-        .saturating_add(if need > SMALL_MAIL { reserve(max) } else { 0 });
+    let need = room_for(max, need);
     // Deletes until the mail fits or nothing closed is left, within a time budget: the
     // alert waits, and so does every commit behind it. Past the budget the mail is
     // deferred (the sender retries) and the pruner goes on deleting in the background.

@@ -380,9 +380,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX incidents_silenced ON incidents(dedup_key, opened_at) WHERE status = 'silenced';",
     // 11: a heartbeat missed by a dry run (`serve --dry-run`) is missed for dry runs
     // only: a real daemon on the same store still opens its incident. And the calls
-    // whose answerer polling still waits for, found by their last change.
+    // whose answerer polling still waits for, found by their last change; and the
+    // requests whose answer is overdue, for the reconciler's pass every second.
     "ALTER TABLE heartbeats ADD COLUMN missed_dry_run INTEGER NOT NULL DEFAULT 0 CHECK (missed_dry_run IN (0, 1));
-    CREATE INDEX calls_unanswered ON calls(updated_at) WHERE state = 'placed' AND answered_by IS NULL;",
+    CREATE INDEX calls_unanswered ON calls(updated_at) WHERE state = 'placed' AND answered_by IS NULL;
+    CREATE INDEX attempts_overdue ON attempts(window_end) WHERE state = 'requesting';",
 ];
 
 pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {

@@ -626,6 +626,7 @@ async fn hot_lookups_use_indexes() {
                 "SELECT numbers FROM escalations WHERE incident_id = 1 AND step = 1 AND state = 'pending'",
                 "SELECT state FROM heartbeats WHERE name = 'x'",
                 "SELECT id FROM calls WHERE state = 'placed' AND answered_by IS NULL AND updated_at > 1",
+                "SELECT call_id FROM attempts WHERE state = 'requesting' AND window_end < 1",
                 "SELECT id FROM incidents WHERE dedup_key = 'k' AND status = 'silenced' AND dry_run = 0 AND opened_at > 1 ORDER BY opened_at DESC LIMIT 1",
             ];
             let mut plans = Vec::new();
@@ -1035,4 +1036,26 @@ fn states_line_up_in_padded_columns() {
     // `mailcall status` and `incidents` print states in columns.
     assert_eq!(format!("[{:<8}]", HeartbeatState::Ok), "[ok      ]");
     assert_eq!(format!("[{:<10}]", CallState::Placed), "[placed    ]");
+}
+
+#[tokio::test]
+async fn a_mail_that_could_never_fit_is_refused_for_good_not_deferred() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 2 * 1024 * 1024;
+    let store = Store::open(&dir.path().join("s.db"), Some(max)).unwrap();
+    let mail = |bytes: usize| NewAlert {
+        source: "test",
+        raw: vec![b'x'; bytes],
+        ..NewAlert::default()
+    };
+    // With the store empty: a mail as big as the cap can never fit (the empty schema and
+    // the reserve a big mail leaves), so waiting would not help.
+    let refused = store.insert_alert(mail(max as usize)).await.unwrap_err();
+    assert!(matches!(refused, StoreError::TooBig { .. }), "{refused}");
+    assert!(
+        !store.is_full(),
+        "a mail too big for the store is not a full store"
+    );
+    // Half the cap fits.
+    store.insert_alert(mail(1024 * 1024)).await.unwrap();
 }
