@@ -1,5 +1,6 @@
 //! The pruner: the store's retention, run in the background (see `store/retention.rs`
-//! for what is deleted and why). It deletes a small batch per transaction and goes on
+//! for what is deleted and why). It deletes a small batch per transaction (bounded in
+//! rows and bytes, so a huge incident takes several) and goes on
 //! while there is more, so a year of history is worked off without ever holding up
 //! ingest; then it looks again every [`EVERY`]. It has its own heartbeat.
 
@@ -59,14 +60,16 @@ pub async fn run(
                         .get_or_create(&PrunedLabel { what })
                         .inc_by(n as u64);
                 }
-                info!(
+                if pruned.incidents + pruned.alerts + pruned.silences + pruned.overrides > 0 {
+                    info!(
                     incidents = pruned.incidents,
                     alerts = pruned.alerts,
                     silences = pruned.silences,
                     overrides = pruned.overrides,
                     retain = %humantime::format_duration(retain),
                     "retention: deleted closed incidents and alerts"
-                );
+                    );
+                }
                 BETWEEN_BATCHES
             }
             // A short retention (tests use seconds) is looked after more often.

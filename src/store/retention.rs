@@ -34,11 +34,15 @@ pub struct Pruned {
     /// Silences and overrides that ended before the retention period.
     pub silences: usize,
     pub overrides: usize,
+    /// An incident was only partly deleted (its alerts are many, or big): the next
+    /// transaction goes on with it.
+    pub partial: bool,
 }
 
 impl Pruned {
+    /// Something was deleted, or is being: look again at once.
     pub fn any(&self) -> bool {
-        self.incidents + self.alerts + self.silences + self.overrides > 0
+        self.partial || self.incidents + self.alerts + self.silences + self.overrides > 0
     }
 
     fn add(&mut self, other: Pruned) {
@@ -46,6 +50,7 @@ impl Pruned {
         self.alerts += other.alerts;
         self.silences += other.silences;
         self.overrides += other.overrides;
+        self.partial |= other.partial;
     }
 }
 
@@ -204,16 +209,24 @@ fn prune_closed(
         .collect::<rusqlite::Result<Vec<_>>>()?,
     );
     incidents.truncate(batch);
+    let mut work = Work::default();
+    let mut deleted = 0;
     for id in &incidents {
-        delete_incident(c, *id)?;
+        if !delete_incident(c, *id, &mut work)? {
+            break;
+        }
+        deleted += 1;
     }
-    let alerts = c
+    // Alerts no incident holds (dropped, rejected, beats), within what is left of the
+    // transaction's work.
+    let unattached: Vec<(i64, u64)> = c
         .prepare_cached(
-            "DELETE FROM alerts WHERE id IN (
-                 SELECT id FROM alerts WHERE incident_id IS NULL AND state != 'received'
-                   AND received_at < ?1 ORDER BY received_at LIMIT ?2)",
+            "SELECT id, length(raw) FROM alerts WHERE incident_id IS NULL AND state != 'received'
+               AND received_at < ?1 ORDER BY received_at LIMIT ?2",
         )?
-        .execute(params![before, limit])?;
+        .query_map(params![before, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let alerts = delete_alerts(c, &unattached, &mut work)?;
     // Silences and overrides only grow: those that ended before `before` go too (not
     // under `pressure`, which is about open data: they are a few bytes each).
     let (silences, overrides) = if pressure {
@@ -233,25 +246,91 @@ fn prune_closed(
         )
     };
     Ok(Pruned {
-        incidents: incidents.len(),
+        incidents: deleted,
         alerts,
         silences,
         overrides,
+        partial: deleted < incidents.len(),
     })
 }
 
-/// Deletes an incident and everything that hangs off it.
-fn delete_incident(c: &Connection, id: i64) -> rusqlite::Result<()> {
+/// What one transaction of retention may delete: it runs on the store's one writer,
+/// and every commit — every `250` — waits behind it. An alert storm joined to one
+/// incident is 100,000 rows, a few big mails are megabytes of pages to free.
+#[derive(Debug)]
+struct Work {
+    rows: usize,
+    bytes: u64,
+    /// Nothing was deleted yet: the first item goes whatever its size, so that one
+    /// mail bigger than the whole budget is deleted too.
+    fresh: bool,
+}
+
+impl Default for Work {
+    fn default() -> Work {
+        Work {
+            rows: 2_000,
+            bytes: 8 * 1024 * 1024,
+            fresh: true,
+        }
+    }
+}
+
+impl Work {
+    /// Takes one row of `bytes`; false when the budget has no room left for it.
+    fn take(&mut self, bytes: u64) -> bool {
+        if !self.fresh && (self.rows == 0 || bytes > self.bytes) {
+            return false;
+        }
+        self.fresh = false;
+        self.rows = self.rows.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(bytes);
+        true
+    }
+}
+
+/// Deletes the alerts `(id, raw length)` in order while `work` lasts; how many.
+fn delete_alerts(
+    c: &Connection,
+    alerts: &[(i64, u64)],
+    work: &mut Work,
+) -> rusqlite::Result<usize> {
+    let mut deleted = 0;
+    for (id, bytes) in alerts {
+        if !work.take(*bytes) {
+            break;
+        }
+        c.prepare_cached("DELETE FROM alerts WHERE id = ?1")?
+            .execute([id])?;
+        deleted += 1;
+    }
+    Ok(deleted)
+}
+
+/// Deletes an incident and everything that hangs off it, its alerts first and only as
+/// many as `work` allows: false when some are left for the next transaction.
+fn delete_incident(c: &Connection, id: i64, work: &mut Work) -> rusqlite::Result<bool> {
+    loop {
+        let alerts: Vec<(i64, u64)> = c
+            .prepare_cached("SELECT id, length(raw) FROM alerts WHERE incident_id = ?1 LIMIT 100")?
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        if alerts.is_empty() {
+            break;
+        }
+        if delete_alerts(c, &alerts, work)? < alerts.len() {
+            return Ok(false);
+        }
+    }
     for sql in [
         "DELETE FROM call_events WHERE call_id IN (SELECT id FROM calls WHERE incident_id = ?1)",
         "DELETE FROM attempts WHERE call_id IN (SELECT id FROM calls WHERE incident_id = ?1)",
         "DELETE FROM calls WHERE incident_id = ?1",
         "DELETE FROM rounds WHERE incident_id = ?1",
         "DELETE FROM escalations WHERE incident_id = ?1",
-        "DELETE FROM alerts WHERE incident_id = ?1",
         "DELETE FROM incidents WHERE id = ?1",
     ] {
         c.prepare_cached(sql)?.execute([id])?;
     }
-    Ok(())
+    Ok(true)
 }

@@ -1059,3 +1059,40 @@ async fn a_mail_that_could_never_fit_is_refused_for_good_not_deferred() {
     // Half the cap fits.
     store.insert_alert(mail(1024 * 1024)).await.unwrap();
 }
+
+#[tokio::test]
+async fn retention_deletes_a_huge_incident_over_several_small_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let id = big_incident(&store, "storm", 100).await.unwrap();
+    // An alert storm joined to one incident: 5,000 more alerts.
+    store
+        .run(move |c| {
+            c.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+                 INSERT INTO alerts (received_at, source, rcpt_to, raw, state, incident_id)
+                 SELECT 1, 'smtp', '[]', x'00', 'routed', ?1 FROM n",
+                [id],
+            )
+        })
+        .await
+        .unwrap();
+    resolve_now(&store, id).await;
+    let mut passes = 0;
+    loop {
+        let pruned = store.prune(now_ms(), 20).await.unwrap();
+        passes += 1;
+        if pruned.incidents == 1 {
+            break;
+        }
+        assert!(pruned.partial, "pass {passes}: {pruned:?}");
+        assert!(passes < 10, "never finished");
+    }
+    assert!(passes >= 3, "one transaction deleted 5,000 rows");
+    assert!(store.incident(id).await.unwrap().is_none());
+    assert_eq!(
+        scalar(&store, "SELECT COUNT(*) FROM alerts").await,
+        0,
+        "every alert of it went"
+    );
+}
