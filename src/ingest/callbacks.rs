@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -141,6 +140,10 @@ impl FromRequest<Arc<HttpContext>> for Callback {
             "{base}{}",
             uri.path_and_query().map_or(uri.path(), |p| p.as_str())
         );
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0);
         // The signature covers the body, so a request that has one is read first; a
         // request without one is refused before a byte of its body is read.
         let given = parts
@@ -151,19 +154,31 @@ impl FromRequest<Arc<HttpContext>> for Callback {
             .map(str::to_string);
         let Some(given) = given else {
             ctx.metrics.reject("twilio", "signature");
-            warn!(url = %url, "Twilio callback without X-Twilio-Signature; refused with 403");
+            warn!(url = %url, peer = ?peer, "Twilio callback without X-Twilio-Signature; refused with 403");
             return Err(HttpError::new(
                 StatusCode::FORBIDDEN,
                 "signature check failed",
             ));
         };
-        let body = Bytes::from_request(Request::from_parts(parts.clone(), body), ctx)
+        // Over the limit by its `Content-Length`: 413 before a byte is read.
+        let limit = settings
+            .config
+            .http
+            .as_ref()
+            .map_or(1024 * 1024, |h| h.max_body_bytes);
+        let (body, _) = super::http::read_body(body, &parts.headers, limit, None)
             .await
-            .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "cannot read the body"))?;
+            .map_err(|e| {
+                e.answer(
+                    "Twilio callback",
+                    peer.map(|p| p.to_string()).as_deref(),
+                    limit,
+                )
+            })?;
         let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
         if !signature::verify(token, &url, &pairs, &given) {
             ctx.metrics.reject("twilio", "signature");
-            warn!(url = %url, "Twilio callback with a missing or wrong X-Twilio-Signature; refused with 403");
+            warn!(url = %url, peer = ?peer, "Twilio callback with a wrong X-Twilio-Signature; refused with 403");
             return Err(HttpError::new(
                 StatusCode::FORBIDDEN,
                 "signature check failed",

@@ -609,6 +609,16 @@ fn an_unsigned_twilio_callback_is_refused_before_its_body_is_read() {
         Some(403),
         "a callback without any signature header is still waiting for its 1 MiB body: {answer:?}"
     );
+    // One that carries a signature header and says its body is over the limit gets the
+    // standard answer for that, 413 (not 400).
+    let mut s = connect_from(Ipv4Addr::LOCALHOST, daemon.http.unwrap());
+    s.write_all(
+        b"POST /twilio/status HTTP/1.1\r\nHost: alerts.example.com\r\nX-Twilio-Signature: x\r\n\
+          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 2097152\r\n\r\nCallSid=CA",
+    )
+    .unwrap();
+    let answer = read_head(&mut s, Duration::from_secs(5));
+    assert_eq!(answer.as_ref().map(|a| a.0), Some(413), "{answer:?}");
 }
 
 /// Bytes of the store holding data, as `retention::data_bytes` counts them.
