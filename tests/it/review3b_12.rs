@@ -97,10 +97,12 @@ fn a_reload_adding_a_public_url_never_takes_a_voicemail_for_a_person() {
 /// calls") although nobody has been rung yet. At 7 s both calls go out anyway
 /// (`claim` only stops calls of `resolved` incidents); alice answers (AMD `human`) and
 /// joins the bridge, but `calls_to_watch` only watches `open` and `bridged` incidents,
-/// so the incident stays `unanswered` with alice in its bridge, and the next alert for
-/// the same problem opens a new incident that rings her again. `finish_round` ends
-/// the last round without looking at calls still to be placed: an outage longer than
-/// the rounds (Retry-After > `round_interval`, the case the issue names) turns every
+/// (and `mark_bridged` only changes an `open` one), so the incident stays `unanswered`
+/// with alice in its bridge; by the dedup rule the next alert for the same problem
+/// opens a new incident and rings her while she is in the old bridge, and escalation
+/// steps due later are dropped (they need an open incident). `finish_round` ends the
+/// last round without looking at calls still to be placed: an outage longer than the
+/// rounds (Retry-After > `round_interval`, the case the issue names) turns every
 /// incident into a false "nobody answered".
 #[test]
 fn the_last_round_never_ends_unanswered_before_its_calls_went_out() {
@@ -237,20 +239,23 @@ fn room(incident: &Value) -> String {
 /// incident's request that left while Twilio's call list was being read: the first
 /// incident never rings, the second rings twice.
 ///
-/// Measured: two incidents call alice. Her first request (incident 1) is answered
-/// `500` (no call made; outcome unknown). The reconciler reads the unresolved requests
-/// and asks for alice's call list, which takes 1.5 s to answer (a slow list endpoint, within `request_timeout`).
-/// Meanwhile incident 2's request to alice is claimed and sent (one request per number
-/// in flight: the unknown one does not count), Twilio creates its call and answers
-/// late. The list's answer holds that call, unowned (its request has no answer yet)
-/// and inside incident 1's window, so `reconcile_number` settles incident 1's request
-/// `placed` with incident 2's SID. Incident 2's request then finds its SID owned and
-/// is sent again. Twilio made no call into incident 1's room and two into incident
-/// 2's. `decide` only holds back a cluster for requests in flight that were in the
-/// snapshot `unresolved` took before the list was asked for; a request claimed after
-/// it is invisible. Fix: after the list answers, re-read the number's unresolved
-/// requests (or refuse a `Found` in `settle` while another request to the same number,
-/// claimed before the call's creation, is unsettled).
+/// Measured (polling mode): two incidents call alice. Her first request (incident 1)
+/// is answered `500`: no call was made, the outcome is `unknown`. The reconciler takes
+/// its snapshot of unresolved requests (`Store::unresolved`) and asks for alice's call
+/// list, which takes 1.5 s to answer (a slow list endpoint, within `request_timeout`).
+/// Meanwhile incident 2's call to alice is claimed and sent (`due_calls` only holds a
+/// number back for a `requesting` request, not an `unknown` one); Twilio creates the
+/// call and answers late. The list's answer holds that call, owned by no attempt yet
+/// and inside incident 1's window, and the snapshot does not have incident 2's request
+/// in flight, so `decide` matches it and `reconcile_number` settles incident 1's
+/// request `placed` ("call list") with incident 2's SID. Incident 2's request, whose
+/// answer timed out, then finds no unowned call and is settled `absent` ("had no such
+/// call") and sent again. Twilio made no call into incident 1's room and two into
+/// incident 2's: issue 12's defects 2 and 3, in a storm of incidents for one person.
+/// (BENCHMARKS.md: "a number's unresolved requests must never share a time window" —
+/// an `unknown` one does.) Fix: re-read the number's unresolved requests after the
+/// list answers, or keep a number's next request back while an `unknown` one's window
+/// is open.
 #[test]
 fn a_slow_call_list_never_gives_one_incidents_call_to_another() {
     let twilio = FakeTwilio::start();
