@@ -311,3 +311,42 @@ fn a_slow_call_list_never_gives_one_incidents_call_to_another() {
         Value::Array(list)
     );
 }
+
+/// A slow accept and a call list that lags more than the grace period ring one number
+/// again and again for one alert, outside the call budget.
+///
+/// Measured: Twilio answers every `Calls.json` request 1.5 s late (`request_timeout =
+/// "1s"`, so each answer is lost and the request `unknown`), and its call list shows a
+/// call only 8 s after it was created. `max_calls_per_hour = 1`. The reconciler finds
+/// no call in the request's window within `reconcile_grace` (2 s), settles it
+/// `absent` ("Twilio's call list had no such call 5 s after the request; sent again")
+/// and sends it again; the resend meets the same fate, and so on: one alert, one
+/// number, budget 1, and Twilio created 4 calls in 22 s (5 in 30 s) — issue 12's
+/// defect 1 again. When the reconciler reads the list for the next request, the
+/// earlier calls are there, unowned, proving that the requests it called `absent`
+/// did reach Twilio; nothing looks at them (they are outside the new window), an
+/// `absent` resend has no limit (only `undecided` is "once per call"), and resends
+/// are not counted in the budget (`call_budget` counts calls, not requests). Fix:
+/// send a call again after `absent` at most once (then `failed`, saying it may have
+/// rung), or settle an `absent` attempt when its call shows up late and stop there.
+#[test]
+fn a_lagging_call_list_never_rings_a_number_again_and_again() {
+    let twilio = FakeTwilio::start();
+    twilio.set_delay(Duration::from_millis(1500));
+    twilio.set_list_lag(Duration::from_secs(8));
+    let dir = workdir();
+    let rules = "[defaults]\nround_interval = \"1h\"\n[limits]\nmax_calls_per_hour = 1\n\
+                 [[rule]]\nname = \"page\"\ncall = [\"alice\"]\n";
+    let cfg = config(Some(&twilio), rules)
+        .replace("request_timeout = \"2s\"", "request_timeout = \"1s\"");
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    daemon.smtp().alert("db1 is DOWN");
+    std::thread::sleep(Duration::from_secs(22));
+    let created = twilio.created();
+    assert!(
+        created.len() <= 2,
+        "one alert, budget 1: Twilio created {} calls to alice in 22 s\n{:#}",
+        created.len(),
+        Value::Array(crate::harness::incidents(dir.path()))
+    );
+}
