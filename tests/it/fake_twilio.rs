@@ -176,6 +176,8 @@ struct Inner {
     list_lag: Duration,
     /// The call list never answers.
     list_hangs: bool,
+    /// The call list answers this late (what it shows is read when it answers).
+    list_delay: Duration,
     list_requests: usize,
     /// How long an unanswered call rings before it ends `no-answer`.
     ring_time: Duration,
@@ -202,6 +204,7 @@ impl Default for Inner {
             drop_rate: 0.0,
             list_lag: Duration::ZERO,
             list_hangs: false,
+            list_delay: Duration::ZERO,
             list_requests: 0,
             ring_time: Duration::from_millis(400),
             conference_delay: Duration::ZERO,
@@ -321,6 +324,12 @@ impl FakeTwilio {
     /// Reads of conferences and their participants answer this late.
     pub fn set_conference_delay(&self, delay: Duration) {
         self.lock().conference_delay = delay;
+    }
+
+    /// The call list answers `delay` late, showing the calls Twilio has by then (a slow
+    /// list endpoint).
+    pub fn set_list_delay(&self, delay: Duration) {
+        self.lock().list_delay = delay;
     }
 
     /// How many times the call list was asked for.
@@ -1069,13 +1078,16 @@ async fn list_calls(
     if let Err(response) = authenticate(&account, &headers) {
         return response;
     }
-    let hangs = {
+    let (hangs, delay) = {
         let mut inner = inner.lock().unwrap();
         inner.list_requests += 1;
-        inner.list_hangs
+        (inner.list_hangs, inner.list_delay)
     };
     if hangs {
         tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
     }
     if let Some(date) = query.get("StartTime>")
         && !is_date(date)
