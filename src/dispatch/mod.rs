@@ -39,7 +39,7 @@ use crate::settings::Live;
 use crate::store::{Store, now_ms};
 use crate::twilio;
 
-pub use placer::follow_up;
+pub use placer::count_placed;
 pub use reconcile::{Candidate, Decision as Reconciliation, Pending, decide};
 pub use router::call_twiml;
 

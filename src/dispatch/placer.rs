@@ -17,7 +17,8 @@ use super::{Caller, Dispatcher, IDLE_POLL, WINDOW_SLACK, backoff, error_hint};
 use crate::health::Worker;
 use crate::metrics::{CallError, Metrics, Outcome as CanaryOutcome};
 use crate::store::{
-    AttemptOutcome, AttemptState, CALLBACK, CallJob, Claim, Recorded, StoreError, ms, now_ms,
+    AttemptOutcome, AttemptState, CALLBACK, CallJob, Claim, Recorded, SmsState, StoreError, ms,
+    now_ms,
 };
 use crate::twilio::{self, CallRequest, Outcome};
 
@@ -31,8 +32,10 @@ impl Dispatcher {
     /// Places due calls as they come, until shutdown.
     pub(super) async fn place_loop(self: Arc<Self>) {
         let in_flight: InFlight = Arc::default();
+        let sms_in_flight: InFlight = Arc::default();
         loop {
             self.beat(Worker::Placer);
+            self.spawn_owed_sms(&sms_in_flight).await;
             let wait = self.spawn_due(&in_flight).await;
             if !self.idle(&self.placer_wake, wait).await {
                 return;
@@ -84,6 +87,36 @@ impl Dispatcher {
         }
     }
 
+    /// Sends the SMS summaries placed calls still owe, each in a task of its own. Owed
+    /// is durable (set where the call was settled placed), so whoever settled it — the
+    /// answer, the reconciler, a status callback, a daemon since killed — the SMS goes
+    /// out once the call is placed: at least once, and more only if a crash comes
+    /// between sending and recording it.
+    async fn spawn_owed_sms(self: &Arc<Self>, in_flight: &InFlight) {
+        let Caller::Twilio(client) = &self.caller else {
+            return;
+        };
+        let owed = match self.store.owed_sms(MAX_IN_FLIGHT).await {
+            Ok(owed) => owed,
+            Err(e) => {
+                error!(error = %e, "cannot read the SMS summaries still owed; will try again");
+                return;
+            }
+        };
+        for job in owed {
+            if !lock(in_flight).insert(job.call_id) {
+                continue;
+            }
+            let (store, client, in_flight) =
+                (self.store.clone(), client.clone(), Arc::clone(in_flight));
+            let from = self.live.load().config.twilio.from.clone();
+            self.calls.spawn(async move {
+                send_sms(&client, &store, &job, &from).await;
+                lock(&in_flight).remove(&job.call_id);
+            });
+        }
+    }
+
     /// One request for one call: claim (commit the attempt), send, record the answer.
     async fn place(&self, job: CallJob) {
         let Caller::Twilio(client) = &self.caller else {
@@ -117,9 +150,10 @@ impl Dispatcher {
                 from: &t.from,
                 twiml: &job.twiml,
                 timeout_secs: t.ring_seconds,
-                // Polling tells voicemail from a person (see `rounds`); with a public
-                // URL a person presses 1 instead.
-                machine_detection: t.public_url.is_none(),
+                // Polling tells voicemail from a person (see `rounds`); on a press-1
+                // call a person presses 1 instead. The incident's own mode: a reload
+                // that adds or removes `public_url` changes no incident in flight.
+                machine_detection: !job.press_one,
                 status_callback: callback.as_deref(),
             })
             .await;
@@ -218,7 +252,7 @@ impl Dispatcher {
         // status callback, which runs in the HTTP server) the placer after it.
         let follow_up = recorded.decided || recorded.reconciled.as_deref() == Some(CALLBACK);
         if recorded.state == AttemptState::Placed && follow_up {
-            self.placed(client, &job).await;
+            self.placed(&job);
         }
     }
 
@@ -241,10 +275,13 @@ impl Dispatcher {
         }
     }
 
-    /// A call became placed (by its answer, or by reconciliation).
-    pub(super) async fn placed(&self, client: &twilio::Client, job: &CallJob) {
-        let from = self.live.load().config.twilio.from.clone();
-        follow_up(client, &self.store, &self.metrics, &from, job).await;
+    /// A call became placed (by its answer, or by reconciliation): counted, and its
+    /// SMS summary (owed since that commit) sent now rather than at the next pass.
+    pub(super) fn placed(&self, job: &CallJob) {
+        count_placed(&self.metrics, job);
+        if job.sms.is_some() {
+            self.placer_wake.notify_one();
+        }
     }
 
     fn count_failure(&self, job: &CallJob, code: Option<i64>, error: &str) {
@@ -261,23 +298,14 @@ impl Dispatcher {
     }
 }
 
-/// What follows a call becoming placed, whoever settled it (its answer, the reconciler,
-/// a status callback that came after the answer was lost): counted, the canary's result
-/// noted, and the SMS summary sent. Each settlement happens once, so this does too.
-pub async fn follow_up(
-    client: &twilio::Client,
-    store: &crate::store::Store,
-    metrics: &Metrics,
-    from: &str,
-    job: &CallJob,
-) {
+/// Counts a call that became placed, whoever settled it (its answer, the reconciler, a
+/// status callback that came after the answer was lost), and notes the canary's result.
+/// Each settlement happens once, so this does too. (Its SMS is owed in the store.)
+pub fn count_placed(metrics: &Metrics, job: &CallJob) {
     if job.canary {
         canary_result(metrics, job, None);
     } else {
         metrics.calls_placed.inc();
-    }
-    if let Some(text) = &job.sms {
-        send_sms(client, store, job, from, text).await;
     }
 }
 
@@ -308,32 +336,33 @@ fn lock(in_flight: &InFlight) -> std::sync::MutexGuard<'_, HashSet<i64>> {
 }
 
 /// Sends the SMS summary of a placed call (one attempt: the call is what matters) and
-/// records the outcome in the call's history.
-async fn send_sms(
-    client: &twilio::Client,
-    store: &crate::store::Store,
-    job: &CallJob,
-    from: &str,
-    text: &str,
-) {
-    let event = match client.send_sms(&job.number, from, text).await {
-        Outcome::Placed { sid } => {
-            info!(incident = job.incident_id, number = %job.number, sid = %sid, "SMS summary sent");
-            format!("sms {sid}")
-        }
-        Outcome::Permanent { code, message, .. } => {
-            warn!(incident = job.incident_id, number = %job.number, twilio_code = code, error = %message, "SMS summary not sent");
-            match code {
-                Some(code) => format!("sms-failed: error {code}: {message}"),
-                None => format!("sms-failed: {message}"),
+/// records the outcome, which ends what the call owed.
+async fn send_sms(client: &twilio::Client, store: &crate::store::Store, job: &CallJob, from: &str) {
+    let (state, event) = match &job.sms {
+        None => (
+            SmsState::Failed,
+            "sms-failed: the incident has no summary".to_string(),
+        ),
+        Some(text) => match client.send_sms(&job.number, from, text).await {
+            Outcome::Placed { sid } => {
+                info!(incident = job.incident_id, number = %job.number, sid = %sid, "SMS summary sent");
+                (SmsState::Sent, format!("sms {sid}"))
             }
-        }
-        Outcome::Retry { reason, .. } | Outcome::Unknown { reason } => {
-            warn!(incident = job.incident_id, number = %job.number, error = %reason, "SMS summary not sent");
-            format!("sms-failed: {reason}")
-        }
+            Outcome::Permanent { code, message, .. } => {
+                warn!(incident = job.incident_id, number = %job.number, twilio_code = code, error = %message, "SMS summary not sent");
+                let event = match code {
+                    Some(code) => format!("sms-failed: error {code}: {message}"),
+                    None => format!("sms-failed: {message}"),
+                };
+                (SmsState::Failed, event)
+            }
+            Outcome::Retry { reason, .. } | Outcome::Unknown { reason } => {
+                warn!(incident = job.incident_id, number = %job.number, error = %reason, "SMS summary not sent");
+                (SmsState::Failed, format!("sms-failed: {reason}"))
+            }
+        },
     };
-    if let Err(e) = store.call_event(job.call_id, event).await {
-        error!(incident = job.incident_id, error = %e, "cannot record the SMS summary");
+    if let Err(e) = store.sms_done(job.call_id, state, event).await {
+        error!(incident = job.incident_id, error = %e, "cannot record the SMS summary; it may be sent again");
     }
 }

@@ -227,15 +227,8 @@ impl Dispatcher {
         let from = self.live.load().config.twilio.from.clone();
         let mut by_number: BTreeMap<(String, String), Vec<Unresolved>> = BTreeMap::new();
         for u in unresolved {
-            let caller_id = if u.from_number.is_empty() {
-                from.clone()
-            } else {
-                u.from_number.clone()
-            };
-            by_number
-                .entry((u.number.clone(), caller_id))
-                .or_default()
-                .push(u);
+            let key = (u.number.clone(), caller_id(&u, &from).to_string());
+            by_number.entry(key).or_default().push(u);
         }
         let mut progress_now = lock(progress);
         progress_now.asked.retain(|_, at| at.elapsed() < LIST_EVERY);
@@ -291,10 +284,27 @@ impl Dispatcher {
                     let reason = format!(
                         "Twilio's call list could not be read ({e}); sent again so nobody is missed"
                     );
-                    self.settle(client, a, Settlement::Undecided { reason })
-                        .await;
+                    self.settle(a, Settlement::Undecided { reason }).await;
                 }
                 warn!(number, error = %e, "cannot read Twilio's call list to reconcile requests whose answer was lost; will ask again");
+                return;
+            }
+        };
+        // The number's requests as they are now, not as they were before the list was
+        // asked for: a request sent meanwhile (a new incident's call to the same
+        // number) may have made a call in this list, and must be in the matching —
+        // in flight, it holds its cluster back — or the call would be given to an
+        // older request. Every call in the list was made by a request committed before
+        // it was sent, so reading after the list sees them all.
+        let attempts = match self.store.unresolved(now_ms()).await {
+            Ok(all) => {
+                let default_from = self.live.load().config.twilio.from.clone();
+                all.into_iter()
+                    .filter(|u| u.number == number && caller_id(u, &default_from) == from)
+                    .collect::<Vec<_>>()
+            }
+            Err(e) => {
+                error!(error = %e, "cannot read the requests to reconcile");
                 return;
             }
         };
@@ -340,13 +350,13 @@ impl Dispatcher {
                     reason: format!("{reason}; sent again so nobody is missed"),
                 },
             };
-            self.settle(client, attempt, settlement).await;
+            self.settle(attempt, settlement).await;
         }
     }
 
     /// Records a settlement, logs it, and follows up: a placed call gets its SMS, a
     /// call sent again wakes the placer.
-    async fn settle(&self, client: &twilio::Client, attempt: &Unresolved, settlement: Settlement) {
+    async fn settle(&self, attempt: &Unresolved, settlement: Settlement) {
         let result = match &settlement {
             Settlement::Found { .. } => "placed",
             Settlement::Absent { .. } => "absent",
@@ -369,11 +379,15 @@ impl Dispatcher {
             .get_or_create(&Counted { result })
             .inc();
         let (incident, number, id) = (attempt.incident_id, &attempt.number, attempt.attempt_id);
+        if settled.state == crate::store::CallState::Failed {
+            error!(incident, number = %number, attempt = id, "Twilio's call list confirmed neither of two requests for this call: it may have rung, and is not sent a third time");
+            return;
+        }
         match settlement {
             Settlement::Found { sid, .. } => {
                 info!(incident, number = %number, attempt = id, sid = %sid,
                     "the request whose answer was lost did reach Twilio; not calling again");
-                self.placed(client, &settled.call).await;
+                self.placed(&settled.call);
             }
             Settlement::Absent { how } => {
                 warn!(incident, number = %number, attempt = id, call = %settled.state, how = %how,
@@ -386,6 +400,15 @@ impl Dispatcher {
                 self.placer_wake.notify_one();
             }
         }
+    }
+}
+
+/// The caller ID a request went out with (older records have none: the configured one).
+fn caller_id<'a>(u: &'a Unresolved, default: &'a str) -> &'a str {
+    if u.from_number.is_empty() {
+        default
+    } else {
+        &u.from_number
     }
 }
 

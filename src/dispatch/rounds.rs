@@ -67,8 +67,9 @@ impl Dispatcher {
                     following.store(false, Ordering::Release);
                 });
             }
+            // Polling incidents are watched whatever `public_url` says now: an
+            // incident keeps the mode it opened with.
             if let Caller::Twilio(client) = &self.caller
-                && self.live.load().config.twilio.public_url.is_none()
                 && !watching.swap(true, Ordering::AcqRel)
             {
                 let (me, client, busy, watching) = (
@@ -207,7 +208,7 @@ impl Dispatcher {
     async fn finish(&self, round: DueRound) {
         let mut bridged = false;
         if let (Caller::Twilio(client), false) = (&self.caller, round.dry_run) {
-            let polling = self.live.load().config.twilio.public_url.is_none();
+            let polling = !round.press_one;
             bridged |= self.refresh_live_calls(client, round.incident_id).await && polling;
             match self
                 .someone_in_bridge(client, &round.public_id, polling)
@@ -227,6 +228,14 @@ impl Dispatcher {
             .await
         {
             Ok(RoundEnd::Stale) => {}
+            Ok(RoundEnd::LastCallsPending { wait_ms }) => {
+                tracing::debug!(
+                    incident,
+                    round = round.round,
+                    wait_ms,
+                    "the last round is up but some of its calls are still under way; it ends once they have rung out"
+                )
+            }
             Ok(RoundEnd::Bridged { round }) => {
                 info!(
                     incident,

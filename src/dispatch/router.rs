@@ -84,6 +84,8 @@ fn decide(config: &Config, batch: Vec<PendingAlert>, policy: &Policy) -> Decided
             kind,
             dry_run: pending.dry_run,
             received_at: pending.received_at,
+            // As `call_twiml` decided: kept with the incident, whatever a reload does.
+            press_one: config.twilio.public_url.is_some(),
         };
         let seen = Seen {
             message_id: alert.message_id,

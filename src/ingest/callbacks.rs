@@ -252,15 +252,10 @@ async fn status(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
             if let Some(settled) = settled {
                 info!(incident, number = %number, attempt, sid = %sid,
                     "status callback: the request did reach Twilio; not calling again");
-                // Its answer was lost, so the placer is not waiting for it: follow up
-                // here (count it, send its SMS), off the callback's answer.
-                if let (AttemptState::Unknown, Some(client)) = (settled.was, ctx.twilio.clone()) {
-                    let (store, metrics) = (ctx.store.clone(), Arc::clone(&ctx.metrics));
-                    let from = cb.settings.config.twilio.from.clone();
-                    tokio::spawn(async move {
-                        crate::dispatch::follow_up(&client, &store, &metrics, &from, &settled.call)
-                            .await;
-                    });
+                // Its answer was lost, so the placer is not waiting for it: count it
+                // here. (Its SMS is owed in the store; the placer sends it.)
+                if settled.was == AttemptState::Unknown {
+                    crate::dispatch::count_placed(&ctx.metrics, &settled.call);
                 }
             }
             info!(incident, number = %number, status = %status, "call progress");

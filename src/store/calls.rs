@@ -9,7 +9,9 @@ use std::collections::HashSet;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{AttemptState, CallState, IncidentKind, IncidentStatus, Store, StoreError, now_ms};
+use super::{
+    AttemptState, CallState, IncidentKind, IncidentStatus, SmsState, Store, StoreError, now_ms,
+};
 use crate::store::TwilioStatus;
 
 /// One call to place: what the placer needs to request it.
@@ -32,6 +34,8 @@ pub struct CallJob {
     /// For the first request of an incident's first round: when its alert was stored
     /// (Unix milliseconds), for the latency metric.
     pub received_at: Option<i64>,
+    /// The incident's calls ask to press 1; else answering-machine detection is on.
+    pub press_one: bool,
 }
 
 /// The SMS summary of an incident.
@@ -136,7 +140,7 @@ pub struct WatchedCall {
 }
 
 const JOB_COLUMNS: &str = "c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts, i.kind, i.sms, i.subject,
-     CASE WHEN c.round = 1 AND c.attempts = 0 THEN i.first_received_at END";
+     CASE WHEN c.round = 1 AND c.attempts = 0 THEN i.first_received_at END, i.press_one";
 
 fn job(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallJob> {
     let incident_id: i64 = r.get(1)?;
@@ -154,6 +158,7 @@ fn job(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallJob> {
         sms: (sms && kind == IncidentKind::Alert)
             .then(|| sms_text(incident_id, &r.get::<_, String>(9).unwrap_or_default())),
         received_at: r.get(10)?,
+        press_one: r.get(11)?,
     })
 }
 
@@ -470,7 +475,7 @@ impl Store {
             let mut stmt = c.prepare_cached(
                 "SELECT c.id, c.incident_id, c.sid, c.number, i.message, i.language, i.voice
                  FROM incidents i JOIN calls c ON c.incident_id = i.id
-                 WHERE i.status IN ('open', 'bridged') AND i.kind = 'alert' AND i.dry_run = 0
+                 WHERE i.status IN ('open', 'bridged') AND i.kind = 'alert' AND i.dry_run = 0 AND i.press_one = 0
                    AND c.state = 'placed' AND c.sid IS NOT NULL AND c.answered_by IS NULL
                    AND (c.twilio_status IS NULL OR c.twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress'))
                    AND c.updated_at > ?1",
@@ -487,6 +492,36 @@ impl Store {
                 })
             })?;
             rows.collect()
+        })
+        .await
+    }
+
+    /// Placed calls whose SMS summary is still owed (at most `limit`), oldest first.
+    pub async fn owed_sms(&self, limit: usize) -> Result<Vec<CallJob>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {JOB_COLUMNS} FROM calls c JOIN incidents i ON i.id = c.incident_id
+                 WHERE c.sms_state = 'owed' ORDER BY c.id LIMIT ?1"
+            ))?
+            .query_map([limit], job)?
+            .collect()
+        })
+        .await
+    }
+
+    /// Records how a call's SMS summary went (`sent` or `failed`) and the line for its
+    /// history, in one transaction.
+    pub async fn sms_done(
+        &self,
+        call_id: i64,
+        state: SmsState,
+        event: String,
+    ) -> Result<(), StoreError> {
+        self.run(move |c| {
+            c.prepare_cached("UPDATE calls SET sms_state = ?2 WHERE id = ?1")?
+                .execute(params![call_id, state])?;
+            add_event(c, call_id, &event)
         })
         .await
     }
@@ -556,6 +591,13 @@ fn place(
          WHERE id = ?1",
     )?
     .execute(params![call_id, CallState::Placed, sid, now])?;
+    // Its SMS summary is owed from this very transaction, whoever settled the call: a
+    // crash before it is sent leaves it owed, not forgotten.
+    c.prepare_cached(
+        "UPDATE calls SET sms_state = ?2 WHERE id = ?1 AND sms_state IS NULL
+           AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = calls.incident_id AND i.sms = 1 AND i.kind = 'alert')",
+    )?
+    .execute(params![call_id, SmsState::Owed])?;
     Ok(())
 }
 
@@ -586,28 +628,28 @@ fn settle(
             place(c, attempt_id, call_id, sid, Some(how), now)?;
             CallState::Placed
         }
-        Settlement::Absent { how } => {
+        // Sent again, blindly — but once per call: when a second request's outcome
+        // cannot be confirmed either, Twilio's call list is lagging or failing, the
+        // calls may well have rung, and every further request could ring again.
+        Settlement::Absent { how: why } | Settlement::Undecided { reason: why } => {
+            let state = match settlement {
+                Settlement::Absent { .. } => AttemptState::Absent,
+                _ => AttemptState::Undecided,
+            };
             c.prepare_cached(
                 "UPDATE attempts SET state = ?2, reconciled = ?3, settled_at = ?4 WHERE id = ?1",
             )?
-            .execute(params![attempt_id, AttemptState::Absent, how, now])?;
-            requeue(c, call_id, now, how)?
-        }
-        Settlement::Undecided { reason } => {
-            c.prepare_cached(
-                "UPDATE attempts SET state = ?2, reconciled = ?3, settled_at = ?4 WHERE id = ?1",
-            )?
-            .execute(params![attempt_id, AttemptState::Undecided, reason, now])?;
+            .execute(params![attempt_id, state, why, now])?;
             let before: i64 = c
                 .prepare_cached(
-                    "SELECT COUNT(*) FROM attempts WHERE call_id = ?1 AND state = 'undecided' AND id != ?2",
+                    "SELECT COUNT(*) FROM attempts WHERE call_id = ?1 AND state IN ('absent', 'undecided') AND id != ?2",
                 )?
                 .query_row(params![call_id, attempt_id], |r| r.get(0))?;
             if before == 0 {
-                requeue(c, call_id, now, reason)?
+                requeue(c, call_id, now, why)?
             } else {
                 let error = format!(
-                    "Twilio never confirmed two requests for this call ({reason}); it may have rung, and is not sent a third time"
+                    "Twilio never confirmed two requests for this call ({why}); it may have rung, and is not sent a third time"
                 );
                 c.prepare_cached(
                     "UPDATE calls SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",

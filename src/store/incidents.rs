@@ -23,6 +23,8 @@ pub struct DueRound {
     pub round: i64,
     pub rounds: i64,
     pub dry_run: bool,
+    /// Its calls ask to press 1: a person is one who did (else AMD and polling tell).
+    pub press_one: bool,
 }
 
 /// How a round ended.
@@ -37,7 +39,14 @@ pub enum RoundEnd {
     NextRound { round: i64, calls: Vec<RoutedCall> },
     /// Nobody joined in any of the `rounds` rounds.
     Unanswered { rounds: i64 },
+    /// The last round is up, but some of its calls have not rung out yet (still to be
+    /// placed, retried or settled, or ringing): it ends once they have, looked at
+    /// again after `wait_ms`.
+    LastCallsPending { wait_ms: i64 },
 }
+
+/// How often a last round whose calls are still under way is looked at again.
+const LAST_ROUND_RECHECK_MS: i64 = 2_000;
 
 /// A placed call that may still be live, for the end of a round.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,7 +141,7 @@ impl Store {
     pub async fn due_rounds(&self, now: i64, real: bool) -> Result<Vec<DueRound>, StoreError> {
         self.run(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT id, public_id, round, rounds, dry_run FROM incidents
+                "SELECT id, public_id, round, rounds, dry_run, press_one FROM incidents
                  WHERE next_round_at IS NOT NULL AND next_round_at <= ?1 AND status = 'open'
                    AND (?2 OR dry_run = 1)
                  ORDER BY next_round_at",
@@ -144,6 +153,7 @@ impl Store {
                     round: r.get(2)?,
                     rounds: r.get(3)?,
                     dry_run: r.get(4)?,
+                    press_one: r.get(5)?,
                 })
             })?;
             rows.collect()
@@ -395,6 +405,29 @@ fn finish_round(
             params![incident_id, IncidentStatus::Bridged],
         )?;
         return Ok(RoundEnd::Bridged { round });
+    }
+    if round >= rounds {
+        // "Nobody answered" only once everybody could have: a call still to be placed
+        // (a 503 with a long Retry-After, a request being reconciled) or still ringing
+        // may yet reach a person, and a recovery must still find the incident open to
+        // cancel what has not gone out.
+        let pending = c
+            .prepare_cached(
+                "SELECT 1 FROM calls WHERE incident_id = ?1
+                   AND (state IN ('queued', 'requesting', 'unknown', 'retrying')
+                        OR (state = 'placed' AND twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress')))
+                 LIMIT 1",
+            )?
+            .exists([incident_id])?;
+        if pending {
+            c.execute(
+                "UPDATE incidents SET next_round_at = ?2 WHERE id = ?1",
+                params![incident_id, now.saturating_add(LAST_ROUND_RECHECK_MS)],
+            )?;
+            return Ok(RoundEnd::LastCallsPending {
+                wait_ms: LAST_ROUND_RECHECK_MS,
+            });
+        }
     }
     end_round(RoundOutcome::NobodyJoined)?;
     if round >= rounds {

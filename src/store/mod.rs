@@ -53,7 +53,7 @@ pub use retention::{Pruned, Usage};
 pub use routing::{NewIncident, Routed, RoutedCall};
 pub use states::{
     AlertState, AttemptState, CallState, EscalationState, HeartbeatState, IncidentKind,
-    IncidentStatus, RoundOutcome, TwilioStatus,
+    IncidentStatus, RoundOutcome, SmsState, TwilioStatus,
 };
 
 /// Why the store could not do something.

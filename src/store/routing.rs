@@ -23,6 +23,9 @@ pub struct NewIncident {
     pub dry_run: bool,
     /// When the alert was stored (Unix milliseconds), for the dispatch latency metric.
     pub received_at: i64,
+    /// Its calls ask to press 1 (a public URL): a person is one who pressed it. Else
+    /// answering-machine detection and polling tell who answered.
+    pub press_one: bool,
 }
 
 /// A number of a round, as recorded.
@@ -218,8 +221,8 @@ fn record_routing(
     c.prepare_cached(
         "INSERT INTO incidents (public_id, kind, dry_run, status, opened_at, first_received_at, closed_at, rule,
                                 dedup_key, message, language, voice, twiml, subject, sms, last_alert_at,
-                                rounds, round_interval_ms, next_round_at, silence_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?5, ?16, ?17, ?18, ?19)",
+                                rounds, round_interval_ms, next_round_at, silence_id, press_one)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?5, ?16, ?17, ?18, ?19, ?20)",
     )?
     .execute(params![
         new.public_id,
@@ -240,7 +243,8 @@ fn record_routing(
         decision.rounds,
         ms(decision.round_interval),
         next_round_at,
-        silence_id
+        silence_id,
+        new.press_one
     ])?;
     let incident_id = c.last_insert_rowid();
     if let Some(silence_id) = silence_id {

@@ -381,10 +381,17 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // 11: a heartbeat missed by a dry run (`serve --dry-run`) is missed for dry runs
     // only: a real daemon on the same store still opens its incident. And the calls
     // whose answerer polling still waits for, found by their last change; and the
-    // requests whose answer is overdue, for the reconciler's pass every second.
+    // requests whose answer is overdue, for the reconciler's pass every second. And
+    // whether an incident's calls ask to press 1 (public URL) or are watched by
+    // polling: decided when it opens, kept through a reload that changes `public_url`.
+    // And each placed call's SMS summary, owed until sent, so a crash never loses it.
     "ALTER TABLE heartbeats ADD COLUMN missed_dry_run INTEGER NOT NULL DEFAULT 0 CHECK (missed_dry_run IN (0, 1));
     CREATE INDEX calls_unanswered ON calls(updated_at) WHERE state = 'placed' AND answered_by IS NULL;
-    CREATE INDEX attempts_overdue ON attempts(window_end) WHERE state = 'requesting';",
+    CREATE INDEX attempts_overdue ON attempts(window_end) WHERE state = 'requesting';
+    ALTER TABLE incidents ADD COLUMN press_one INTEGER NOT NULL DEFAULT 0 CHECK (press_one IN (0, 1));
+    UPDATE incidents SET press_one = 1 WHERE twiml LIKE '%<Gather%';
+    ALTER TABLE calls ADD COLUMN sms_state TEXT CHECK (sms_state IN ('owed', 'sent', 'failed'));
+    CREATE INDEX calls_sms_owed ON calls(id) WHERE sms_state = 'owed';",
 ];
 
 pub(super) fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {

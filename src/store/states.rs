@@ -223,6 +223,18 @@ state_enum! {
 }
 
 state_enum! {
+    /// A placed call's SMS summary (`sms = true`): `owed` from the transaction that
+    /// settled the call as placed, whoever settled it, until it is `sent` or has
+    /// `failed` (one attempt: the call is what matters). A crash in between leaves it
+    /// owed, and the next daemon sends it.
+    pub enum SmsState {
+        Owed = "owed",
+        Sent = "sent",
+        Failed = "failed",
+    }
+}
+
+state_enum! {
     /// One `escalate` step of an incident: `pending` until its time, then `called`
     /// (its numbers joined the incident's rounds) or `not needed` (the incident was
     /// bridged or closed by then).
@@ -281,5 +293,6 @@ pub(crate) fn checked_columns() -> Vec<(&'static str, &'static str, Vec<&'static
             "state",
             names(EscalationState::ALL, EscalationState::as_str),
         ),
+        ("calls", "sms_state", names(SmsState::ALL, SmsState::as_str)),
     ]
 }

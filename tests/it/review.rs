@@ -287,12 +287,14 @@ fn a_voicemail_on_an_unsettled_call_is_not_a_person_in_the_bridge() {
     let list = wait_incidents(dir.path(), Duration::from_secs(15), |l| {
         l.first().is_some_and(|i| i["status"] != "open")
     });
+    // The last round waits for the unsettled request; the call list never answers, so
+    // it is sent once more (ringing twice beats missing) — never more.
     let in_bridge: Vec<_> = twilio
         .created()
         .into_iter()
         .filter(|c| c.to == ALICE)
         .collect();
-    assert_eq!(in_bridge.len(), 1, "{in_bridge:#?}");
+    assert!((1..=2).contains(&in_bridge.len()), "{in_bridge:#?}");
     assert_eq!(
         list[0]["status"], "unanswered",
         "only alice's voicemail was in the bridge: {:#}",

@@ -138,7 +138,9 @@ fn the_last_round_never_ends_unanswered_before_its_calls_went_out() {
 }
 
 /// A recovery that comes after the last round ended, while the incident's calls still
-/// wait for a retry, stops nothing: the phones ring for a problem that is over.
+/// wait for a retry, stops nothing: the phones ring for a problem that is over. (Fixed
+/// by the last round waiting for its calls: the incident is still open when the
+/// recovery comes, and the recovery cancels them.)
 ///
 /// Measured: Twilio answers the first request of alice and of bob with `503` and
 /// `Retry-After: 7`. With `round_interval = "2s"` and `rounds = 2` the incident is
@@ -159,9 +161,15 @@ fn a_recovery_after_the_last_round_cancels_the_calls_still_retrying() {
         [[rule]]\nname = \"down\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\", \"bob\"]\ndedup_key = \"{host}\"\n";
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
     daemon.smtp().alert("db1 is DOWN");
+    // Both rounds are up (2 × 2 s), the calls still wait for their retry at 7 s: the
+    // incident waits for them instead of ending unanswered.
     wait_incidents(dir.path(), Duration::from_secs(10), |l| {
-        l.first().is_some_and(|i| i["status"] == "unanswered")
+        l.first()
+            .is_some_and(|i| i["rounds"].as_array().is_some_and(|r| r.len() == 2))
     });
+    std::thread::sleep(Duration::from_millis(2500));
+    let list = crate::harness::incidents(dir.path());
+    assert_eq!(list[0]["status"], "open", "{:#}", list[0]);
     daemon.smtp().alert("db1 is UP");
     // The retries are due 7 s after the first requests.
     std::thread::sleep(Duration::from_secs(6));
