@@ -281,10 +281,14 @@ async fn canary(
             }),
             ..NewAlert::default()
         };
-        match store.insert_alert(alert).await {
+        // The test alert and its schedule in one transaction: a crash can neither ring
+        // twice in a period nor skip one.
+        match store
+            .insert_alert_and_meta(alert, LAST, now.to_string())
+            .await
+        {
             Ok(inserted) => {
                 info!(alert = inserted.id, numbers = ?canary.numbers, "canary: test call queued");
-                let _ = store.set_meta(LAST, &now.to_string()).await;
                 wake.notify_one();
             }
             Err(e) => {

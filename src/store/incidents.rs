@@ -480,17 +480,18 @@ pub(super) fn still_live(
     incident_id: i64,
     number: &str,
 ) -> rusqlite::Result<Option<String>> {
-    let last: Option<(i64, CallState, Option<TwilioStatus>)> = c
+    let last: Option<(i64, CallState, Option<TwilioStatus>, i64)> = c
         .prepare_cached(
-            "SELECT round, state, twilio_status FROM calls
+            "SELECT round, state, twilio_status, attempts FROM calls
              WHERE incident_id = ?1 AND number = ?2 AND state != 'skipped' ORDER BY id DESC LIMIT 1",
         )?
         .query_row(params![incident_id, number], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
         })
         .optional()?;
-    Ok(last.and_then(|(of, state, status)| {
+    Ok(last.and_then(|(of, state, status, attempts)| {
         let doing = match state {
+            CallState::Queued if attempts == 0 => "is still waiting to be placed",
             CallState::Queued | CallState::Retrying => "is still being retried",
             CallState::Requesting | CallState::Unknown => "is still being requested",
             CallState::Placed => match status.filter(|s| s.is_live()) {

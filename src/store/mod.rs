@@ -452,38 +452,27 @@ impl Store {
     pub async fn insert_alert(&self, alert: NewAlert) -> Result<Inserted, StoreError> {
         let dry_run = self.dry_run;
         let capacity = Arc::clone(&self.capacity);
+        self.run(move |c| insert_within(c, &capacity, &alert, dry_run))
+            .await?
+    }
+
+    /// Stores an alert and sets a `meta` value in the same transaction: the canary's
+    /// test alert and its schedule, so that a crash can neither queue the test call
+    /// without moving the schedule (two calls in one period) nor the reverse.
+    pub async fn insert_alert_and_meta(
+        &self,
+        alert: NewAlert,
+        key: &'static str,
+        value: String,
+    ) -> Result<Inserted, StoreError> {
+        let dry_run = self.dry_run;
+        let capacity = Arc::clone(&self.capacity);
         self.run(move |c| {
-            if let Some(max) = capacity.max_bytes {
-                let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
-                // Not a matter of waiting: even an empty store has no room for it.
-                if retention::never_fits(c, max, need)? {
-                    return Ok(Err(StoreError::TooBig {
-                        bytes: need,
-                        max_bytes: max,
-                    }));
-                }
-                let room = retention::make_room(c, max, need)?;
-                capacity.full.store(!room, Ordering::Relaxed);
-                if !room {
-                    capacity.refused_bytes.store(need, Ordering::Relaxed);
-                    capacity.refused.notify_one();
-                    return Ok(Err(StoreError::Full { max_bytes: max }));
-                }
+            let inserted = insert_within(c, &capacity, &alert, dry_run)?;
+            if inserted.is_ok() {
+                set_meta(c, key, &value)?;
             }
-            let inserted = insert_alert_row(c, &alert, dry_run, now_ms())?;
-            if inserted > 0 {
-                return Ok(Ok(Inserted {
-                    id: inserted,
-                    duplicate: false,
-                }));
-            }
-            let id = c
-                .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
-                .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
-            Ok(Ok(Inserted {
-                id,
-                duplicate: true,
-            }))
+            Ok(inserted)
         })
         .await?
     }
@@ -500,11 +489,7 @@ impl Store {
     /// Sets a value in the `meta` table.
     pub async fn set_meta(&self, key: &'static str, value: &str) -> Result<(), StoreError> {
         let value = value.to_string();
-        self.run(move |c| {
-            c.execute("INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2", params![key, value])
-                .map(|_| ())
-        })
-        .await
+        self.run(move |c| set_meta(c, key, &value)).await
     }
 
     /// Proves the store takes writes (for `/healthz`): a tiny committed write.
@@ -608,6 +593,56 @@ impl Store {
         })
         .await
     }
+}
+
+/// Stores one alert in the caller's transaction: under `[state] max_bytes` the oldest
+/// closed data makes room first; `Full` when open data alone leaves none, `TooBig` when
+/// not even an empty store would.
+fn insert_within(
+    c: &Connection,
+    capacity: &Capacity,
+    alert: &NewAlert,
+    dry_run: bool,
+) -> rusqlite::Result<Result<Inserted, StoreError>> {
+    if let Some(max) = capacity.max_bytes {
+        let need = u64::try_from(alert.raw.len()).unwrap_or(u64::MAX);
+        // Not a matter of waiting: even an empty store has no room for it.
+        if retention::never_fits(c, max, need)? {
+            return Ok(Err(StoreError::TooBig {
+                bytes: need,
+                max_bytes: max,
+            }));
+        }
+        let room = retention::make_room(c, max, need)?;
+        capacity.full.store(!room, Ordering::Relaxed);
+        if !room {
+            capacity.refused_bytes.store(need, Ordering::Relaxed);
+            capacity.refused.notify_one();
+            return Ok(Err(StoreError::Full { max_bytes: max }));
+        }
+    }
+    let inserted = insert_alert_row(c, alert, dry_run, now_ms())?;
+    if inserted > 0 {
+        return Ok(Ok(Inserted {
+            id: inserted,
+            duplicate: false,
+        }));
+    }
+    let id = c
+        .prepare_cached("SELECT id FROM alerts WHERE source = ?1 AND dedup_id = ?2")?
+        .query_row(params![alert.source, alert.dedup_id], |r| r.get(0))?;
+    Ok(Ok(Inserted {
+        id,
+        duplicate: true,
+    }))
+}
+
+fn set_meta(c: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+    )?
+    .execute(params![key, value])
+    .map(|_| ())
 }
 
 /// Inserts an alert row; its id, or 0 when the same delivery (`source`, `dedup_id`)

@@ -1140,3 +1140,37 @@ async fn a_placed_calls_sms_is_owed_in_the_same_commit_until_it_is_done() {
         .unwrap();
     assert!(store.owed_sms(10).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn the_canarys_alert_and_its_schedule_commit_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("s.db"), Some(2 * 1024 * 1024)).unwrap();
+    let canary = |raw: Vec<u8>| NewAlert {
+        source: "canary",
+        raw,
+        ..NewAlert::default()
+    };
+    store
+        .insert_alert_and_meta(canary(Vec::new()), "canary_last", "42".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.meta("canary_last").await.unwrap().as_deref(),
+        Some("42")
+    );
+    // Not stored: the schedule does not move either.
+    assert!(
+        store
+            .insert_alert_and_meta(
+                canary(vec![b'x'; 4 * 1024 * 1024]),
+                "canary_last",
+                "43".into()
+            )
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.meta("canary_last").await.unwrap().as_deref(),
+        Some("42")
+    );
+}
