@@ -568,7 +568,13 @@ async fn a_round_ends_only_on_an_open_incident_in_that_round() {
     match store.finish_round(id, 1, false, 100).await.unwrap() {
         RoundEnd::NextRound { round: 2, calls } => {
             assert_eq!(calls[0].state, CallState::Skipped);
-            assert!(calls[0].reason.as_deref().unwrap().contains("retried"));
+            assert!(
+                calls[0]
+                    .reason
+                    .as_deref()
+                    .unwrap()
+                    .contains("waiting to be placed")
+            );
         }
         other => panic!("{other:?}"),
     }

@@ -388,22 +388,24 @@ fn calls_over_the_hourly_budget_are_refused_and_recorded() {
     daemon.wait_for_log("CALL BUDGET EXHAUSTED", Duration::from_secs(1));
 }
 
+/// A mail that could not fit even into an empty store is refused for good (`552`):
+/// answering `452` would only make its sender retry for days. (A store that open data
+/// fills answers `452`: see `retention.rs`.)
 #[test]
-fn a_full_store_answers_452_and_the_daemon_keeps_running() {
+fn a_mail_too_big_for_the_store_is_refused_for_good_and_the_daemon_keeps_running() {
     let twilio = FakeTwilio::start();
     let dir = workdir();
-    // A store capped at 256 KiB stands in for a full disk.
-    let rules = "[state]\nmax_bytes = 262144\n[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n";
+    // A store capped at 1 MiB (the least `check` allows) stands in for a small disk.
+    let rules = "[state]\nmax_bytes = 1048576\n[[rule]]\nname = \"all\"\ncall = [\"alice\"]\n";
     let daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
     let mut smtp = daemon.smtp();
     let (code, text) = smtp.send(
         "m@example.com",
         &["a@example.com"],
-        &mail("huge", &"y".repeat(400_000)),
+        &mail("huge", &"y".repeat(1_200_000)),
     );
-    // Open data alone would not fit: the store is full for this mail (RFC 3463 4.3.1).
-    assert_eq!(code, 452, "{text}");
-    assert!(text.starts_with("4.3.1"), "{text}");
+    assert_eq!(code, 552, "{text}");
+    assert!(text.starts_with("5.3.4"), "{text}");
     daemon.wait_for_log("cannot store a mail", Duration::from_secs(2));
     // Nothing was stored, so nothing rings; the next (small) mail is accepted and rings.
     let (code, text) = smtp.send("m@example.com", &["a@example.com"], &mail("small", "z"));

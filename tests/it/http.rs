@@ -418,21 +418,27 @@ fn sendgrid_spf_dkim_and_recipient_failures_are_recorded_and_ring_nobody() {
 #[test]
 fn sendgrid_bodies_over_40_mib_get_413_and_a_store_failure_gets_503() {
     let twilio = FakeTwilio::start();
-    let (_daemon, _dir, base) = http_daemon(&twilio, "[sendgrid]\n[state]\nmax_bytes = 262144\n");
+    let (_daemon, dir, base) = http_daemon(&twilio, "[sendgrid]\n[state]\nmax_bytes = 1048576\n");
     let url = format!("{base}/sendgrid/inbound");
     let huge = vec![b'a'; 40 * 1024 * 1024 + 1024];
     let body = sendgrid_body(&[("email", &huge)], &[]);
     assert_eq!(request("POST", &url, &[multipart()], body).0, 413);
-    // 1 MiB fits the HTTP limit but not the (capped) store: SendGrid must retry later.
-    let big = format!("Subject: big\r\n\r\n{}", "b".repeat(1024 * 1024));
-    let body = sendgrid_body(
-        &[
-            ("email", big.as_bytes()),
-            ("envelope", br#"{"to":["alerts@example.com"]}"#),
-        ],
-        &[],
-    );
-    let (status, _, text) = request("POST", &url, &[multipart()], body);
+    let post = |subject: &str, size: usize| {
+        let mail = format!("Subject: {subject}\r\n\r\n{}", "b".repeat(size));
+        let body = sendgrid_body(
+            &[
+                ("email", mail.as_bytes()),
+                ("envelope", br#"{"to":["alerts@example.com"]}"#),
+            ],
+            &[],
+        );
+        request("POST", &url, &[multipart()], body)
+    };
+    // 1 MiB fits the HTTP limit but could never fit the (capped) store: 413, for good.
+    assert_eq!(post("big", 1024 * 1024).0, 413);
+    // A store that fails (its file is gone): SendGrid must retry later.
+    std::fs::remove_file(dir.path().join("mailcall.db")).unwrap();
+    let (status, _, text) = post("small", 10);
     assert_eq!(status, 503, "{text}");
     assert!(
         !text.contains("SQL") && !text.contains("sqlite"),
