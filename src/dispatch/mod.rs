@@ -78,6 +78,9 @@ pub struct Dispatcher {
     pub metrics: Arc<Metrics>,
     /// When the next paced call request may leave (`[twilio] calls_per_second`).
     pub pacer: Pacer,
+    /// A call this process placed owes an SMS: the placer looks for owed SMS at once
+    /// instead of at its next once-a-second look.
+    pub sms_owed: std::sync::atomic::AtomicBool,
 }
 
 impl Dispatcher {
@@ -103,6 +106,7 @@ impl Dispatcher {
             health,
             metrics,
             pacer: Pacer::default(),
+            sms_owed: std::sync::atomic::AtomicBool::new(true),
         }
     }
 

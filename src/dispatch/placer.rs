@@ -33,9 +33,19 @@ impl Dispatcher {
     pub(super) async fn place_loop(self: Arc<Self>) {
         let in_flight: InFlight = Arc::default();
         let sms_in_flight: InFlight = Arc::default();
+        let mut sms_looked = std::time::Instant::now();
         loop {
             self.beat(Worker::Placer);
-            self.spawn_owed_sms(&sms_in_flight).await;
+            // Owed SMS: at once when a call placed here owes one, else once a second
+            // (status callbacks, a restart): not a store read on every busy pass.
+            if self
+                .sms_owed
+                .swap(false, std::sync::atomic::Ordering::AcqRel)
+                || sms_looked.elapsed() >= IDLE_POLL
+            {
+                sms_looked = std::time::Instant::now();
+                self.spawn_owed_sms(&sms_in_flight).await;
+            }
             let wait = self.spawn_due(&in_flight).await;
             if !self.idle(&self.placer_wake, wait).await {
                 return;
@@ -280,6 +290,8 @@ impl Dispatcher {
     pub(super) fn placed(&self, job: &CallJob) {
         count_placed(&self.metrics, job);
         if job.sms.is_some() {
+            self.sms_owed
+                .store(true, std::sync::atomic::Ordering::Release);
             self.placer_wake.notify_one();
         }
     }
