@@ -137,6 +137,48 @@ fn a_dropped_answer_and_a_lagging_call_list_still_ring_once() {
     }
 }
 
+/// Defects 2 and 3: `kill -9` between a Calls.json request and the commit of its
+/// answer, with a slow Twilio, then a second incident for the same person after the
+/// restart. The unknown request is reconciled one to one: each incident's call carries
+/// the SID of the call made into its own room (never the other's), and each room is
+/// rung exactly once.
+#[test]
+fn a_crash_mid_request_gives_each_alert_its_own_sid_and_rings_each_once() {
+    let twilio = FakeTwilio::start();
+    // The call is created at once; its answer comes long after the crash.
+    twilio.script(ALICE, vec![Reply::CreatedLate(Duration::from_secs(8))]);
+    let dir = workdir();
+    let rules = "[defaults]\nround_interval = \"1h\"\n\
+                 [[rule]]\nname = \"page\"\nsubject = '(?P<host>\\S+) is DOWN'\ncall = [\"alice\"]\ndedup_key = \"{host}\"\n";
+    let mut daemon = Daemon::start(dir.path(), &config(Some(&twilio), rules), false);
+    daemon.smtp().alert("db1 is DOWN");
+    twilio.wait_until(Duration::from_secs(10), |c| c.iter().any(|c| c.to == ALICE));
+    daemon.kill9();
+    let daemon = Daemon::start_existing(dir.path(), false);
+    daemon.smtp().alert("web1 is DOWN");
+    let list = wait_incidents(dir.path(), Duration::from_secs(30), |l| {
+        l.len() == 2 && l.iter().all(|i| calls(i)[0]["status"] == "placed")
+    });
+    // Time for a wrong resend to arrive, had there been one.
+    std::thread::sleep(Duration::from_secs(3));
+    let created = twilio.created();
+    for incident in &list {
+        let room = format!("mailcall-{}", incident["public_id"].as_str().unwrap());
+        let into_room: Vec<_> = created.iter().filter(|c| c.room() == room).collect();
+        assert_eq!(
+            into_room.len(),
+            1,
+            "{room} rung {} times: {incident:#}",
+            into_room.len()
+        );
+        assert_eq!(
+            calls(incident)[0]["sid"],
+            Value::from(into_room[0].sid.clone()),
+            "the incident holds another call's SID: {incident:#}"
+        );
+    }
+}
+
 /// Defect 4: after a crash with requests in flight and a call list that hangs, a new
 /// incident's calls leave at once instead of waiting for the old reconciliation.
 #[test]
