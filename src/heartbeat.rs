@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
 use crate::alert::DirectAlert;
+use crate::clock::Clock;
 use crate::config::Heartbeat;
 use crate::health::{Health, Worker};
 use crate::metrics::{Metrics, WorkerLabel};
@@ -73,7 +74,7 @@ pub fn due(
         .collect()
 }
 
-/// Runs until `shutdown`; `wake` is the router's bell.
+/// Runs until `shutdown`; `wake` is the router's bell, `clock` the time deadlines go by.
 pub async fn run(
     store: Store,
     live: Live,
@@ -81,6 +82,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    clock: Clock,
 ) {
     let tz = TimeZone::try_system().unwrap_or(TimeZone::UTC);
     loop {
@@ -93,7 +95,7 @@ pub async fn run(
             .set(now_ms() / 1000);
         let heartbeats = live.load().config.heartbeats.clone();
         if !heartbeats.is_empty() {
-            check(&store, &heartbeats, &wake, &tz).await;
+            check(&store, &heartbeats, &wake, &tz, clock.now_ms()).await;
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -102,10 +104,10 @@ pub async fn run(
     }
 }
 
-/// One pass: opens an incident (through a stored alert) for each missed deadline.
-async fn check(store: &Store, heartbeats: &[Heartbeat], wake: &Notify, tz: &TimeZone) {
+/// One pass at `now`: opens an incident (through a stored alert) for each missed
+/// deadline.
+async fn check(store: &Store, heartbeats: &[Heartbeat], wake: &Notify, tz: &TimeZone, now: i64) {
     let names = heartbeats.iter().map(|h| h.name.clone()).collect();
-    let now = now_ms();
     let rows = match store.heartbeats(names, now).await {
         Ok(rows) => rows,
         Err(e) => {
@@ -225,5 +227,63 @@ mod tests {
             1
         );
         assert!(due(hb, &[dry], 1_015_000, &utc, true).is_empty());
+    }
+
+    /// A missed beat on tokio's paused clock: `every + grace` (70 s) pass in no time,
+    /// and the miss is noticed once they are up — not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_missed_beat_is_noticed_when_every_and_grace_are_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(
+            &dir.path().join("rules.toml"),
+            "[twilio]\nfrom = \"+15005550006\"\n[contacts]\nalice = \"+15005550001\"\n\
+             [[heartbeat]]\nname = \"backup\"\nsubject = 'backup ok'\nevery = \"60s\"\ngrace = \"10s\"\n\
+             call = [\"alice\"]\n",
+        )
+        .unwrap();
+        let store = Store::open(&config.state.path, None).unwrap();
+        let metrics = Arc::new(Metrics::new(config.state.path.clone()));
+        let live = crate::settings::Settings {
+            config,
+            secrets: crate::ingest::Secrets::default(),
+            tls: None,
+        }
+        .live();
+        let clock = Clock::following_tokio();
+        let start = clock.now_ms();
+        let shutdown = CancellationToken::new();
+        let worker = tokio::spawn(run(
+            store.clone(),
+            live,
+            Arc::new(Health::default()),
+            metrics,
+            Arc::new(Notify::new()),
+            shutdown.clone(),
+            clock,
+        ));
+        let state = || async {
+            store
+                .heartbeats(vec!["backup".into()], start)
+                .await
+                .unwrap()[0]
+                .state
+        };
+        tokio::time::sleep(Duration::from_secs(69)).await;
+        assert_ne!(state().await, HeartbeatState::Missed, "missed before 70 s");
+        let mut noticed = None;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if state().await == HeartbeatState::Missed {
+                noticed = Some(clock.now_ms() - start);
+                break;
+            }
+        }
+        let noticed = noticed.expect("the missed beat was never noticed");
+        assert!(
+            (70_000..72_000).contains(&noticed),
+            "noticed after {noticed} ms"
+        );
+        shutdown.cancel();
+        worker.await.unwrap();
     }
 }

@@ -24,8 +24,10 @@
 //! - [`oncall`]: pure on-call policy: rotations, time conditions and Japanese
 //!   holidays, silences; [`heartbeat`]: the worker behind `[[heartbeat]]` monitors.
 //! - [`server`]: wires the pieces together for `mailcall serve`.
+//! - [`clock`]: the time deadlines go by (the system's; tokio's in tests).
 
 pub mod alert;
+pub mod clock;
 pub mod config;
 pub mod dispatch;
 pub mod health;

@@ -110,6 +110,7 @@ pub async fn run(
         Arc::clone(&metrics),
         Arc::clone(&wake),
         shutdown.clone(),
+        crate::clock::Clock::Wall,
     ));
 
     if let Some(listener) = listeners.http {

@@ -7,13 +7,13 @@
 use tracing::{error, info, warn};
 
 use super::{Caller, Dispatcher};
-use crate::store::{CallState, Escalated, now_ms};
+use crate::store::{CallState, Escalated};
 
 impl Dispatcher {
     /// Runs every escalation step that is due, each in its own transaction.
     pub(super) async fn escalate_due(&self) {
         let real = matches!(self.caller, Caller::Twilio(_));
-        let due = match self.store.due_escalations(now_ms(), real).await {
+        let due = match self.store.due_escalations(self.clock.now_ms(), real).await {
             Ok(due) => due,
             Err(e) => {
                 error!(error = %e, "cannot read the escalations that are due");
@@ -54,5 +54,87 @@ impl Dispatcher {
         if queued {
             self.placer_wake.notify_one();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::Notify;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::clock::Clock;
+    use crate::config::Config;
+    use crate::health::Health;
+    use crate::ingest::Secrets;
+    use crate::metrics::Metrics;
+    use crate::settings::Settings;
+    use crate::store::{NewAlert, Store};
+
+    /// Escalation timing on tokio's paused clock: five minutes pass in no time, and the
+    /// step rings exactly when they are up — not a second before.
+    #[tokio::test(start_paused = true)]
+    async fn an_escalation_step_rings_when_its_time_comes_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config::parse(
+            &dir.path().join("rules.toml"),
+            "[twilio]\nfrom = \"+15005550006\"\n\
+             [contacts]\nalice = \"+15005550001\"\nbob = \"+15005550002\"\n\
+             [[rule]]\nname = \"page\"\ncall = [\"alice\"]\nrounds = 3\nround_interval = \"10m\"\n\
+             escalate = [{ after = \"5m\", call = [\"bob\"] }]\n",
+        )
+        .unwrap();
+        let store = Store::open(&config.state.path, None).unwrap().dry_run();
+        let metrics = Arc::new(Metrics::new(config.state.path.clone()));
+        let live = Settings {
+            config,
+            secrets: Secrets::default(),
+            tls: None,
+        }
+        .live();
+        let mut dispatcher = Dispatcher::new(
+            live,
+            store.clone(),
+            Caller::DryRun,
+            Arc::new(Notify::new()),
+            Arc::new(Health::default()),
+            metrics,
+            CancellationToken::new(),
+        );
+        dispatcher.clock = Clock::following_tokio();
+        store
+            .insert_alert(NewAlert {
+                source: "smtp",
+                raw: b"Subject: db1 is DOWN\r\n\r\nno answer\r\n".to_vec(),
+                ..NewAlert::default()
+            })
+            .await
+            .unwrap();
+        dispatcher.drain().await;
+        let calls_to_bob = || async {
+            store
+                .run(|c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM calls WHERE number = '+15005550002'",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .await
+                .unwrap()
+        };
+        tokio::time::sleep(Duration::from_secs(4 * 60 + 50)).await;
+        dispatcher.escalate_due().await;
+        assert_eq!(calls_to_bob().await, 0, "rung before its five minutes");
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        dispatcher.escalate_due().await;
+        assert_eq!(
+            calls_to_bob().await,
+            1,
+            "not rung once its five minutes were up"
+        );
     }
 }

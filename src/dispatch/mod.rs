@@ -81,6 +81,8 @@ pub struct Dispatcher {
     /// A call this process placed owes an SMS: the placer looks for owed SMS at once
     /// instead of at its next once-a-second look.
     pub sms_owed: std::sync::atomic::AtomicBool,
+    /// The time escalation steps go by (tests move it with `tokio::time::pause`).
+    pub clock: crate::clock::Clock,
 }
 
 impl Dispatcher {
@@ -107,6 +109,7 @@ impl Dispatcher {
             metrics,
             pacer: Pacer::default(),
             sms_owed: std::sync::atomic::AtomicBool::new(true),
+            clock: crate::clock::Clock::Wall,
         }
     }
 
