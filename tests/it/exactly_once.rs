@@ -388,7 +388,12 @@ fn a_round_skips_a_number_still_being_retried() {
         .filter(|c| c["number"] == ALICE)
         .collect();
     assert_eq!(alice.len(), 2, "{:#}", list[0]);
-    assert_eq!(alice[0]["status"], "retrying");
+    // Still being retried: waiting for its next try, or in the middle of one.
+    assert!(
+        ["retrying", "requesting"].contains(&alice[0]["status"].as_str().unwrap_or_default()),
+        "{:#}",
+        list[0]
+    );
     assert_eq!(alice[1]["status"], "skipped");
     assert!(alice[1]["error"].as_str().unwrap().contains("retried"));
     // Bob's first call ended unanswered: round 2 rang him again.
