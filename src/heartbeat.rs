@@ -279,8 +279,10 @@ mod tests {
             }
         }
         let noticed = noticed.expect("the missed beat was never noticed");
+        // Looked at every 500 ms of tokio time; a pass may be waiting on the store
+        // meanwhile, so allow a few of them.
         assert!(
-            (70_000..72_000).contains(&noticed),
+            (70_000..75_000).contains(&noticed),
             "noticed after {noticed} ms"
         );
         shutdown.cancel();

@@ -150,9 +150,12 @@ impl Dispatcher {
                 .dispatch_latency
                 .observe(waited as f64 / 1000.0);
         }
+        // Today's public URL, else the one the incident was opened with (a reload
+        // removed it while the incident's calls are still being made).
         let callback = t
             .public_url
             .as_ref()
+            .or(job.public_url.as_ref())
             .map(|base| format!("{base}/twilio/status?attempt={attempt_id}"));
         let outcome = client
             .create_call(&CallRequest {

@@ -26,11 +26,15 @@ use tracing::{error, info, warn};
 use super::{Caller, Dispatcher, IDLE_POLL, WINDOW_SLACK};
 use crate::health::Worker;
 use crate::metrics::Outcome as Counted;
-use crate::store::{AttemptState, CALL_LIST, Settlement, Unresolved, ms, now_ms};
+use crate::store::{
+    AbsentAttempt, AttemptState, CALL_LIST, MAX_ABSENT, Settlement, Unresolved, ms, now_ms,
+};
 use crate::twilio;
 
 /// Numbers reconciled at once, at most.
 const MAX_CONCURRENT: usize = 8;
+/// How far back requests settled `absent` are looked at for calls that show up late.
+const ABSENT_LOOKBACK_MS: i64 = 60 * 60 * 1000;
 /// One number's call list is read at most this often.
 const LIST_EVERY: Duration = Duration::from_secs(2);
 
@@ -264,9 +268,24 @@ impl Dispatcher {
         let t = &settings.config.twilio;
         let grace = ms(t.reconcile_grace);
         let before = 1000 + ms(WINDOW_SLACK);
+        // Requests of the last hour settled `absent`: a list that lags may show their
+        // calls now, and the list is asked from early enough to hold them.
+        let absent = self
+            .store
+            .absent_attempts(
+                number.to_string(),
+                from.to_string(),
+                now_ms().saturating_sub(ABSENT_LOOKBACK_MS),
+            )
+            .await
+            .unwrap_or_else(|e| {
+                error!(error = %e, "cannot read the requests settled absent");
+                Vec::new()
+            });
         let since = attempts
             .iter()
             .map(|a| a.requested_at - before)
+            .chain(absent.iter().map(|a| a.requested_at - before))
             .min()
             .unwrap_or(0);
         let listed =
@@ -321,16 +340,45 @@ impl Dispatcher {
             .filter(|(sid, _)| !owned.contains(sid))
             .map(|(sid, created_ms)| Candidate { sid, created_ms })
             .collect();
+        // A request sent again after `absent` waits longer for its call: twice the grace
+        // after one absence, four times after two… (a list that lags behind the grace).
         let pending: Vec<Pending> = attempts
             .iter()
             .map(|a| Pending {
                 attempt_id: a.attempt_id,
                 window_start: a.requested_at - before,
-                window_end: a.window_end,
+                window_end: a.window_end.saturating_add(
+                    grace.saturating_mul((1 << a.absent_before.clamp(0, MAX_ABSENT)) - 1),
+                ),
                 in_flight: a.state == AttemptState::Requesting,
             })
             .collect();
-        for (attempt_id, decision) in decide(&pending, &candidates, now, grace) {
+        let decisions = decide(&pending, &candidates, now, grace);
+        // Calls no pending request takes, created inside the window of exactly one
+        // request settled `absent`: that request did make a call, shown late.
+        let taken: HashSet<&str> = decisions
+            .iter()
+            .filter_map(|(_, d)| match d {
+                Decision::Found(sid) => Some(sid.as_str()),
+                _ => None,
+            })
+            .collect();
+        for candidate in candidates
+            .iter()
+            .filter(|c| !taken.contains(c.sid.as_str()))
+        {
+            let fits: Vec<&AbsentAttempt> = absent
+                .iter()
+                .filter(|a| {
+                    (a.requested_at - before..=a.window_end).contains(&candidate.created_ms)
+                })
+                .collect();
+            if let [late] = fits[..] {
+                self.settle_late(number, late.attempt_id, &candidate.sid)
+                    .await;
+            }
+        }
+        for (attempt_id, decision) in decisions {
             let Some(attempt) = attempts.iter().find(|a| a.attempt_id == attempt_id) else {
                 continue;
             };
@@ -351,6 +399,33 @@ impl Dispatcher {
                 },
             };
             self.settle(attempt, settlement).await;
+        }
+    }
+
+    /// A request settled `absent` made call `sid` after all (the list showed it late).
+    async fn settle_late(&self, number: &str, attempt_id: i64, sid: &str) {
+        match self
+            .store
+            .settle_absent_late(attempt_id, sid.to_string())
+            .await
+        {
+            Ok(None) => {}
+            Ok(Some(placed)) => {
+                warn!(
+                    number,
+                    attempt = attempt_id,
+                    sid,
+                    "a request settled absent did reach Twilio: its call showed up late in the call list"
+                );
+                if let Some(settled) = placed {
+                    info!(
+                        incident = settled.call.incident_id,
+                        number, sid, "the call was to be sent again and is not: it is placed"
+                    );
+                    self.placed(&settled.call);
+                }
+            }
+            Err(e) => error!(attempt = attempt_id, error = %e, "cannot record a late call"),
         }
     }
 

@@ -86,6 +86,7 @@ fn decide(config: &Config, batch: Vec<PendingAlert>, policy: &Policy) -> Decided
             received_at: pending.received_at,
             // As `call_twiml` decided: kept with the incident, whatever a reload does.
             press_one: config.twilio.public_url.is_some(),
+            public_url: config.twilio.public_url.clone(),
         };
         let seen = Seen {
             message_id: alert.message_id,

@@ -41,6 +41,9 @@ pub fn routes() -> Router<Arc<HttpContext>> {
 /// A verified callback: the settings it was checked with and its POST parameters.
 struct Callback {
     settings: Arc<Settings>,
+    /// The public URL its signature was made for: where further callbacks of the same
+    /// call go.
+    base: String,
     /// The POST parameters.
     params: HashMap<String, String>,
     /// The query parameters of the callback URL (e.g. `room`).
@@ -57,12 +60,7 @@ impl Callback {
     }
 
     fn base(&self) -> &str {
-        self.settings
-            .config
-            .twilio
-            .public_url
-            .as_deref()
-            .unwrap_or_default()
+        &self.base
     }
 
     /// The defaults' language, voice and phrases.
@@ -129,17 +127,14 @@ impl FromRequest<Arc<HttpContext>> for Callback {
     ) -> Result<Self, Self::Rejection> {
         let (parts, body) = request.into_parts();
         let settings = ctx.live.load_full();
-        let (Some(base), Some(token)) = (
-            &settings.config.twilio.public_url,
-            &settings.secrets.twilio_auth_token,
-        ) else {
+        let Some(token) = settings.secrets.twilio_auth_token.clone() else {
             return Err(HttpError::new(StatusCode::NOT_FOUND, "not found"));
         };
-        let uri = &parts.uri;
-        let url = format!(
-            "{base}{}",
-            uri.path_and_query().map_or(uri.path(), |p| p.as_str())
-        );
+        let uri = parts.uri.clone();
+        let path_and_query = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        let query: HashMap<String, String> =
+            serde_urlencoded::from_str(uri.query().unwrap_or_default()).unwrap_or_default();
+        let live_base = settings.config.twilio.public_url.clone();
         let peer = parts
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
@@ -152,9 +147,13 @@ impl FromRequest<Arc<HttpContext>> for Callback {
             .and_then(|v| v.to_str().ok())
             .filter(|s| !s.is_empty())
             .map(str::to_string);
+        let shown_url = format!(
+            "{}{path_and_query}",
+            live_base.as_deref().unwrap_or_default()
+        );
         let Some(given) = given else {
             ctx.metrics.reject("twilio", "signature");
-            warn!(url = %url, peer = ?peer, "Twilio callback without X-Twilio-Signature; refused with 403");
+            warn!(url = %shown_url, peer = ?peer, "Twilio callback without X-Twilio-Signature; refused with 403");
             return Err(HttpError::new(
                 StatusCode::FORBIDDEN,
                 "signature check failed",
@@ -176,17 +175,37 @@ impl FromRequest<Arc<HttpContext>> for Callback {
                 )
             })?;
         let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&body).unwrap_or_default();
-        if !signature::verify(token, &url, &pairs, &given) {
+        let signed_for = |base: &str| {
+            signature::verify(&token, &format!("{base}{path_and_query}"), &pairs, &given)
+        };
+        // Signed for today's public URL, or for the one the incident's calls were made
+        // with: a reload that changes or removes `public_url` leaves the calls already
+        // ringing able to press 1, report their progress and join.
+        let base = match live_base.filter(|b| signed_for(b)) {
+            Some(base) => Some(base),
+            None => {
+                let room = query.get("room").cloned();
+                let attempt = query.get("attempt").and_then(|a| a.parse().ok());
+                logged(ctx.store.callback_base(room, attempt).await)
+                    .flatten()
+                    .filter(|b| signed_for(b))
+            }
+        };
+        let Some(base) = base else {
+            if settings.config.twilio.public_url.is_none() {
+                // No public URL, and no incident of this request has one.
+                return Err(HttpError::new(StatusCode::NOT_FOUND, "not found"));
+            }
             ctx.metrics.reject("twilio", "signature");
-            warn!(url = %url, peer = ?peer, "Twilio callback with a wrong X-Twilio-Signature; refused with 403");
+            warn!(url = %shown_url, peer = ?peer, "Twilio callback with a wrong X-Twilio-Signature; refused with 403");
             return Err(HttpError::new(
                 StatusCode::FORBIDDEN,
                 "signature check failed",
             ));
-        }
-        let query = serde_urlencoded::from_str(uri.query().unwrap_or_default()).unwrap_or_default();
+        };
         Ok(Callback {
             settings,
+            base,
             params: pairs.into_iter().collect(),
             query,
         })

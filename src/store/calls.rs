@@ -36,6 +36,8 @@ pub struct CallJob {
     pub received_at: Option<i64>,
     /// The incident's calls ask to press 1; else answering-machine detection is on.
     pub press_one: bool,
+    /// The public URL the incident was opened with (press-1 incidents).
+    pub public_url: Option<String>,
 }
 
 /// The SMS summary of an incident.
@@ -114,7 +116,23 @@ pub struct Unresolved {
     /// A call Twilio created for this request was created before this (Unix ms).
     pub window_end: i64,
     pub state: AttemptState,
+    /// Earlier requests of the same call settled `absent`: each one more makes the
+    /// grace for this one longer (a call list that lags is given the time it takes).
+    pub absent_before: i64,
 }
+
+/// A request settled `absent` whose call may still show up in the list, late.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AbsentAttempt {
+    pub attempt_id: i64,
+    pub requested_at: i64,
+    pub window_end: i64,
+}
+
+/// Requests of a call settled `absent` that are sent again, at most; then the call is
+/// `failed`. Each absence waits twice as long as the one before (`reconcile_grace`,
+/// then 2×, 4×, 8×), so a list that lags behind the grace still shows the calls in time.
+pub const MAX_ABSENT: i64 = 4;
 
 /// What a settlement did, for the log and the SMS summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +158,7 @@ pub struct WatchedCall {
 }
 
 const JOB_COLUMNS: &str = "c.id, c.incident_id, i.rule, c.number, i.twiml, c.created_at, c.attempts, i.kind, i.sms, i.subject,
-     CASE WHEN c.round = 1 AND c.attempts = 0 THEN i.first_received_at END, i.press_one";
+     CASE WHEN c.round = 1 AND c.attempts = 0 THEN i.first_received_at END, i.press_one, i.public_url";
 
 fn job(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallJob> {
     let incident_id: i64 = r.get(1)?;
@@ -159,6 +177,7 @@ fn job(r: &rusqlite::Row<'_>) -> rusqlite::Result<CallJob> {
             .then(|| sms_text(incident_id, &r.get::<_, String>(9).unwrap_or_default())),
         received_at: r.get(10)?,
         press_one: r.get(11)?,
+        public_url: r.get(12)?,
     })
 }
 
@@ -361,7 +380,8 @@ impl Store {
                     .execute([call_id])?;
             }
             let mut stmt = c.prepare_cached(
-                "SELECT a.id, a.call_id, c.incident_id, c.number, a.from_number, a.requested_at, a.window_end, a.state
+                "SELECT a.id, a.call_id, c.incident_id, c.number, a.from_number, a.requested_at, a.window_end, a.state,
+                        (SELECT COUNT(*) FROM attempts b WHERE b.call_id = a.call_id AND b.state = 'absent')
                  FROM attempts a JOIN calls c ON c.id = a.call_id
                  WHERE a.state IN ('requesting', 'unknown') ORDER BY a.requested_at",
             )?;
@@ -375,6 +395,7 @@ impl Store {
                     requested_at: r.get(5)?,
                     window_end: r.get(6)?,
                     state: r.get(7)?,
+                    absent_before: r.get(8)?,
                 })
             })?;
             rows.collect()
@@ -405,6 +426,80 @@ impl Store {
         settlement: Settlement,
     ) -> Result<Option<Settled>, StoreError> {
         self.run(move |c| settle(c, attempt_id, &settlement)).await
+    }
+
+    /// Requests to `number` from caller ID `from` made since `since` (Unix ms) that were
+    /// settled `absent`: their calls may still show up in a list that lags.
+    pub async fn absent_attempts(
+        &self,
+        number: String,
+        from: String,
+        since: i64,
+    ) -> Result<Vec<AbsentAttempt>, StoreError> {
+        self.run(move |c| {
+            c.prepare_cached(
+                "SELECT a.id, a.requested_at, a.window_end FROM attempts a JOIN calls c ON c.id = a.call_id
+                 WHERE a.state = 'absent' AND a.requested_at >= ?3 AND c.number = ?1
+                   AND (a.from_number = ?2 OR a.from_number = '')",
+            )?
+            .query_map(params![number, from, since], |r| {
+                Ok(AbsentAttempt {
+                    attempt_id: r.get(0)?,
+                    requested_at: r.get(1)?,
+                    window_end: r.get(2)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    /// A request settled `absent` did make a call after all: Twilio's list shows it
+    /// late (`sid`, unowned, created inside the request's window). The request is
+    /// `placed` with it and, unless a later request placed the call already, so is the
+    /// call: what was to be sent again is not. `None` when nothing was recorded (no
+    /// longer absent, or the SID is another's); else the call, when this placed it.
+    pub async fn settle_absent_late(
+        &self,
+        attempt_id: i64,
+        sid: String,
+    ) -> Result<Option<Option<Settled>>, StoreError> {
+        self.run(move |c| {
+            let Some(call_id): Option<i64> = c
+                .prepare_cached("SELECT call_id FROM attempts WHERE id = ?1 AND state = 'absent'")?
+                .query_row([attempt_id], |r| r.get(0))
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            if c.prepare_cached("SELECT 1 FROM attempts WHERE sid = ?1")?
+                .exists([&sid])?
+            {
+                return Ok(None);
+            }
+            let now = now_ms();
+            c.prepare_cached(
+                "UPDATE attempts SET state = ?2, sid = ?3, settled_at = ?4,
+                     reconciled = 'call list, late: it was settled absent before its call showed up'
+                 WHERE id = ?1",
+            )?
+            .execute(params![attempt_id, AttemptState::Placed, sid, now])?;
+            let state: CallState = c
+                .prepare_cached("SELECT state FROM calls WHERE id = ?1")?
+                .query_row([call_id], |r| r.get(0))?;
+            // Waiting to be sent again: it need not be. A request of it still out is
+            // settled on its own, and then finds this one placed (see `settle`).
+            if !matches!(state, CallState::Queued | CallState::Retrying) {
+                return Ok(Some(None));
+            }
+            placed_late(c, call_id, &sid, now)?;
+            Ok(Some(Some(Settled {
+                call: call_job(c, call_id)?,
+                state: CallState::Placed,
+                was: AttemptState::Absent,
+            })))
+        })
+        .await
     }
 
     /// A status callback: settles its attempt (the URL carries the attempt's id) with
@@ -591,8 +686,12 @@ fn place(
          WHERE id = ?1",
     )?
     .execute(params![call_id, CallState::Placed, sid, now])?;
-    // Its SMS summary is owed from this very transaction, whoever settled the call: a
-    // crash before it is sent leaves it owed, not forgotten.
+    owe_sms(c, call_id)
+}
+
+/// A placed call's SMS summary is owed from the transaction that placed it, whoever
+/// settled the call: a crash before it is sent leaves it owed, not forgotten.
+fn owe_sms(c: &Connection, call_id: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
         "UPDATE calls SET sms_state = ?2 WHERE id = ?1 AND sms_state IS NULL
            AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = calls.incident_id AND i.sms = 1 AND i.kind = 'alert')",
@@ -628,13 +727,14 @@ fn settle(
             place(c, attempt_id, call_id, sid, Some(how), now)?;
             CallState::Placed
         }
-        // Sent again, blindly — but once per call: when a second request's outcome
-        // cannot be confirmed either, Twilio's call list is lagging or failing, the
-        // calls may well have rung, and every further request could ring again.
+        // Sent again. `absent` is Twilio's own word that the request made nothing —
+        // up to `MAX_ABSENT` times (each absence waited longer, see `Unresolved`);
+        // `undecided` (nobody can tell) once: a second request that cannot be told
+        // apart either may well have rung, and every further one could ring again.
         Settlement::Absent { how: why } | Settlement::Undecided { reason: why } => {
-            let state = match settlement {
-                Settlement::Absent { .. } => AttemptState::Absent,
-                _ => AttemptState::Undecided,
+            let (state, limit) = match settlement {
+                Settlement::Absent { .. } => (AttemptState::Absent, MAX_ABSENT),
+                _ => (AttemptState::Undecided, 1),
             };
             c.prepare_cached(
                 "UPDATE attempts SET state = ?2, reconciled = ?3, settled_at = ?4 WHERE id = ?1",
@@ -642,14 +742,20 @@ fn settle(
             .execute(params![attempt_id, state, why, now])?;
             let before: i64 = c
                 .prepare_cached(
-                    "SELECT COUNT(*) FROM attempts WHERE call_id = ?1 AND state IN ('absent', 'undecided') AND id != ?2",
+                    "SELECT COUNT(*) FROM attempts WHERE call_id = ?1 AND state = ?3 AND id != ?2",
                 )?
-                .query_row(params![call_id, attempt_id], |r| r.get(0))?;
-            if before == 0 {
+                .query_row(params![call_id, attempt_id, state], |r| r.get(0))?;
+            if let Some(sid) = placed_attempt(c, call_id)? {
+                // An earlier request did make a call after all (it showed up late):
+                // the call is placed, and nothing is sent again.
+                placed_late(c, call_id, &sid, now)?;
+                CallState::Placed
+            } else if before < limit {
                 requeue(c, call_id, now, why)?
             } else {
                 let error = format!(
-                    "Twilio never confirmed two requests for this call ({why}); it may have rung, and is not sent a third time"
+                    "Twilio never confirmed {} requests for this call ({why}); it may have rung, and is not sent again",
+                    before + 1
                 );
                 c.prepare_cached(
                     "UPDATE calls SET state = ?2, error = ?3, updated_at = ?4 WHERE id = ?1",
@@ -664,6 +770,26 @@ fn settle(
         state: call_state,
         was: state,
     }))
+}
+
+/// The SID of a request of this call that was placed, if any.
+fn placed_attempt(c: &Connection, call_id: i64) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached(
+        "SELECT sid FROM attempts WHERE call_id = ?1 AND state = 'placed' AND sid IS NOT NULL ORDER BY id LIMIT 1",
+    )?
+    .query_row([call_id], |r| r.get(0))
+    .optional()
+}
+
+/// The call is placed by an earlier request whose call showed up late: what was to be
+/// sent again is not, and the SMS summary is owed as for any placed call.
+fn placed_late(c: &Connection, call_id: i64, sid: &str, now: i64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "UPDATE calls SET state = ?2, sid = ?3, error = NULL, error_code = NULL, next_attempt_at = NULL, updated_at = ?4
+         WHERE id = ?1",
+    )?
+    .execute(params![call_id, CallState::Placed, sid, now])?;
+    owe_sms(c, call_id)
 }
 
 /// Sends a call again (its last request created nothing, or nobody can tell), unless

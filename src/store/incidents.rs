@@ -47,6 +47,9 @@ pub enum RoundEnd {
 
 /// How often a last round whose calls are still under way is looked at again.
 const LAST_ROUND_RECHECK_MS: i64 = 2_000;
+/// The longest a last round waits for a placed call that is still live: longer than
+/// any ring (`ring_seconds` is at most 600).
+const LIVE_CALL_WAIT_MS: i64 = 11 * 60 * 1000;
 
 /// A placed call that may still be live, for the end of a round.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +276,35 @@ impl Store {
         .await
     }
 
+    /// The public URL the callbacks of a press-1 incident come to: the incident's by its
+    /// public id (`room`), or the incident of a request (`attempt`).
+    pub async fn callback_base(
+        &self,
+        room: Option<String>,
+        attempt: Option<i64>,
+    ) -> Result<Option<String>, StoreError> {
+        self.run(move |c| {
+            if let Some(room) = room {
+                return c
+                    .prepare_cached("SELECT public_url FROM incidents WHERE public_id = ?1")?
+                    .query_row([room], |r| r.get::<_, Option<String>>(0))
+                    .optional()
+                    .map(Option::flatten);
+            }
+            let Some(attempt) = attempt else {
+                return Ok(None);
+            };
+            c.prepare_cached(
+                "SELECT i.public_url FROM attempts a JOIN calls c ON c.id = a.call_id
+                 JOIN incidents i ON i.id = c.incident_id WHERE a.id = ?1",
+            )?
+            .query_row([attempt], |r| r.get::<_, Option<String>>(0))
+            .optional()
+            .map(Option::flatten)
+        })
+        .await
+    }
+
     /// The language and voice an incident's calls speak, by its public id.
     pub async fn incident_voice(
         &self,
@@ -410,15 +442,18 @@ fn finish_round(
         // "Nobody answered" only once everybody could have: a call still to be placed
         // (a 503 with a long Retry-After, a request being reconciled) or still ringing
         // may yet reach a person, and a recovery must still find the incident open to
-        // cancel what has not gone out.
+        // cancel what has not gone out. A call whose answerer is known (a machine, or
+        // AMD's `unknown`) decides nothing more however long it stays up, and none is
+        // waited for longer than `LIVE_CALL_WAIT_MS` after it was placed.
         let pending = c
             .prepare_cached(
                 "SELECT 1 FROM calls WHERE incident_id = ?1
                    AND (state IN ('queued', 'requesting', 'unknown', 'retrying')
-                        OR (state = 'placed' AND twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress')))
+                        OR (state = 'placed' AND answered_by IS NULL AND updated_at > ?2
+                            AND twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress')))
                  LIMIT 1",
             )?
-            .exists([incident_id])?;
+            .exists(params![incident_id, now.saturating_sub(LIVE_CALL_WAIT_MS)])?;
         if pending {
             c.execute(
                 "UPDATE incidents SET next_round_at = ?2 WHERE id = ?1",

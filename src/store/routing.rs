@@ -26,6 +26,9 @@ pub struct NewIncident {
     /// Its calls ask to press 1 (a public URL): a person is one who pressed it. Else
     /// answering-machine detection and polling tell who answered.
     pub press_one: bool,
+    /// With `press_one`: the public URL its calls' callbacks come to, kept so that they
+    /// are still taken after a reload that changes `[twilio] public_url`.
+    pub public_url: Option<String>,
 }
 
 /// A number of a round, as recorded.
@@ -221,8 +224,8 @@ fn record_routing(
     c.prepare_cached(
         "INSERT INTO incidents (public_id, kind, dry_run, status, opened_at, first_received_at, closed_at, rule,
                                 dedup_key, message, language, voice, twiml, subject, sms, last_alert_at,
-                                rounds, round_interval_ms, next_round_at, silence_id, press_one)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?5, ?16, ?17, ?18, ?19, ?20)",
+                                rounds, round_interval_ms, next_round_at, silence_id, press_one, public_url)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?5, ?16, ?17, ?18, ?19, ?20, ?21)",
     )?
     .execute(params![
         new.public_id,
@@ -244,7 +247,8 @@ fn record_routing(
         ms(decision.round_interval),
         next_round_at,
         silence_id,
-        new.press_one
+        new.press_one,
+        new.public_url
     ])?;
     let incident_id = c.last_insert_rowid();
     if let Some(silence_id) = silence_id {

@@ -383,13 +383,19 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // whose answerer polling still waits for, found by their last change; and the
     // requests whose answer is overdue, for the reconciler's pass every second. And
     // whether an incident's calls ask to press 1 (public URL) or are watched by
-    // polling: decided when it opens, kept through a reload that changes `public_url`.
+    // polling: decided when it opens, kept through a reload that changes `public_url`,
+    // with the public URL its callbacks come to (taken from the stored TwiML).
     // And each placed call's SMS summary, owed until sent, so a crash never loses it.
     "ALTER TABLE heartbeats ADD COLUMN missed_dry_run INTEGER NOT NULL DEFAULT 0 CHECK (missed_dry_run IN (0, 1));
     CREATE INDEX calls_unanswered ON calls(updated_at) WHERE state = 'placed' AND answered_by IS NULL;
     CREATE INDEX attempts_overdue ON attempts(window_end) WHERE state = 'requesting';
+    CREATE INDEX attempts_absent ON attempts(requested_at) WHERE state = 'absent';
     ALTER TABLE incidents ADD COLUMN press_one INTEGER NOT NULL DEFAULT 0 CHECK (press_one IN (0, 1));
     UPDATE incidents SET press_one = 1 WHERE twiml LIKE '%<Gather%';
+    ALTER TABLE incidents ADD COLUMN public_url TEXT;
+    UPDATE incidents SET public_url = substr(twiml, instr(twiml, 'action=\"') + 8,
+                                             instr(twiml, '/twilio/gather') - instr(twiml, 'action=\"') - 8)
+        WHERE press_one = 1;
     ALTER TABLE calls ADD COLUMN sms_state TEXT CHECK (sms_state IN ('owed', 'sent', 'failed'));
     CREATE INDEX calls_sms_owed ON calls(id) WHERE sms_state = 'owed';",
 ];

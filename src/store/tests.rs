@@ -38,6 +38,7 @@ fn incident(id: &str) -> NewIncident {
         dry_run: false,
         received_at: now_ms(),
         press_one: false,
+        public_url: None,
     }
 }
 
@@ -480,9 +481,9 @@ async fn unknown_attempts_are_settled_found_absent_or_sent_again_once() {
         .unwrap()
         .unwrap();
     assert_eq!(settled.state, CallState::Queued);
-    // Once more unconfirmed (absent or undecided): the call fails instead of a third
-    // send — the list lags or fails, and each request may have rung.
-    for expected in [CallState::Failed] {
+    // Undecided twice: the second time the call fails instead of a third send (each
+    // request may have rung). An absence before does not count against it.
+    for expected in [CallState::Queued, CallState::Failed] {
         let id = claim(store.clone()).await;
         store.record_attempt(id, unknown.clone()).await.unwrap();
         let settled = store
@@ -635,6 +636,7 @@ async fn hot_lookups_use_indexes() {
                 "SELECT state FROM heartbeats WHERE name = 'x'",
                 "SELECT id FROM calls WHERE state = 'placed' AND answered_by IS NULL AND updated_at > 1",
                 "SELECT call_id FROM attempts WHERE state = 'requesting' AND window_end < 1",
+                "SELECT id FROM attempts WHERE state = 'absent' AND requested_at >= 1",
                 "SELECT id FROM incidents WHERE dedup_key = 'k' AND status = 'silenced' AND dry_run = 0 AND opened_at > 1 ORDER BY opened_at DESC LIMIT 1",
             ];
             let mut plans = Vec::new();
@@ -1178,5 +1180,75 @@ async fn the_canarys_alert_and_its_schedule_commit_together() {
     assert_eq!(
         store.meta("canary_last").await.unwrap().as_deref(),
         Some("42")
+    );
+}
+
+/// One request for `call_id` whose answer is lost, then settled `absent`: its id and
+/// the call's state afterwards.
+async fn absent_once(store: &Store, call_id: i64) -> (i64, CallState) {
+    let Claim::Go { attempt_id } = store.claim(call_id, "+1000", 5000).await.unwrap() else {
+        panic!()
+    };
+    let lost = AttemptOutcome::Unknown {
+        error: "timed out".into(),
+    };
+    store.record_attempt(attempt_id, lost).await.unwrap();
+    let absent = Settlement::Absent {
+        how: "no call".into(),
+    };
+    let settled = store.settle(attempt_id, absent).await.unwrap().unwrap();
+    (attempt_id, settled.state)
+}
+
+#[tokio::test]
+async fn a_call_twilio_says_is_absent_is_sent_again_up_to_a_limit_and_a_late_one_places_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
+    let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
+    // Twilio's list says "no such call": sent again, up to MAX_ABSENT times.
+    let mut first = None;
+    for _ in 0..MAX_ABSENT {
+        let (id, state) = absent_once(&store, call.call_id).await;
+        first.get_or_insert(id);
+        assert_eq!(state, CallState::Queued);
+    }
+    // The first request's call shows up late in the list: it did ring, and the call
+    // waiting to be sent again is placed instead.
+    let late = store
+        .settle_absent_late(first.unwrap(), "CAlate".into())
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(late.map(|s| s.state), Some(CallState::Placed));
+    assert!(store.due_calls(now_ms(), 10).await.unwrap().is_empty());
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(report.calls[0].sid.as_deref(), Some("CAlate"));
+    // A SID is still one attempt's only.
+    let again = store
+        .settle_absent_late(first.unwrap() + 1, "CAlate".into())
+        .await
+        .unwrap();
+    assert!(again.is_none());
+}
+
+#[tokio::test]
+async fn absent_past_the_limit_fails_the_call_saying_it_may_have_rung() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
+    let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
+    let mut last = CallState::Queued;
+    for _ in 0..=MAX_ABSENT {
+        last = absent_once(&store, call.call_id).await.1;
+    }
+    assert_eq!(last, CallState::Failed);
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert!(
+        report.calls[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("may have rung")
     );
 }
