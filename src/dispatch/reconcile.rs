@@ -454,6 +454,14 @@ impl Dispatcher {
             .get_or_create(&Counted { result })
             .inc();
         let (incident, number, id) = (attempt.incident_id, &attempt.number, attempt.attempt_id);
+        if settled.state == crate::store::CallState::Placed
+            && !matches!(settlement, Settlement::Found { .. })
+        {
+            info!(incident, number = %number, attempt = id,
+                "an earlier request's call showed up late: the call is placed, and not sent again");
+            self.placed(&settled.call);
+            return;
+        }
         if settled.state == crate::store::CallState::Failed {
             error!(incident, number = %number, attempt = id, "Twilio's call list confirmed neither of two requests for this call: it may have rung, and is not sent a third time");
             return;

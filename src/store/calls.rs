@@ -492,7 +492,7 @@ impl Store {
             if !matches!(state, CallState::Queued | CallState::Retrying) {
                 return Ok(Some(None));
             }
-            placed_late(c, call_id, &sid, now)?;
+            mark_placed(c, call_id, Some(&sid), now)?;
             Ok(Some(Some(Settled {
                 call: call_job(c, call_id)?,
                 state: CallState::Placed,
@@ -681,12 +681,7 @@ fn place(
          WHERE id = ?1",
     )?
     .execute(params![attempt_id, AttemptState::Placed, sid, error, reconciled, now])?;
-    c.prepare_cached(
-        "UPDATE calls SET state = ?2, sid = ?3, error = NULL, error_code = NULL, next_attempt_at = NULL, updated_at = ?4
-         WHERE id = ?1",
-    )?
-    .execute(params![call_id, CallState::Placed, sid, now])?;
-    owe_sms(c, call_id)
+    mark_placed(c, call_id, sid, now)
 }
 
 /// A placed call's SMS summary is owed from the transaction that placed it, whoever
@@ -748,7 +743,7 @@ fn settle(
             if let Some(sid) = placed_attempt(c, call_id)? {
                 // An earlier request did make a call after all (it showed up late):
                 // the call is placed, and nothing is sent again.
-                placed_late(c, call_id, &sid, now)?;
+                mark_placed(c, call_id, Some(&sid), now)?;
                 CallState::Placed
             } else if before < limit {
                 requeue(c, call_id, now, why)?
@@ -781,9 +776,10 @@ fn placed_attempt(c: &Connection, call_id: i64) -> rusqlite::Result<Option<Strin
     .optional()
 }
 
-/// The call is placed by an earlier request whose call showed up late: what was to be
-/// sent again is not, and the SMS summary is owed as for any placed call.
-fn placed_late(c: &Connection, call_id: i64, sid: &str, now: i64) -> rusqlite::Result<()> {
+/// The call is placed (with `sid`, when it is the call's own): nothing more is sent
+/// for it, and its SMS summary is owed. Also when an earlier request's call showed up
+/// late, and what was to be sent again is not.
+fn mark_placed(c: &Connection, call_id: i64, sid: Option<&str>, now: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
         "UPDATE calls SET state = ?2, sid = ?3, error = NULL, error_code = NULL, next_attempt_at = NULL, updated_at = ?4
          WHERE id = ?1",
