@@ -187,3 +187,59 @@ fn pressing_1_still_joins_after_a_reload_removes_the_public_url() {
     );
     assert_eq!(list[0]["status"], "bridged", "{:#}", list[0]);
 }
+
+/// A call whose first request shows up late in the call list, while the request sent
+/// again in its place was lost, rings but is not counted placed.
+///
+/// Measured: alice's first `Calls.json` is answered late (`request_timeout = "1s"`)
+/// and the call list shows it only 6 s after; the reconciler settles it `absent` after
+/// the grace and sends it again, and that request is lost (`LostThenDrop`). While the
+/// resend is still unresolved, the first call shows up: its request is `placed`, and
+/// the resend, settled `absent` in turn, finds it and places the call
+/// (`store::calls::settle`). The reconciler's follow-up went by the settlement's word
+/// (`absent`: logged "never reached Twilio", woke the placer for a resend) and not by
+/// the call's state: `mailcall_calls_placed_total` stayed 0 for a call that rang, and
+/// its SMS went out only because the placer happened to wake. The SMS is asserted too:
+/// it is owed whoever places the call.
+#[test]
+fn a_late_first_request_with_a_lost_resend_gets_its_sms_and_count() {
+    let twilio = FakeTwilio::start();
+    twilio.script(
+        ALICE,
+        vec![
+            Reply::CreatedLate(Duration::from_millis(1500)),
+            Reply::LostThenDrop,
+        ],
+    );
+    twilio.set_list_lag(Duration::from_secs(6));
+    let dir = workdir();
+    let rules = "[defaults]\nround_interval = \"1h\"\nsms = true\n\
+                 [[rule]]\nname = \"page\"\ncall = [\"alice\"]\n";
+    let cfg = config(Some(&twilio), rules)
+        .replace("request_timeout = \"2s\"", "request_timeout = \"1s\"")
+        + "[http]\nlisten = \"127.0.0.1:0\"\n";
+    let daemon = Daemon::start(dir.path(), &cfg, false);
+    daemon.smtp().alert("db1 is DOWN");
+    let list = wait_incidents(dir.path(), Duration::from_secs(30), |l| {
+        l.first().is_some_and(|i| {
+            calls(i).iter().any(|c| {
+                !["queued", "requesting", "unknown", "retrying"]
+                    .contains(&c["status"].as_str().unwrap_or(""))
+            })
+        })
+    });
+    let call = &calls(&list[0])[0];
+    assert_eq!(call["status"], "placed", "{:#}", list[0]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while twilio.messages().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = crate::harness::scrape(&format!("http://{}/metrics", daemon.http.unwrap()));
+    assert_eq!(
+        (twilio.created().len(), twilio.messages().len()),
+        (1, 1),
+        "one call rang, and it is owed its SMS: {:#}",
+        list[0]
+    );
+    assert_eq!(m["mailcall_calls_placed_total"], 1.0, "{:#}", list[0]);
+}
