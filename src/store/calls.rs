@@ -134,6 +134,9 @@ pub struct AbsentAttempt {
 /// then 2×, 4×, 8×), so a list that lags behind the grace still shows the calls in time.
 pub const MAX_ABSENT: i64 = 4;
 
+/// How long a placed call's SMS summary stays owed before it is given up (`owed_sms`).
+const SMS_STALE_MS: i64 = 60 * 60 * 1000;
+
 /// What a settlement did, for the log and the SMS summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settled {
@@ -592,9 +595,28 @@ impl Store {
     }
 
     /// Placed calls whose SMS summary is still owed (at most `limit`), oldest first.
+    /// A summary owed for longer than `SMS_STALE_MS` (the daemon was down, or Twilio's
+    /// SMS API refused for that long) is given up in the same transaction, with a line
+    /// in the call's history: an SMS about a call that rang hours ago is noise, read
+    /// as a new page.
     pub async fn owed_sms(&self, limit: usize) -> Result<Vec<CallJob>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(move |c| {
+            let stale: Vec<i64> = c
+                .prepare_cached(
+                    "SELECT id FROM calls WHERE sms_state = 'owed' AND updated_at < ?1 LIMIT ?2",
+                )?
+                .query_map(params![now_ms() - SMS_STALE_MS, limit], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in stale {
+                c.prepare_cached("UPDATE calls SET sms_state = ?2 WHERE id = ?1")?
+                    .execute(params![id, SmsState::Failed])?;
+                add_event(
+                    c,
+                    id,
+                    "sms-failed: still owed an hour after the call was placed (was the daemon down?); not sent so late",
+                )?;
+            }
             c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM calls c JOIN incidents i ON i.id = c.incident_id
                  WHERE c.sms_state = 'owed' ORDER BY c.id LIMIT ?1"

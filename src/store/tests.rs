@@ -1150,6 +1150,68 @@ async fn a_placed_calls_sms_is_owed_in_the_same_commit_until_it_is_done() {
 }
 
 #[tokio::test]
+async fn an_sms_owed_for_over_an_hour_is_given_up_not_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    let mut texting = decision("sms", &["+1555", "+1556"], Duration::ZERO);
+    texting.sms = true;
+    route(&store, texting, "a").await;
+    for (i, call) in store
+        .due_calls(now_ms(), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        let Claim::Go { attempt_id } = store.claim(call.call_id, "+1000", 5000).await.unwrap()
+        else {
+            panic!()
+        };
+        store
+            .record_attempt(
+                attempt_id,
+                AttemptOutcome::Placed {
+                    sid: format!("CA{i}"),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    // One was placed 61 minutes ago (a daemon down since), the other just now.
+    let old = now_ms() - 61 * 60 * 1000;
+    store
+        .run(move |c| {
+            c.execute(
+                "UPDATE calls SET updated_at = ?1 WHERE number = '+1555'",
+                [old],
+            )
+        })
+        .await
+        .unwrap();
+    let owed = store.owed_sms(10).await.unwrap();
+    assert_eq!(
+        owed.iter().map(|j| j.number.as_str()).collect::<Vec<_>>(),
+        ["+1556"]
+    );
+    let (state, event): (String, String) = store
+        .run(|c| {
+            c.query_row(
+                "SELECT c.sms_state, e.event FROM calls c JOIN call_events e ON e.call_id = c.id
+                 WHERE c.number = '+1555' AND e.event LIKE 'sms-failed%'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(state, "failed");
+    assert!(
+        event.contains("an hour after the call was placed"),
+        "{event}"
+    );
+}
+
+#[tokio::test]
 async fn the_canarys_alert_and_its_schedule_commit_together() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("s.db"), Some(2 * 1024 * 1024)).unwrap();
