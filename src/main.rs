@@ -254,9 +254,11 @@ fn serve(path: &Path, dry_run: bool, logs: &Logs) -> anyhow::Result<()> {
         let listeners = Listeners::bind(&live.load().config).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
+        warn_ignored_silences(&store, &live).await;
         tokio::spawn(reload_on_sighup(
             Arc::clone(&live),
             path.to_path_buf(),
+            store.clone(),
             Arc::clone(&metrics),
             notifier.clone(),
         ));
@@ -553,7 +555,34 @@ fn call_detail(c: &mailcall::store::CallReport) -> String {
 
 /// `systemctl reload` (SIGHUP): reads the configuration (and certificate) again and swaps
 /// it in only if all of it is valid; otherwise logs every problem and keeps the old one.
-async fn reload_on_sighup(live: Live, path: PathBuf, metrics: Arc<Metrics>, notifier: Notifier) {
+/// Warns about each silence in force that the configuration in force makes ignored (it
+/// names a capture no rule defines any more): at start and after each reload, when
+/// someone is there to read it.
+async fn warn_ignored_silences(store: &Store, live: &Live) {
+    let policy = match store.policy(mailcall::store::now_ms()).await {
+        Ok(policy) => policy,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the silences in force");
+            return;
+        }
+    };
+    let known = live.load().config.silence_names();
+    for s in &policy.silences {
+        let unknown = s.unknown_names(&known);
+        if !unknown.is_empty() {
+            tracing::warn!(silence = s.id, names = ?unknown, comment = %s.comment,
+                "silence ignored: no rule captures what it names any more; expire it and add one the rules can match");
+        }
+    }
+}
+
+async fn reload_on_sighup(
+    live: Live,
+    path: PathBuf,
+    store: Store,
+    metrics: Arc<Metrics>,
+    notifier: Notifier,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; reloading is unavailable");
@@ -576,6 +605,7 @@ async fn reload_on_sighup(live: Live, path: PathBuf, metrics: Arc<Metrics>, noti
                     tracing::warn!(setting = %what, "changed, but takes effect only after a restart");
                 }
                 tracing::info!("configuration reloaded");
+                warn_ignored_silences(&store, &live).await;
                 "ok"
             }
             Err(LoadError::Config(ConfigError::Invalid(problems))) => {

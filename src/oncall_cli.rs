@@ -290,17 +290,32 @@ pub fn silences(config: &Config, cmd: SilenceCmd) -> anyhow::Result<()> {
             if list.is_empty() && !json {
                 writeln!(out, "no silences in force")?;
             }
+            let known = config.silence_names();
             for s in list {
                 if json {
                     writeln!(out, "{}", serde_json::to_string(&s)?)?;
-                } else {
+                    continue;
+                }
+                writeln!(
+                    out,
+                    "{} until {}: {} ({})",
+                    s.id,
+                    s.ends_at,
+                    s.matchers.join(" "),
+                    s.comment
+                )?;
+                let parsed: Vec<_> = s
+                    .matchers
+                    .iter()
+                    .filter_map(|t| oncall::Matcher::parse(t).ok())
+                    .collect();
+                let unknown = oncall::silence::unknown_names(&parsed, &known);
+                if !unknown.is_empty() {
                     writeln!(
                         out,
-                        "{} until {}: {} ({})",
-                        s.id,
-                        s.ends_at,
-                        s.matchers.join(" "),
-                        s.comment
+                        "  warning: ignored: no rule captures `{}` any more; expire it (`mailcall silence expire {}`) and add one the rules can match",
+                        unknown.join("`, `"),
+                        s.id
                     )?;
                 }
             }

@@ -167,11 +167,16 @@ fn beat(config: &Config, name: &str, subject: String) -> Decision {
 }
 
 /// The first silence in force at `policy.now` that mutes an alert whose fields `field`
-/// gives.
-fn silenced(policy: &Policy, field: &dyn Fn(&str) -> Vec<String>) -> Option<i64> {
+/// gives; silences naming a capture `config` no longer has are ignored.
+fn silenced(config: &Config, policy: &Policy, field: &dyn Fn(&str) -> Vec<String>) -> Option<i64> {
+    if policy.silences.is_empty() {
+        return None;
+    }
+    let known = config.silence_names();
     policy
         .silences
         .iter()
+        .filter(|s| s.unknown_names(&known).is_empty())
         .find(|s| s.silences(policy.now, field))
         .map(|s| s.id)
 }
@@ -207,7 +212,7 @@ pub fn direct(config: &Config, source: &str, alert: &DirectAlert, policy: &Polic
         Some(h) => config.resolve(&h.call, policy),
         None => (alert.numbers.clone(), Vec::new()),
     };
-    let silenced_by = silenced(policy, &|name| match name {
+    let silenced_by = silenced(config, policy, &|name| match name {
         "rule" => vec![source.to_string()],
         "subject" => vec![alert.message.clone()],
         _ => Vec::new(),
@@ -364,7 +369,7 @@ fn decide(
     };
     let silenced_by = (action == Action::Call)
         .then(|| {
-            silenced(policy, &|name| match name {
+            silenced(config, policy, &|name| match name {
                 "to" => alert.to.clone(),
                 "body" => Vec::new(),
                 other => lookup(other).map(str::to_string).into_iter().collect(),
@@ -597,6 +602,29 @@ mod tests {
                 None
             );
         }
+        // A silence naming a capture the config no longer has is ignored, whichever
+        // way it compares: `host!=web9` would otherwise mute every alert.
+        let removed = config(
+            "[[rule]]\nname = \"host down\"\nsubject = '\\S+ is DOWN'\ncall = [\"alice\"]\n",
+        );
+        let stale = Policy {
+            now,
+            overrides: Vec::new(),
+            silences: vec![silence(3, &["host!=web9"], later)],
+        };
+        assert_eq!(
+            stale.silences[0].unknown_names(&removed.silence_names()),
+            ["host"]
+        );
+        assert_eq!(
+            route(&removed, &alert("a@b", "db2 is DOWN", ""), &stale).silenced_by,
+            None
+        );
+        assert_eq!(
+            route(&c, &alert("a@b", "db2 is DOWN", ""), &stale).silenced_by,
+            Some(3),
+            "while `host` is captured, the silence holds"
+        );
         let d = route(&c, &alert("a@b", "backup ok", ""), &policy);
         assert_eq!(
             (d.action, d.rule.as_deref()),

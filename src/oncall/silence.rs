@@ -1,10 +1,12 @@
 //! Silences (maintenance windows): matchers over an alert's fields, each `NAME=VALUE`,
 //! `NAME!=VALUE`, `NAME=~REGEX` or `NAME!~REGEX`, as in Alertmanager. Names are `rule`,
 //! `from`, `to`, `subject` and the named captures of the rules; a capture the matching
-//! rule does not have is the empty string. Regexes are anchored at both ends
+//! rule does not have is the empty string. A silence naming a capture no rule defines
+//! any more (the config changed since it was added) is ignored, not guessed at. Regexes are anchored at both ends
 //! (`host=~db[12]` is `^(?:db[12])$`). Every matcher of a silence must match; `to`
 //! matches when any recipient does (and `!=`/`!~` when none does).
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use jiff::Timestamp;
@@ -119,6 +121,14 @@ pub struct Silence {
 }
 
 impl Silence {
+    /// The names its matchers use that are neither an alert field nor a capture in
+    /// `known` (a reload removed the capture since the silence was added). Such a
+    /// silence is ignored: `host!=db1` would otherwise mute every alert once nothing
+    /// captures `host`, and `host=db1` would mute nothing while looking in force.
+    pub fn unknown_names<'a>(&'a self, known: &BTreeSet<String>) -> Vec<&'a str> {
+        unknown_names(&self.matchers, known)
+    }
+
     /// Is it in force at `at`, and does every matcher hold? `field` gives an alert's
     /// values of a field.
     pub fn silences(&self, at: Timestamp, field: &dyn Fn(&str) -> Vec<String>) -> bool {
@@ -133,11 +143,22 @@ impl Silence {
     }
 }
 
+/// The names `matchers` use that `known` (alert fields and the rules' captures) lacks.
+pub fn unknown_names<'a>(matchers: &'a [Matcher], known: &BTreeSet<String>) -> Vec<&'a str> {
+    let mut names: Vec<&str> = matchers
+        .iter()
+        .map(|m| m.name.as_str())
+        .filter(|n| !known.contains(*n))
+        .collect();
+    names.dedup();
+    names
+}
+
 /// Parses a silence's matchers: at least one (a silence without any would mute
 /// everything), each naming a field or a capture in `known`.
 pub fn parse_matchers<'a>(
     texts: impl IntoIterator<Item = &'a str>,
-    known: &std::collections::BTreeSet<String>,
+    known: &BTreeSet<String>,
 ) -> Result<Vec<Matcher>, String> {
     let matchers = texts
         .into_iter()

@@ -356,6 +356,59 @@ fn silences_over_the_cli_mute_until_they_expire_and_never_call_afterwards() {
     twilio.wait_until(Duration::from_secs(10), |c| c.len() == 3);
 }
 
+/// A silence names what the rules capture when it is added; a later config may no
+/// longer capture it. `host!=web9` would then mute every alert (the missing capture
+/// is the empty string), so such a silence is ignored, and the daemon (at reload) and
+/// `silence list` say so.
+#[test]
+fn a_silence_naming_a_capture_a_reload_removed_is_ignored_and_reported() {
+    let twilio = FakeTwilio::start();
+    let dir = workdir();
+    let daemon = Daemon::start(dir.path(), &config(Some(&twilio), SILENCE_RULES), false);
+    let out = mailcall(
+        dir.path(),
+        &[
+            "silence",
+            "add",
+            "--match",
+            "host!=web9",
+            "--for",
+            "2h",
+            "--comment",
+            "all but web9",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = stdout(&out).lines().next().unwrap().trim().to_string();
+    // The rule no longer captures `host`.
+    let uncaptured = SILENCE_RULES
+        .replace("(?P<host>\\S+)", "\\S+")
+        .replace("dedup_key = \"{host}\"\n", "");
+    assert_ne!(uncaptured, SILENCE_RULES);
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        config(Some(&twilio), &uncaptured),
+    )
+    .unwrap();
+    daemon.signal("HUP");
+    daemon.wait_for_log("configuration reloaded", Duration::from_secs(10));
+    daemon.wait_for_log("silence ignored", Duration::from_secs(5));
+    daemon.smtp().alert("db1 is DOWN");
+    twilio.wait_until(Duration::from_secs(10), |c| c.len() == 1);
+    let list = wait_incidents(dir.path(), Duration::from_secs(10), |l| l.len() == 1);
+    assert_eq!(list[0]["status"], "open", "{:#}", list[0]);
+    let listed = stdout(&mailcall(dir.path(), &["silence", "list"]));
+    assert!(
+        listed.contains("warning: ignored: no rule captures `host`")
+            && listed.contains(&format!("silence expire {id}")),
+        "{listed}"
+    );
+}
+
 #[test]
 fn silences_over_http_need_the_token_and_a_matcher_and_expire_on_delete() {
     let twilio = FakeTwilio::start();
