@@ -344,20 +344,56 @@ impl Speech {
 }
 
 /// The lines of a mail body worth reading: quoted history (`> …`) is skipped, and
-/// everything from a signature separator, an "Original Message" marker or an
-/// "On … wrote:" line onwards is cut.
-fn unquoted_lines(text: &str) -> impl Iterator<Item = &str> {
-    text.lines()
-        .take_while(|line| {
-            let t = line.trim();
-            let lower = t.to_ascii_lowercase();
-            // The signature separator is `-- ` (RFC 3676); a bare `--` is often an alert
-            // template's own divider, with the alert after it.
-            !(*line == "-- "
-                || (lower.starts_with("-----") && lower.contains("original message"))
-                || (lower.starts_with("on ") && lower.ends_with("wrote:")))
-        })
-        .filter(|line| !line.trim_start().starts_with('>'))
+/// everything from a signature separator, an "On … wrote:" line or an Outlook
+/// "Original Message" marker under text of the mail's own (a reply) onwards is cut. A
+/// forward — Gmail's "Forwarded message" marker, or Outlook's with nothing above it:
+/// an alert someone passed on — is read on past its marker and its `From:`/`Sent:`/
+/// `Subject:` block: the forwarded mail is the alert.
+fn unquoted_lines(text: &str) -> Vec<&str> {
+    let mut kept = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let t = line.trim();
+        let lower = t.to_ascii_lowercase();
+        let forward = lower.starts_with("-----") && lower.contains("forwarded message");
+        let original = lower.starts_with("-----") && lower.contains("original message");
+        if forward || (original && kept.is_empty()) {
+            // Its header block, up to the first line that is none of it.
+            let mut rest = lines.clone();
+            while rest.clone().next().is_some_and(is_forwarded_header) {
+                rest.next();
+            }
+            lines = rest;
+            continue;
+        }
+        // The signature separator is `-- ` (RFC 3676); a bare `--` is often an alert
+        // template's own divider, with the alert after it.
+        if line == "-- " || original || (lower.starts_with("on ") && lower.ends_with("wrote:")) {
+            break;
+        }
+        if !t.is_empty() && !line.trim_start().starts_with('>') {
+            kept.push(line);
+        }
+    }
+    kept
+}
+
+/// A line of the header block a mail client puts under a forward marker (or a blank
+/// line inside it).
+fn is_forwarded_header(line: &str) -> bool {
+    let lower = line.trim().to_ascii_lowercase();
+    lower.is_empty()
+        || [
+            "from:",
+            "sent:",
+            "date:",
+            "to:",
+            "cc:",
+            "subject:",
+            "reply-to:",
+        ]
+        .iter()
+        .any(|h| lower.starts_with(h))
 }
 
 /// Japanese and other wide scripts are spoken as they are; identifiers embedded in them
@@ -881,6 +917,14 @@ mod tests {
         assert_eq!(en(text), "Job done");
         let text = "Backup report\n--\ndb1 failed";
         assert_eq!(en(text), "Backup report db1 failed");
+        // A reply's history goes; a bare forward is the alert it forwards.
+        let text =
+            "Looking into it\n-----Original Message-----\nFrom: nagios\nSubject: x\n\ndb1 is DOWN";
+        assert_eq!(en(text), "Looking into it");
+        let text = "\n-----Original Message-----\nFrom: nagios@example.com\nSent: Monday\nTo: ops\nSubject: PROBLEM\n\ndb1 is DOWN\n-- \nNagios";
+        assert_eq!(en(text), "db1 is DOWN");
+        let text = "FYI\n---------- Forwarded message ---------\nFrom: Zabbix <z@example.com>\nDate: Mon\nSubject: Problem\nTo: <ops@example.com>\n\n\nProblem: disk full on web3";
+        assert_eq!(en(text), "FYI Problem: disk full on web3");
         assert_eq!(
             en(
                 "pod api-gateway-7d9f8b6c4-x2x9z instance i-0abc123def4567890 blob dGhpcyBpcyBhIHRlc3Q/Zm9v+YmFy=="
