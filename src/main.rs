@@ -209,30 +209,33 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     })
 }
 
+/// `mailcall check`: exits by the configuration's validity, also when nobody reads
+/// the report (`mailcall check | head -1` in a script: a closed pipe must not turn an
+/// invalid config into success).
 fn check(path: &Path) -> ExitCode {
-    match Config::load(path) {
+    let (report, code) = match Config::load(path) {
         Ok(config) => {
-            println!(
-                "{}: ok ({} rules, {} contacts, {} groups)",
+            let mut report = format!(
+                "{}: ok ({} rules, {} contacts, {} groups)\n",
                 path.display(),
                 config.rules.len(),
                 config.contacts.len(),
                 config.groups.len()
             );
             for warning in config.warnings() {
-                println!("{}: warning: {warning}", path.display());
+                report.push_str(&format!("{}: warning: {warning}\n", path.display()));
             }
-            ExitCode::SUCCESS
+            (report, ExitCode::SUCCESS)
         }
-        Err(ConfigError::Invalid(problems)) => {
-            println!("{problems}");
-            ExitCode::FAILURE
-        }
+        Err(ConfigError::Invalid(problems)) => (format!("{problems}\n"), ExitCode::FAILURE),
         Err(e) => {
             eprintln!("mailcall: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
-    }
+    };
+    // A closed pipe has nobody to tell; the exit code still says how the check went.
+    let _ = std::io::stdout().lock().write_all(report.as_bytes());
+    code
 }
 
 fn serve(path: &Path, dry_run: bool, logs: &Logs) -> anyhow::Result<()> {

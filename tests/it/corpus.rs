@@ -584,15 +584,7 @@ fn defect_6_every_command_exits_0_quietly_on_a_closed_pipe() {
         vec!["route", "--json", &mail],
         vec!["route", &mail],
     ] {
-        // The reader is gone before the command writes: every write fails with EPIPE.
-        let (reader, writer) = std::io::pipe().unwrap();
-        drop(reader);
-        let out = crate::harness::command(dir.path())
-            .args(&args)
-            .stdout(writer)
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
+        let out = with_closed_stdout(dir.path(), &args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
         assert!(
@@ -620,6 +612,38 @@ fn defect_6_every_command_exits_0_quietly_on_a_closed_pipe() {
         out.stderr.is_empty(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `mailcall ARGS` with a standard output whose reader is gone before the command
+/// writes: every write fails with EPIPE.
+fn with_closed_stdout(dir: &Path, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    crate::harness::command(dir)
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+/// Quiet on a closed pipe is not "succeeded": `mailcall check | head -1` on an invalid
+/// config, in a deploy script with `pipefail`, exited 0 and let the bad config through.
+#[test]
+fn check_of_an_invalid_config_exits_1_also_on_a_closed_pipe() {
+    let dir = workdir();
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        config(None, "[[rule]]\nname = \"x\"\ncall = [\"nobody\"]\n"),
+    )
+    .unwrap();
+    let out = with_closed_stdout(dir.path(), &["check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        !stderr.contains("Broken pipe") && !stderr.contains("panicked"),
+        "{stderr}"
     );
 }
 
