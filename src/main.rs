@@ -556,8 +556,6 @@ fn call_detail(c: &mailcall::store::CallReport) -> String {
     }
 }
 
-/// `systemctl reload` (SIGHUP): reads the configuration (and certificate) again and swaps
-/// it in only if all of it is valid; otherwise logs every problem and keeps the old one.
 /// Warns about each silence in force that the configuration in force makes ignored (it
 /// names a capture no rule defines any more): at start and after each reload, when
 /// someone is there to read it.
@@ -579,6 +577,8 @@ async fn warn_ignored_silences(store: &Store, live: &Live) {
     }
 }
 
+/// `systemctl reload` (SIGHUP): reads the configuration (and certificate) again and swaps
+/// it in only if all of it is valid; otherwise logs every problem and keeps the old one.
 async fn reload_on_sighup(
     live: Live,
     path: PathBuf,
