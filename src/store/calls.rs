@@ -595,10 +595,10 @@ impl Store {
     }
 
     /// Placed calls whose SMS summary is still owed (at most `limit`), oldest first.
-    /// A summary owed for longer than `SMS_STALE_MS` (the daemon was down, or Twilio's
-    /// SMS API refused for that long) is given up in the same transaction, with a line
-    /// in the call's history: an SMS about a call that rang hours ago is noise, read
-    /// as a new page.
+    /// A summary owed for longer than `SMS_STALE_MS` since the call last changed (the
+    /// daemon was down that long: a summary is sent once, at once) is given up in the
+    /// same transaction, with a line in the call's history: an SMS about a call that
+    /// rang hours ago is noise, read as a new page.
     pub async fn owed_sms(&self, limit: usize) -> Result<Vec<CallJob>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run(move |c| {
