@@ -24,5 +24,6 @@ mod review3_14;
 mod review3_15;
 mod review3b_12;
 mod review4;
+mod review5;
 mod smtp;
 mod source_files;
