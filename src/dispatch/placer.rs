@@ -139,6 +139,12 @@ impl Dispatcher {
         let attempt_id = match self.store.claim(job.call_id, &t.from, window).await {
             Ok(Claim::Go { attempt_id }) => attempt_id,
             Ok(Claim::Gone(_) | Claim::Busy) => return,
+            Ok(Claim::Placed) => {
+                info!(incident = job.incident_id, number = %job.number,
+                    "an earlier request's call showed up late: the call is placed, and not sent again");
+                self.placed(&job);
+                return;
+            }
             Err(e) => {
                 error!(incident = job.incident_id, number = %job.number, error = %e, "cannot record a call request; not sending it");
                 return;
@@ -170,6 +176,7 @@ impl Dispatcher {
                 status_callback: callback.as_deref(),
             })
             .await;
+        let permanent = matches!(outcome, Outcome::Permanent { .. });
         let record = match outcome {
             Outcome::Placed { sid } => AttemptOutcome::Placed { sid },
             Outcome::Unknown { reason } => {
@@ -180,20 +187,12 @@ impl Dispatcher {
                 status,
                 code,
                 message,
-            } => {
-                self.count_failure(&job, code, &message);
-                error!(
-                    incident = job.incident_id, rule = %job.rule, number = %job.number, http_status = status,
-                    twilio_code = code, error = %message, hint = error_hint(code),
-                    "call failed permanently; this number is not called"
-                );
-                AttemptOutcome::Failed {
-                    http_status: Some(status),
-                    code,
-                    error: message,
-                    retry_at: None,
-                }
-            }
+            } => AttemptOutcome::Failed {
+                http_status: Some(status),
+                code,
+                error: message,
+                retry_at: None,
+            },
             Outcome::Retry {
                 after,
                 status,
@@ -214,8 +213,6 @@ impl Dispatcher {
                         "gave up after retrying for {}: {reason}",
                         humantime::format_duration(t.retry_for)
                     );
-                    self.count_failure(&job, code, &error);
-                    error!(incident = job.incident_id, number = %job.number, error = %error, "call failed; this number is not called");
                     AttemptOutcome::Failed {
                         http_status: status,
                         code,
@@ -247,7 +244,35 @@ impl Dispatcher {
                 return;
             }
         };
+        if recorded.placed_earlier {
+            info!(incident = job.incident_id, number = %job.number, attempt = attempt_id,
+                "an earlier request's call showed up late while this one was out: the call is placed, and not sent again");
+            self.placed(&job);
+            return;
+        }
         match (&record, recorded.state) {
+            (
+                AttemptOutcome::Failed {
+                    http_status,
+                    code,
+                    error,
+                    retry_at: None,
+                },
+                AttemptState::Failed,
+            ) if recorded.decided => {
+                // Counted and told once the answer is recorded: it may turn out that an
+                // earlier request placed the call after all (above).
+                self.count_failure(&job, *code, error);
+                if permanent {
+                    error!(
+                        incident = job.incident_id, rule = %job.rule, number = %job.number, http_status = http_status.unwrap_or_default(),
+                        twilio_code = code, error = %error, hint = error_hint(*code),
+                        "call failed permanently; this number is not called"
+                    );
+                } else {
+                    error!(incident = job.incident_id, number = %job.number, error = %error, "call failed; this number is not called");
+                }
+            }
             (AttemptOutcome::Placed { sid }, AttemptState::Placed) => {
                 info!(incident = job.incident_id, rule = %job.rule, number = %job.number, sid = %sid, "call placed");
             }

@@ -37,6 +37,10 @@ const MAX_CONCURRENT: usize = 8;
 const ABSENT_LOOKBACK_MS: i64 = 60 * 60 * 1000;
 /// One number's call list is read at most this often.
 const LIST_EVERY: Duration = Duration::from_secs(2);
+/// How often a number whose call waits to be sent again after `absent` has its list
+/// read (for the absent request's call, showing up late): less often, since the wait
+/// is often Twilio asking for less traffic (429, 503 with `Retry-After`).
+const WAITING_LIST_EVERY: Duration = Duration::from_secs(4);
 
 /// An unresolved request, as [`decide`] sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,19 +232,51 @@ impl Dispatcher {
                 return;
             }
         };
+        // Calls waiting to be sent again after `absent` (a retry after 429/503): the
+        // absent request's call may still show up in a list that lags, and then
+        // nothing need be sent.
+        let waiting = self
+            .store
+            .resends_waiting(now_ms().saturating_sub(ABSENT_LOOKBACK_MS))
+            .await
+            .unwrap_or_else(|e| {
+                error!(error = %e, "cannot read the calls waiting to be sent again");
+                Vec::new()
+            });
         let from = self.live.load().config.twilio.from.clone();
         let mut by_number: BTreeMap<(String, String), Vec<Unresolved>> = BTreeMap::new();
+        for (number, caller) in waiting {
+            let caller = if caller.is_empty() {
+                from.clone()
+            } else {
+                caller
+            };
+            by_number.entry((number, caller)).or_default();
+        }
         for u in unresolved {
             let key = (u.number.clone(), caller_id(&u, &from).to_string());
             by_number.entry(key).or_default().push(u);
         }
         let mut progress_now = lock(progress);
-        progress_now.asked.retain(|_, at| at.elapsed() < LIST_EVERY);
+        progress_now
+            .asked
+            .retain(|_, at| at.elapsed() < WAITING_LIST_EVERY);
         for (key, attempts) in by_number {
-            if !attempts.iter().any(|a| a.state == AttemptState::Unknown)
-                || progress_now.busy.len() >= MAX_CONCURRENT
+            let unknown = attempts.iter().any(|a| a.state == AttemptState::Unknown);
+            let every = if unknown {
+                LIST_EVERY
+            } else if attempts.is_empty() {
+                WAITING_LIST_EVERY
+            } else {
+                // Only requests in flight: their answers settle them.
+                continue;
+            };
+            if progress_now.busy.len() >= MAX_CONCURRENT
                 || progress_now.busy.contains(&key)
-                || progress_now.asked.contains_key(&key)
+                || progress_now
+                    .asked
+                    .get(&key)
+                    .is_some_and(|at| at.elapsed() < every)
             {
                 continue;
             }
@@ -463,7 +499,8 @@ impl Dispatcher {
             return;
         }
         if settled.state == crate::store::CallState::Failed {
-            error!(incident, number = %number, attempt = id, "Twilio's call list confirmed neither of two requests for this call: it may have rung, and is not sent a third time");
+            error!(incident, number = %number, attempt = id, call = %settled.call.call_id,
+                "this call's requests were given up as often as allowed (Twilio's call list never showed their calls, or could not tell): it may have rung, and is not sent again");
             return;
         }
         match settlement {

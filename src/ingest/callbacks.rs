@@ -271,9 +271,10 @@ async fn status(State(ctx): State<Arc<HttpContext>>, cb: Callback) -> Response {
             if let Some(settled) = settled {
                 info!(incident, number = %number, attempt, sid = %sid,
                     "status callback: the request did reach Twilio; not calling again");
-                // Its answer was lost, so the placer is not waiting for it: count it
-                // here. (Its SMS is owed in the store; the placer sends it.)
-                if settled.was == AttemptState::Unknown {
+                // Its answer was lost (or it was given up), so the placer is not
+                // waiting for it: count it here. (Its SMS is owed in the store; the
+                // placer sends it.)
+                if settled.was != AttemptState::Requesting {
                     crate::dispatch::count_placed(&ctx.metrics, &settled.call);
                 }
             }

@@ -51,6 +51,9 @@ pub fn sms_text(incident_id: i64, subject: &str) -> String {
 pub const CALLBACK: &str = "status callback";
 /// How an attempt settled by Twilio's call list says so.
 pub const CALL_LIST: &str = "call list";
+/// How a request given up (`absent`, `undecided`) is settled when its status callback
+/// comes after all.
+pub const CALLBACK_LATE: &str = "status callback, late: the request had been given up";
 
 /// What [`Store::record_attempt`] found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +64,9 @@ pub struct Recorded {
     pub decided: bool,
     /// How it was settled when something else decided it (`status callback`, …).
     pub reconciled: Option<String>,
+    /// Twilio refused this request, but an earlier request of the call did make a call
+    /// (it showed up late while this one was out): the call is `placed` by it.
+    pub placed_earlier: bool,
 }
 
 /// Whether a call may be requested now.
@@ -73,6 +79,9 @@ pub enum Claim {
     /// A request to the same number is in flight: one at a time, so that a call found
     /// in Twilio's list can only be one request's.
     Busy,
+    /// An earlier request of the call did make a call (it showed up late): the call is
+    /// now `placed`, and nothing is sent.
+    Placed,
 }
 
 /// Twilio's answer to one request, as the placer classifies it.
@@ -255,6 +264,12 @@ impl Store {
                 cancel(c, call_id, now_ms())?;
                 return Ok(Claim::Gone(CallState::Canceled));
             }
+            // An earlier request's call showed up while this one waited to be sent
+            // again: the call is placed, and nothing more is sent.
+            if let Some(sid) = placed_attempt(c, call_id)? {
+                mark_placed(c, call_id, Some(&sid), now_ms())?;
+                return Ok(Claim::Placed);
+            }
             let busy = c
                 .prepare_cached("SELECT 1 FROM calls WHERE number = ?1 AND state = 'requesting'")?
                 .exists([&number])?;
@@ -302,6 +317,7 @@ impl Store {
                     state,
                     decided: false,
                     reconciled,
+                    placed_earlier: false,
                 });
             }
             let now = now_ms();
@@ -309,6 +325,7 @@ impl Store {
                 state,
                 decided: true,
                 reconciled: None,
+                placed_earlier: false,
             };
             match outcome {
                 AttemptOutcome::Placed { sid } => {
@@ -325,6 +342,17 @@ impl Store {
                         "UPDATE attempts SET state = ?2, http_status = ?3, error_code = ?4, error = ?5, settled_at = ?6 WHERE id = ?1",
                     )?
                     .execute(params![attempt_id, AttemptState::Failed, http_status, code, error, now])?;
+                    // An earlier request's call showed up while this one was out: the
+                    // call is placed (this request made nothing), not retried or failed.
+                    if let Some(sid) = placed_attempt(c, call_id)? {
+                        mark_placed(c, call_id, Some(&sid), now)?;
+                        return Ok(Recorded {
+                            state: AttemptState::Failed,
+                            decided: true,
+                            reconciled: None,
+                            placed_earlier: true,
+                        });
+                    }
                     // No retry for an incident resolved while the request was out.
                     let (state, next) = match retry_at {
                         Some(_) if resolved(c, call_id)? => (CallState::Canceled, None),
@@ -457,6 +485,22 @@ impl Store {
         .await
     }
 
+    /// Numbers, with their request's caller ID (`""` for the configured one), whose
+    /// call waits to be sent again (`queued`, `retrying`) after a request settled
+    /// `absent` since `since`: that request's call may yet show up in a list that lags,
+    /// and then nothing need be sent.
+    pub async fn resends_waiting(&self, since: i64) -> Result<Vec<(String, String)>, StoreError> {
+        self.run(move |c| {
+            c.prepare_cached(
+                "SELECT DISTINCT c.number, a.from_number FROM attempts a JOIN calls c ON c.id = a.call_id
+                 WHERE a.state = 'absent' AND a.requested_at >= ?1 AND c.state IN ('queued', 'retrying')",
+            )?
+            .query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect()
+        })
+        .await
+    }
+
     /// A request settled `absent` did make a call after all: Twilio's list shows it
     /// late (`sid`, unowned, created inside the request's window). The request is
     /// `placed` with it and, unless a later request placed the call already, so is the
@@ -475,32 +519,14 @@ impl Store {
             else {
                 return Ok(None);
             };
-            if c.prepare_cached("SELECT 1 FROM attempts WHERE sid = ?1")?
-                .exists([&sid])?
-            {
-                return Ok(None);
-            }
-            let now = now_ms();
-            c.prepare_cached(
-                "UPDATE attempts SET state = ?2, sid = ?3, settled_at = ?4,
-                     reconciled = 'call list, late: it was settled absent before its call showed up'
-                 WHERE id = ?1",
-            )?
-            .execute(params![attempt_id, AttemptState::Placed, sid, now])?;
-            let state: CallState = c
-                .prepare_cached("SELECT state FROM calls WHERE id = ?1")?
-                .query_row([call_id], |r| r.get(0))?;
-            // Waiting to be sent again: it need not be. A request of it still out is
-            // settled on its own, and then finds this one placed (see `settle`).
-            if !matches!(state, CallState::Queued | CallState::Retrying) {
-                return Ok(Some(None));
-            }
-            mark_placed(c, call_id, Some(&sid), now)?;
-            Ok(Some(Some(Settled {
-                call: call_job(c, call_id)?,
-                state: CallState::Placed,
-                was: AttemptState::Absent,
-            })))
+            place_given_up(
+                c,
+                attempt_id,
+                call_id,
+                &sid,
+                "call list, late: it was settled absent before its call showed up",
+                AttemptState::Absent,
+            )
         })
         .await
     }
@@ -550,12 +576,19 @@ impl Store {
                     .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                     .optional()?;
                 if let Some((call_id, incident_id, number, state)) = given_up {
-                    add_event(
-                        c,
-                        call_id,
-                        &format!("late status callback: request {id} ({state}) did reach Twilio as {sid}; the call was also sent again"),
-                    )?;
-                    return Ok((Some((call_id, incident_id, number)), None));
+                    let placed =
+                        place_given_up(c, id, call_id, &sid, CALLBACK_LATE, state)?.flatten();
+                    if let Some(status) = status.filter(|_| placed.is_some()) {
+                        c.prepare_cached("UPDATE calls SET twilio_status = ?2 WHERE id = ?1")?
+                            .execute(params![call_id, status])?;
+                    }
+                    let event = if placed.is_some() {
+                        format!("late status callback: request {id} ({state}) did reach Twilio as {sid}; the call is placed and not sent again")
+                    } else {
+                        format!("late status callback: request {id} ({state}) did reach Twilio as {sid}; the call was sent again too")
+                    };
+                    add_event(c, call_id, &event)?;
+                    return Ok((Some((call_id, incident_id, number)), placed));
                 }
             }
             Ok((None, settled))
@@ -796,6 +829,44 @@ fn placed_attempt(c: &Connection, call_id: i64) -> rusqlite::Result<Option<Strin
     )?
     .query_row([call_id], |r| r.get(0))
     .optional()
+}
+
+/// A request given up (`absent`, or `undecided`) did make call `sid` after all (the
+/// call list shows it late, or its status callback came): the request is `placed` with
+/// it and — if the call still waits to be sent again — so is the call, and nothing more
+/// is sent. A request of the call still out is settled on its own and then finds this
+/// one placed (`settle`, `record_attempt`, `claim`). `None` when the SID is another
+/// request's; else the call, when this placed it.
+fn place_given_up(
+    c: &Connection,
+    attempt_id: i64,
+    call_id: i64,
+    sid: &str,
+    how: &str,
+    was: AttemptState,
+) -> rusqlite::Result<Option<Option<Settled>>> {
+    if c.prepare_cached("SELECT 1 FROM attempts WHERE sid = ?1")?
+        .exists([sid])?
+    {
+        return Ok(None);
+    }
+    let now = now_ms();
+    c.prepare_cached(
+        "UPDATE attempts SET state = ?2, sid = ?3, settled_at = ?4, reconciled = ?5 WHERE id = ?1",
+    )?
+    .execute(params![attempt_id, AttemptState::Placed, sid, now, how])?;
+    let state: CallState = c
+        .prepare_cached("SELECT state FROM calls WHERE id = ?1")?
+        .query_row([call_id], |r| r.get(0))?;
+    if !matches!(state, CallState::Queued | CallState::Retrying) {
+        return Ok(Some(None));
+    }
+    mark_placed(c, call_id, Some(sid), now)?;
+    Ok(Some(Some(Settled {
+        call: call_job(c, call_id)?,
+        state: CallState::Placed,
+        was,
+    })))
 }
 
 /// The call is placed (with `sid`, when it is the call's own): nothing more is sent

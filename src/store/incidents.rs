@@ -443,14 +443,17 @@ fn finish_round(
         // (a 503 with a long Retry-After, a request being reconciled) or still ringing
         // may yet reach a person, and a recovery must still find the incident open to
         // cancel what has not gone out. A call whose answerer is known (a machine, or
-        // AMD's `unknown`) decides nothing more however long it stays up, and none is
-        // waited for longer than `LIVE_CALL_WAIT_MS` after it was placed.
+        // AMD's `unknown`) decides nothing more however long it stays up; one whose
+        // status nobody reported yet (callbacks late, status reads failing) may be
+        // ringing. None is waited for longer than `LIVE_CALL_WAIT_MS` after it was
+        // placed.
         let pending = c
             .prepare_cached(
                 "SELECT 1 FROM calls WHERE incident_id = ?1
                    AND (state IN ('queued', 'requesting', 'unknown', 'retrying')
                         OR (state = 'placed' AND answered_by IS NULL AND updated_at > ?2
-                            AND twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress')))
+                            AND (twilio_status IS NULL
+                                 OR twilio_status IN ('queued', 'initiated', 'ringing', 'in-progress'))))
                  LIMIT 1",
             )?
             .exists(params![incident_id, now.saturating_sub(LIVE_CALL_WAIT_MS)])?;

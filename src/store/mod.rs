@@ -41,8 +41,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::alert::{DirectAlert, Envelope};
 
 pub use calls::{
-    AbsentAttempt, AttemptOutcome, CALL_LIST, CALLBACK, CallJob, Claim, MAX_ABSENT, Recorded,
-    Settled, Settlement, Unresolved, WatchedCall, sms_text,
+    AbsentAttempt, AttemptOutcome, CALL_LIST, CALLBACK, CALLBACK_LATE, CallJob, Claim, MAX_ABSENT,
+    Recorded, Settled, Settlement, Unresolved, WatchedCall, sms_text,
 };
 pub use incidents::{
     AttemptReport, CallReport, DueRound, EventReport, IncidentReport, LiveCall, RoundEnd,

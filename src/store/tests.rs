@@ -548,7 +548,8 @@ async fn a_status_callback_settles_its_attempt_before_the_answer_arrives() {
         Recorded {
             state: AttemptState::Placed,
             decided: false,
-            reconciled: Some(CALLBACK.into())
+            reconciled: Some(CALLBACK.into()),
+            placed_earlier: false,
         }
     );
     let report = store.incident(1).await.unwrap().unwrap();
@@ -1313,4 +1314,124 @@ async fn absent_past_the_limit_fails_the_call_saying_it_may_have_rung() {
             .unwrap()
             .contains("may have rung")
     );
+}
+
+#[tokio::test]
+async fn a_resend_out_when_the_absent_requests_call_shows_up_neither_retries_nor_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
+    let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
+    let (first, _) = absent_once(&store, call.call_id).await;
+    // The resend is out when the first request's call shows up late in the list.
+    let Claim::Go { attempt_id } = store.claim(call.call_id, "+1000", 5000).await.unwrap() else {
+        panic!()
+    };
+    let late = store
+        .settle_absent_late(first, "CAlate".into())
+        .await
+        .unwrap();
+    assert_eq!(
+        late,
+        Some(None),
+        "recorded; the call is the resend's to settle"
+    );
+    // Twilio answers the resend 503: no retry, the call is placed by the first.
+    let recorded = store
+        .record_attempt(
+            attempt_id,
+            AttemptOutcome::Failed {
+                http_status: Some(503),
+                code: None,
+                error: "busy".into(),
+                retry_at: Some(now_ms() + 1000),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(recorded.placed_earlier, "{recorded:?}");
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(report.calls[0].status, CallState::Placed);
+    assert_eq!(report.calls[0].sid.as_deref(), Some("CAlate"));
+    assert!(
+        store
+            .due_calls(now_ms() + 5000, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_call_waiting_to_be_sent_again_is_placed_not_sent_once_an_earlier_request_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
+    let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
+    let (first, _) = absent_once(&store, call.call_id).await;
+    assert_eq!(
+        store
+            .resends_waiting(0)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        ["+1555"],
+        "the reconciler is to keep an eye on its list"
+    );
+    // The absent request is placed by its late status callback while the call waits.
+    let (known, settled) = store
+        .status_callback(
+            Some(first),
+            "CAlate".into(),
+            Some(TwilioStatus::Ringing),
+            "status:ringing".into(),
+        )
+        .await
+        .unwrap();
+    assert!(known.is_some());
+    let settled = settled.expect("the callback placed the call");
+    assert_eq!(
+        (settled.state, settled.was),
+        (CallState::Placed, AttemptState::Absent)
+    );
+    assert!(store.resends_waiting(0).await.unwrap().is_empty());
+    assert!(matches!(
+        store.claim(call.call_id, "+1000", 5000).await.unwrap(),
+        Claim::Gone(CallState::Placed)
+    ));
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(report.calls[0].twilio_status, Some(TwilioStatus::Ringing));
+    assert_eq!(
+        report.calls[0].requests[0].reconciled.as_deref(),
+        Some(CALLBACK_LATE)
+    );
+}
+
+#[tokio::test]
+async fn a_claim_finds_an_earlier_placed_request_and_sends_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
+    let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
+    let (first, _) = absent_once(&store, call.call_id).await;
+    // The late call is recorded on the request while the call is (briefly) not
+    // waiting; the claim that follows must not send it.
+    store
+        .run(move |c| {
+            c.execute(
+                "UPDATE attempts SET state = 'placed', sid = 'CAlate' WHERE id = ?1",
+                [first],
+            )
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.claim(call.call_id, "+1000", 5000).await.unwrap(),
+        Claim::Placed
+    ));
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(report.calls[0].status, CallState::Placed);
+    assert_eq!(report.calls[0].requests.len(), 1, "nothing more was sent");
 }
