@@ -142,6 +142,37 @@ fn an_outlook_html_forward_is_read_past_its_header_block() {
     assert_no_header_block(&message, &["From: Nagios", "Sent: Tuesday", "To: ops"]);
 }
 
+/// Outlook writes a plain-text forward (its format for a plain-text alert such as
+/// Nagios's, Zabbix's or cron's) wrapped at 76 characters, its header block too: a
+/// `To:` naming a few recipients, or a long alert `Subject:`, goes on over a second
+/// line. Measured with `mailcall route` and `message = "{body}"`: a header block whose
+/// `To:` wraps once is heard as "oncall-secondary at example dot com Subject: PROBLEM
+/// Service Alert: web1 dot example dot com slash HTTP is CRITICAL Nagios …" — the skip
+/// stops at the continuation line and the rest of the block is read out. Cause:
+/// src/speech.rs `unquoted_lines` skips only lines `is_forwarded_header` names; fix: the
+/// block runs from the marker to its first blank line (as both Gmail's and Outlook's
+/// do), whatever its lines start with.
+#[test]
+fn a_wrapped_header_line_does_not_end_a_forwards_header_block() {
+    let message = spoken(
+        "From: Ops <ops@example.com>\nTo: alerts@example.com\n\
+         Subject: FW: ** PROBLEM Service Alert: web1.example.com/HTTP is CRITICAL **\n\
+         Content-Type: text/plain; charset=utf-8\n\n\
+         -----Original Message-----\nFrom: Nagios <nagios@monitoring.example.com>\n\
+         Sent: Tuesday, December 8, 2026 4:00 AM\n\
+         To: ops@example.com; sre-team@example.com; oncall-primary@example.com;\n\
+         oncall-secondary@example.com\n\
+         Subject: ** PROBLEM Service Alert: web1.example.com/HTTP is CRITICAL\n**\n\n\
+         ***** Nagios *****\n\nNotification Type: PROBLEM\n\nService: HTTP\n\
+         Host: web1.example.com\nState: CRITICAL\n",
+    );
+    assert!(message.contains("State: CRITICAL"), "{message}");
+    assert_no_header_block(
+        &message,
+        &["oncall dash secondary", "oncall-secondary", "Subject:"],
+    );
+}
+
 /// A forward from Gmail in Japanese ("---------- 転送されたメッセージ ---------") and
 /// from Japanese Outlook (its header labels 差出人/送信日時/宛先/件名 under the
 /// "-----Original Message-----" line) is not read past its header block. Measured with
