@@ -202,6 +202,13 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Writes a command's report whose exit code is a verdict (`check`, `status`, `call`):
+/// a closed pipe has nobody to tell, but a script with `pipefail` still gets the
+/// verdict (an invalid config, an unhealthy daemon, a call not placed is never 0).
+fn emit_verdict(report: &str) {
+    let _ = std::io::stdout().lock().write_all(report.as_bytes());
+}
+
 fn load(path: &Path) -> anyhow::Result<Config> {
     Config::load(path).map_err(|e| match e {
         ConfigError::Invalid(problems) => anyhow::anyhow!("invalid configuration:\n{problems}"),
@@ -209,9 +216,7 @@ fn load(path: &Path) -> anyhow::Result<Config> {
     })
 }
 
-/// `mailcall check`: exits by the configuration's validity, also when nobody reads
-/// the report (`mailcall check | head -1` in a script: a closed pipe must not turn an
-/// invalid config into success).
+/// `mailcall check`: exits by the configuration's validity.
 fn check(path: &Path) -> ExitCode {
     let (report, code) = match Config::load(path) {
         Ok(config) => {
@@ -233,8 +238,7 @@ fn check(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // A closed pipe has nobody to tell; the exit code still says how the check went.
-    let _ = std::io::stdout().lock().write_all(report.as_bytes());
+    emit_verdict(&report);
     code
 }
 
@@ -379,7 +383,7 @@ fn call(path: &Path, args: CallArgs) -> anyhow::Result<ExitCode> {
         loop {
             let status = call_status(&store, id).await?;
             if status.done() || tokio::time::Instant::now() >= deadline {
-                return print_call(id, &status);
+                return Ok(print_call(id, &status));
             }
             match DaemonLock::acquire(&config.state.path) {
                 Ok(lock) => {
@@ -495,7 +499,7 @@ async fn report_call(
     loop {
         let status = call_status(store, alert).await?;
         if status.done() || tokio::time::Instant::now() >= deadline {
-            return print_call(alert, &status);
+            return Ok(print_call(alert, &status));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -503,47 +507,49 @@ async fn report_call(
 
 /// Prints where the alert stands. Exit 0 when every call was placed (or is a dry run,
 /// or the alert joined an open incident), 1 otherwise.
-fn print_call(alert: i64, status: &CallStatus) -> anyhow::Result<ExitCode> {
-    let mut out = std::io::stdout().lock();
+fn print_call(alert: i64, status: &CallStatus) -> ExitCode {
+    let (report, code) = call_report(alert, status);
+    emit_verdict(&report);
+    code
+}
+
+fn call_report(alert: i64, status: &CallStatus) -> (String, ExitCode) {
     let report = match status {
         CallStatus::Deduplicated(incident) => {
-            writeln!(
-                out,
-                "same problem as open incident #{incident}: nobody is called again"
-            )?;
-            return Ok(ExitCode::SUCCESS);
+            return (
+                format!("same problem as open incident #{incident}: nobody is called again\n"),
+                ExitCode::SUCCESS,
+            );
         }
         CallStatus::Waiting => {
-            writeln!(
-                out,
-                "alert {alert} is not routed yet; see `mailcall incidents` later"
-            )?;
-            return Ok(ExitCode::FAILURE);
+            return (
+                format!("alert {alert} is not routed yet; see `mailcall incidents` later\n"),
+                ExitCode::FAILURE,
+            );
         }
         CallStatus::Routed { report, .. } => report,
     };
     let drill = if report.dry_run { " (dry run)" } else { "" };
-    writeln!(
-        out,
-        "incident #{}{drill} (room mailcall-{})",
+    let mut out = format!(
+        "incident #{}{drill} (room mailcall-{})\n",
         report.id, report.public_id
-    )?;
+    );
     let mut all_placed = true;
     for c in &report.calls {
         all_placed &= matches!(c.status, CallState::Placed | CallState::DryRun);
-        writeln!(
-            out,
-            "  {:<16} {:<10} {}",
+        out.push_str(&format!(
+            "  {:<16} {:<10} {}\n",
             c.number,
             c.status,
             call_detail(c)
-        )?;
+        ));
     }
-    Ok(if all_placed {
+    let code = if all_placed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    };
+    (out, code)
 }
 
 /// A call's SID, or why it has none.
@@ -684,32 +690,37 @@ fn status(path: &Path) -> ExitCode {
         });
     match answer {
         Ok((code, body)) => {
-            println!(
-                "mailcall at {addr}: {}",
+            let mut report = format!(
+                "mailcall at {addr}: {}\n",
                 body["status"].as_str().unwrap_or("?")
             );
             for part in ["store", "dispatcher", "smtp"] {
                 let ok = body[part].as_bool().unwrap_or(false);
-                println!("  {part:<10} {}", if ok { "ok" } else { "FAILING" });
+                report.push_str(&format!(
+                    "  {part:<10} {}\n",
+                    if ok { "ok" } else { "FAILING" }
+                ));
             }
             if let Some(workers) = body["workers"].as_object() {
                 for (name, w) in workers {
                     let ok = w["ok"].as_bool().unwrap_or(false);
                     let age = w["age_ms"].as_i64().unwrap_or(-1);
-                    println!(
-                        "    {name:<12} {} (heartbeat {age} ms ago)",
+                    report.push_str(&format!(
+                        "    {name:<12} {} (heartbeat {age} ms ago)\n",
                         if ok { "ok" } else { "STUCK" }
-                    );
+                    ));
                 }
             }
             match oncall_cli::heartbeat_status(&config) {
                 Ok(lines) => {
                     for line in lines {
-                        println!("{line}");
+                        report.push_str(&line);
+                        report.push('\n');
                     }
                 }
                 Err(e) => eprintln!("mailcall: cannot read the heartbeats: {e:#}"),
             }
+            emit_verdict(&report);
             if code.is_success() {
                 ExitCode::SUCCESS
             } else {

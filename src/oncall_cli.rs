@@ -293,9 +293,10 @@ pub fn silences(config: &Config, cmd: SilenceCmd) -> anyhow::Result<()> {
             let known = config.silence_names();
             for s in list {
                 if json {
-                    writeln!(out, "{}", serde_json::to_string(&s)?)?;
+                    writeln!(out, "{}", s.listed(&known))?;
                     continue;
                 }
+                let unknown = oncall::silence::unknown_in_texts(&s.matchers, &known);
                 writeln!(
                     out,
                     "{} until {}: {} ({})",
@@ -304,12 +305,6 @@ pub fn silences(config: &Config, cmd: SilenceCmd) -> anyhow::Result<()> {
                     s.matchers.join(" "),
                     s.comment
                 )?;
-                let parsed: Vec<_> = s
-                    .matchers
-                    .iter()
-                    .filter_map(|t| oncall::Matcher::parse(t).ok())
-                    .collect();
-                let unknown = oncall::silence::unknown_names(&parsed, &known);
                 if !unknown.is_empty() {
                     writeln!(
                         out,

@@ -323,12 +323,23 @@ fn decide(
     policy: &Policy,
 ) -> Decision {
     let to = alert.to_joined();
+    // The body without quoted history or a forward's header block, before the
+    // template puts words of its own in front of it (only if a template uses it: a
+    // body may be megabytes).
+    let uses_body = std::iter::once(&rule.message)
+        .chain(&rule.dedup_key)
+        .any(|t| t.placeholders().any(|p| p == "body"));
+    let body = if uses_body {
+        speech::unquoted(&alert.body)
+    } else {
+        String::new()
+    };
     let lookup = |name: &str| -> Option<&str> {
         match name {
             "subject" => Some(alert.subject.as_str()),
             "from" => Some(alert.from.as_str()),
             "to" => Some(to.as_str()),
-            "body" => Some(alert.body.as_str()),
+            "body" => Some(body.as_str()),
             "rule" => Some(rule.name.as_str()),
             other => captures
                 .iter()

@@ -343,57 +343,161 @@ impl Speech {
     }
 }
 
-/// The lines of a mail body worth reading: quoted history (`> …`) is skipped, and
-/// everything from a signature separator, an "On … wrote:" line or an Outlook
-/// "Original Message" marker under text of the mail's own (a reply) onwards is cut. A
-/// forward — Gmail's "Forwarded message" marker, or Outlook's with nothing above it:
-/// an alert someone passed on — is read on past its marker and its `From:`/`Sent:`/
-/// `Subject:` block: the forwarded mail is the alert.
+/// A mail body without what is not the alert: quoted history (`> …`), everything from
+/// a signature separator, an "On … wrote:" line or a reply's history marker onwards,
+/// and the marker and header block of a forward (the forwarded mail is the alert).
+/// Routing gives this to `{body}`, so the template's own words before it do not hide a
+/// marker that opens the body.
+pub fn unquoted(text: &str) -> String {
+    unquoted_lines(text).join("\n")
+}
+
+/// The lines of [`unquoted`]. A forward — Gmail's "Forwarded message" marker, Apple
+/// Mail's "Begin forwarded message:", or a reply marker (Outlook's "Original
+/// Message", Outlook 365's line of underscores over a `From:` block) with nothing of
+/// the mail's own above it — is read on past its marker and its header block (up to
+/// its first blank line: long `To:` lines wrap); so is a header block that opens the
+/// body (Outlook's HTML forward, as text). Under text of the mail's own, a reply
+/// marker cuts what follows: that is history.
 fn unquoted_lines(text: &str) -> Vec<&str> {
+    let lines: Vec<&str> = text.lines().collect();
     let mut kept = Vec::new();
-    let mut lines = text.lines();
-    while let Some(line) = lines.next() {
-        let t = line.trim();
-        let lower = t.to_ascii_lowercase();
-        let forward = lower.starts_with("-----") && lower.contains("forwarded message");
-        let original = lower.starts_with("-----") && lower.contains("original message");
-        if forward || (original && kept.is_empty()) {
-            // Its header block, up to the first line that is none of it.
-            let mut rest = lines.clone();
-            while rest.clone().next().is_some_and(is_forwarded_header) {
-                rest.next();
-            }
-            lines = rest;
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        if kept.is_empty() && opens_header_block(&lines, i) {
+            i = past_block(&lines, i);
             continue;
         }
+        if let Some(marker) = marker(line) {
+            // The marker's header block, if it has one, starts at the next line with
+            // anything on it.
+            let next = (i + 1..lines.len())
+                .find(|&j| !lines[j].trim().is_empty())
+                .unwrap_or(lines.len());
+            let block = opens_header_block(&lines, next);
+            let past = if block {
+                past_block(&lines, next)
+            } else {
+                next
+            };
+            match marker {
+                Marker::Forward => {
+                    i = past;
+                    continue;
+                }
+                Marker::Reply | Marker::Rule
+                    if kept.is_empty() && (block || marker == Marker::Reply) =>
+                {
+                    i = past;
+                    continue;
+                }
+                Marker::Reply => break,
+                Marker::Rule if block => break,
+                Marker::Rule => {}
+            }
+        }
+        let lower = line.trim().to_lowercase();
         // The signature separator is `-- ` (RFC 3676); a bare `--` is often an alert
         // template's own divider, with the alert after it.
-        if line == "-- " || original || (lower.starts_with("on ") && lower.ends_with("wrote:")) {
+        if line == "-- " || (lower.starts_with("on ") && lower.ends_with("wrote:")) {
             break;
         }
-        if !t.is_empty() && !line.trim_start().starts_with('>') {
+        if !lower.is_empty() && !line.trim_start().starts_with('>') {
             kept.push(line);
         }
+        i += 1;
     }
     kept
 }
 
-/// A line of the header block a mail client puts under a forward marker (or a blank
-/// line inside it).
-fn is_forwarded_header(line: &str) -> bool {
-    let lower = line.trim().to_ascii_lowercase();
-    lower.is_empty()
-        || [
-            "from:",
-            "sent:",
-            "date:",
-            "to:",
-            "cc:",
-            "subject:",
-            "reply-to:",
-        ]
+/// A line that opens a forwarded or quoted mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    /// A forward, whatever is above it.
+    Forward,
+    /// A reply's history, or a forward when nothing is above it.
+    Reply,
+    /// A line of underscores: Outlook 365's marker when a `From:` block is under it,
+    /// else an alert's own divider.
+    Rule,
+}
+
+fn marker(line: &str) -> Option<Marker> {
+    let lower = line.trim().to_lowercase();
+    let dashed = lower.starts_with("-----");
+    if (dashed && (lower.contains("forwarded message") || lower.contains("転送されたメッセージ")))
+        || lower == "begin forwarded message:"
+    {
+        Some(Marker::Forward)
+    } else if dashed && (lower.contains("original message") || lower.contains("元のメッセージ"))
+    {
+        Some(Marker::Reply)
+    } else if lower.len() >= 10 && lower.chars().all(|c| c == '_') {
+        Some(Marker::Rule)
+    } else {
+        None
+    }
+}
+
+/// Does a forward's header block start at line `i`: a `From:` line, and another of
+/// its fields (`Sent:`, `Date:`, `To:`, `Subject:`, or their Japanese labels) before
+/// the block's end?
+fn opens_header_block(lines: &[&str], i: usize) -> bool {
+    let Some(first) = lines.get(i) else {
+        return false;
+    };
+    header_field(first).is_some_and(|f| f == "from")
+        && lines[i + 1..]
+            .iter()
+            .take(MAX_HEADER_LINES)
+            .take_while(|l| !l.trim().is_empty())
+            .any(|l| header_field(l).is_some_and(|f| f != "from"))
+}
+
+/// A forward's header block is a few lines, even wrapped: one that runs on longer has
+/// no blank line under it, and ends with its last field.
+const MAX_HEADER_LINES: usize = 16;
+
+/// The first line after the header block that starts at `i`: its first blank line
+/// (long `To:` lines wrap onto lines of their own), or, when none comes soon, the
+/// first line that is not a field.
+fn past_block(lines: &[&str], i: usize) -> usize {
+    let end = lines.len().min(i + MAX_HEADER_LINES);
+    (i..end)
+        .find(|&j| lines[j].trim().is_empty())
+        .unwrap_or_else(|| {
+            (i..lines.len())
+                .find(|&j| header_field(lines[j]).is_none())
+                .unwrap_or(lines.len())
+        })
+}
+
+/// The field a forward's header line names, as an English name: mail clients write
+/// `From:`, `Sent:`, … and, in Japanese, `差出人:`, `送信日時:`, … (with either colon).
+fn header_field(line: &str) -> Option<&'static str> {
+    const FIELDS: [(&str, &str); 13] = [
+        ("from", "from"),
+        ("sent", "sent"),
+        ("date", "date"),
+        ("to", "to"),
+        ("cc", "cc"),
+        ("subject", "subject"),
+        ("reply-to", "reply-to"),
+        ("差出人", "from"),
+        ("送信者", "from"),
+        ("送信日時", "sent"),
+        ("日付", "date"),
+        ("宛先", "to"),
+        ("件名", "subject"),
+    ];
+    let t = line.trim_start();
+    let (label, _) = t.split_once([':', '：'])?;
+    let label = label.trim().to_lowercase();
+    FIELDS
         .iter()
-        .any(|h| lower.starts_with(h))
+        .find(|(name, _)| *name == label)
+        .map(|(_, field)| *field)
 }
 
 /// Japanese and other wide scripts are spoken as they are; identifiers embedded in them
@@ -925,6 +1029,28 @@ mod tests {
         assert_eq!(en(text), "db1 is DOWN");
         let text = "FYI\n---------- Forwarded message ---------\nFrom: Zabbix <z@example.com>\nDate: Mon\nSubject: Problem\nTo: <ops@example.com>\n\n\nProblem: disk full on web3";
         assert_eq!(en(text), "FYI Problem: disk full on web3");
+        let text = "Begin forwarded message:\n\nFrom: cron <root@db1>\nSubject: backup\nDate: Mon\nTo: ops\n\nbackup failed";
+        assert_eq!(en(text), "backup failed");
+        // Outlook 365's separator: a forward when nothing is above it, history under a
+        // reply; a line of underscores with no `From:` block under it is a divider.
+        let o365 = "________________________________\nFrom: Nagios\nSent: Monday\nTo: ops\nSubject: x\n\nHost db1 DOWN";
+        assert_eq!(en(o365), "Host db1 DOWN");
+        assert_eq!(en(&format!("On it\n{o365}")), "On it");
+        assert_eq!(
+            en("Disk report\n____________\ndb1 full"),
+            "Disk report db1 full"
+        );
+        // A body that merely starts with a `From:` line is not a header block.
+        assert_eq!(
+            en("From: the backup job\ndb1 failed"),
+            "From: the backup job db1 failed"
+        );
+        // Marker after marker, with no blank line anywhere: each header block is
+        // looked at for a few lines only (no quadratic scan), and what is left is kept.
+        let many = "________________________________\nFrom: a\nSubject: b\n".repeat(20_000);
+        let many = format!("{many}end");
+        let kept = unquoted_lines(&many);
+        assert_eq!((kept.len(), kept.first()), (1, Some(&"end")));
         assert_eq!(
             en(
                 "pod api-gateway-7d9f8b6c4-x2x9z instance i-0abc123def4567890 blob dGhpcyBpcyBhIHRlc3Q/Zm9v+YmFy=="

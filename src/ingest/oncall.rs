@@ -134,6 +134,9 @@ async fn list_silences(
         .silences(now_ms())
         .await
         .map_err(|e| store_failed("/silences", &e))?;
+    // Each with the names that make it ignored (none: it is in force).
+    let known = ctx.live.load().config.silence_names();
+    let list: Vec<serde_json::Value> = list.iter().map(|s| s.listed(&known)).collect();
     Ok(axum::Json(list).into_response())
 }
 

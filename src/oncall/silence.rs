@@ -145,13 +145,24 @@ impl Silence {
 
 /// The names `matchers` use that `known` (alert fields and the rules' captures) lacks.
 pub fn unknown_names<'a>(matchers: &'a [Matcher], known: &BTreeSet<String>) -> Vec<&'a str> {
-    let mut names: Vec<&str> = matchers
+    let names: BTreeSet<&str> = matchers
         .iter()
         .map(|m| m.name.as_str())
         .filter(|n| !known.contains(*n))
         .collect();
-    names.dedup();
-    names
+    names.into_iter().collect()
+}
+
+/// The same for matchers as stored (text): what makes a stored silence ignored.
+pub fn unknown_in_texts(texts: &[String], known: &BTreeSet<String>) -> Vec<String> {
+    let parsed: Vec<Matcher> = texts
+        .iter()
+        .filter_map(|t| Matcher::parse(t).ok())
+        .collect();
+    unknown_names(&parsed, known)
+        .into_iter()
+        .map(str::to_string)
+        .collect()
 }
 
 /// Parses a silence's matchers: at least one (a silence without any would mute

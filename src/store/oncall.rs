@@ -37,6 +37,19 @@ pub struct SilenceRow {
     pub created_by: String,
 }
 
+impl SilenceRow {
+    /// As listed (`silence list --json`, `GET /silences`): with `unknown_names`, the
+    /// names no longer in `known` that make it ignored (empty: it is in force).
+    pub fn listed(&self, known: &std::collections::BTreeSet<String>) -> serde_json::Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        value["unknown_names"] = serde_json::json!(crate::oncall::silence::unknown_in_texts(
+            &self.matchers,
+            known
+        ));
+        value
+    }
+}
+
 /// A heartbeat monitor's stored state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeartbeatRow {

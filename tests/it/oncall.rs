@@ -407,6 +407,11 @@ fn a_silence_naming_a_capture_a_reload_removed_is_ignored_and_reported() {
             && listed.contains(&format!("silence expire {id}")),
         "{listed}"
     );
+    let listed = json_lines(&stdout(&mailcall(
+        dir.path(),
+        &["silence", "list", "--json"],
+    )));
+    assert_eq!(listed[0]["unknown_names"], serde_json::json!(["host"]));
 }
 
 #[test]
@@ -472,6 +477,7 @@ fn silences_over_http_need_the_token_and_a_matcher_and_expire_on_delete() {
     assert_eq!(list.len(), 2, "{text}");
     assert_eq!(list[0]["id"].as_i64(), Some(id));
     assert_eq!(list[0]["comment"], "kernel upgrade");
+    assert_eq!(list[0]["unknown_names"], serde_json::json!([]), "in force");
 
     daemon.smtp().alert("db2 is DOWN");
     daemon.smtp().alert("web9 is DOWN");
