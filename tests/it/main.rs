@@ -25,5 +25,6 @@ mod review3_15;
 mod review3b_12;
 mod review4;
 mod review5;
+mod review6;
 mod smtp;
 mod source_files;
