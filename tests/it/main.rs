@@ -25,6 +25,7 @@ mod review3_15;
 mod review3b_12;
 mod review4;
 mod review5;
+mod review6;
 mod review6b;
 mod smtp;
 mod source_files;
