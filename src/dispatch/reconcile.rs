@@ -41,6 +41,8 @@ const LIST_EVERY: Duration = Duration::from_secs(2);
 /// read (for the absent request's call, showing up late): less often, since the wait
 /// is often Twilio asking for less traffic (429, 503 with `Retry-After`).
 const WAITING_LIST_EVERY: Duration = Duration::from_secs(4);
+/// Of the `MAX_CONCURRENT` list reads, at most this many are for waiting calls.
+const MAX_WAITING_LISTS: usize = 2;
 
 /// An unresolved request, as [`decide`] sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +201,8 @@ fn short_of_calls(mut open: Vec<&Pending>, mut calls: Vec<&Candidate>) -> Vec<(i
 #[derive(Debug, Default)]
 struct Progress {
     busy: HashSet<(String, String)>,
+    /// Of those, the ones listed for a call waiting to be sent again.
+    waiting: HashSet<(String, String)>,
     asked: HashMap<(String, String), Instant>,
 }
 
@@ -261,17 +265,27 @@ impl Dispatcher {
         progress_now
             .asked
             .retain(|_, at| at.elapsed() < WAITING_LIST_EVERY);
-        for (key, attempts) in by_number {
-            let unknown = attempts.iter().any(|a| a.state == AttemptState::Unknown);
-            let every = if unknown {
-                LIST_EVERY
-            } else if attempts.is_empty() {
+        // Unknown requests first: they hold a call back; a waiting call has its retry.
+        // Waiting numbers get at most `MAX_WAITING_LISTS` slots, so a storm of them
+        // (a 503 with a long `Retry-After` for many numbers) neither starves the
+        // unknown ones nor hammers Twilio.
+        let mut keys: Vec<_> = by_number
+            .into_iter()
+            .filter_map(|(key, attempts)| {
+                let unknown = attempts.iter().any(|a| a.state == AttemptState::Unknown);
+                // A number with only requests in flight: their answers settle them.
+                (unknown || attempts.is_empty()).then_some((!unknown, key, attempts))
+            })
+            .collect();
+        keys.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        for (waiting, key, attempts) in keys {
+            let every = if waiting {
                 WAITING_LIST_EVERY
             } else {
-                // Only requests in flight: their answers settle them.
-                continue;
+                LIST_EVERY
             };
             if progress_now.busy.len() >= MAX_CONCURRENT
+                || (waiting && progress_now.waiting.len() >= MAX_WAITING_LISTS)
                 || progress_now.busy.contains(&key)
                 || progress_now
                     .asked
@@ -280,6 +294,9 @@ impl Dispatcher {
             {
                 continue;
             }
+            if waiting {
+                progress_now.waiting.insert(key.clone());
+            }
             progress_now.busy.insert(key.clone());
             progress_now.asked.insert(key.clone(), Instant::now());
             let me = Arc::clone(self);
@@ -287,7 +304,9 @@ impl Dispatcher {
             let progress = Arc::clone(progress);
             self.calls.spawn(async move {
                 me.reconcile_number(&client, &key.0, &key.1, attempts).await;
-                lock(&progress).busy.remove(&key);
+                let mut progress = lock(&progress);
+                progress.busy.remove(&key);
+                progress.waiting.remove(&key);
             });
         }
     }

@@ -487,13 +487,17 @@ impl Store {
 
     /// Numbers, with their request's caller ID (`""` for the configured one), whose
     /// call waits to be sent again (`queued`, `retrying`) after a request settled
-    /// `absent` since `since`: that request's call may yet show up in a list that lags,
-    /// and then nothing need be sent.
+    /// `absent` since `since`, or was given up after such requests (`failed` with no
+    /// request Twilio refused): that request's call may yet show up in a list that
+    /// lags, and then nothing need be sent — or the call did ring after all.
     pub async fn resends_waiting(&self, since: i64) -> Result<Vec<(String, String)>, StoreError> {
         self.run(move |c| {
             c.prepare_cached(
                 "SELECT DISTINCT c.number, a.from_number FROM attempts a JOIN calls c ON c.id = a.call_id
-                 WHERE a.state = 'absent' AND a.requested_at >= ?1 AND c.state IN ('queued', 'retrying')",
+                 WHERE a.state = 'absent' AND a.requested_at >= ?1
+                   AND (c.state IN ('queued', 'retrying')
+                        OR (c.state = 'failed' AND NOT EXISTS (
+                              SELECT 1 FROM attempts b WHERE b.call_id = c.id AND b.state IN ('failed', 'placed'))))",
             )?
             .query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect()
@@ -833,8 +837,8 @@ fn placed_attempt(c: &Connection, call_id: i64) -> rusqlite::Result<Option<Strin
 
 /// A request given up (`absent`, or `undecided`) did make call `sid` after all (the
 /// call list shows it late, or its status callback came): the request is `placed` with
-/// it and — if the call still waits to be sent again — so is the call, and nothing more
-/// is sent. A request of the call still out is settled on its own and then finds this
+/// it and — if the call still waits to be sent again, or was given up as `failed` — so
+/// is the call, and nothing more is sent. A request of the call still out is settled on its own and then finds this
 /// one placed (`settle`, `record_attempt`, `claim`). `None` when the SID is another
 /// request's; else the call, when this placed it.
 fn place_given_up(
@@ -858,7 +862,12 @@ fn place_given_up(
     let state: CallState = c
         .prepare_cached("SELECT state FROM calls WHERE id = ?1")?
         .query_row([call_id], |r| r.get(0))?;
-    if !matches!(state, CallState::Queued | CallState::Retrying) {
+    // Waiting to be sent again, or given up as "may have rung" (`failed`): it did
+    // ring. (Under way again, it is the request out that settles it.)
+    if !matches!(
+        state,
+        CallState::Queued | CallState::Retrying | CallState::Failed
+    ) {
         return Ok(Some(None));
     }
     mark_placed(c, call_id, Some(sid), now)?;

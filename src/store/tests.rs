@@ -1302,8 +1302,11 @@ async fn absent_past_the_limit_fails_the_call_saying_it_may_have_rung() {
     route(&store, decision("k", &["+1555"], Duration::ZERO), "a").await;
     let call = store.due_calls(now_ms(), 10).await.unwrap().remove(0);
     let mut last = CallState::Queued;
+    let mut first = None;
     for _ in 0..=MAX_ABSENT {
-        last = absent_once(&store, call.call_id).await.1;
+        let (id, state) = absent_once(&store, call.call_id).await;
+        first.get_or_insert(id);
+        last = state;
     }
     assert_eq!(last, CallState::Failed);
     let report = store.incident(1).await.unwrap().unwrap();
@@ -1314,6 +1317,20 @@ async fn absent_past_the_limit_fails_the_call_saying_it_may_have_rung() {
             .unwrap()
             .contains("may have rung")
     );
+    // Its number's list is still looked at; a call that shows up late did ring.
+    assert_eq!(store.resends_waiting(0).await.unwrap().len(), 1);
+    let late = store
+        .settle_absent_late(first.unwrap(), "CAlate".into())
+        .await
+        .unwrap()
+        .expect("recorded");
+    assert_eq!(late.map(|s| s.state), Some(CallState::Placed));
+    let report = store.incident(1).await.unwrap().unwrap();
+    assert_eq!(
+        (report.calls[0].status, report.calls[0].error.as_deref()),
+        (CallState::Placed, None)
+    );
+    assert!(store.resends_waiting(0).await.unwrap().is_empty());
 }
 
 #[tokio::test]
