@@ -315,6 +315,28 @@ fn matches(fields: [&Option<Regex>; 4], alert: &Alert) -> Option<Captures> {
     ok.then_some(captures)
 }
 
+/// A template placeholder's value: the alert's fields (the body as it came), the rule's
+/// name and its captures.
+fn template_field<'a>(
+    name: &str,
+    alert: &'a Alert,
+    to: &'a str,
+    rule: &'a Rule,
+    captures: &'a Captures,
+) -> Option<&'a str> {
+    match name {
+        "subject" => Some(alert.subject.as_str()),
+        "from" => Some(alert.from.as_str()),
+        "to" => Some(to),
+        "body" => Some(alert.body.as_str()),
+        "rule" => Some(rule.name.as_str()),
+        other => captures
+            .iter()
+            .find(|(n, _)| n == other)
+            .map(|(_, v)| v.as_str()),
+    }
+}
+
 fn decide(
     config: &Config,
     rule: &Rule,
@@ -323,34 +345,24 @@ fn decide(
     policy: &Policy,
 ) -> Decision {
     let to = alert.to_joined();
-    // The body without quoted history or a forward's header block, before the
-    // template puts words of its own in front of it (only if a template uses it: a
-    // body may be megabytes).
-    let uses_body = std::iter::once(&rule.message)
-        .chain(&rule.dedup_key)
-        .any(|t| t.placeholders().any(|p| p == "body"));
-    let body = if uses_body {
+    // What the call says gets the body without quoted history or a forward's header
+    // block, cleaned before the template puts words of its own in front of it (only
+    // if it uses the body: a body may be megabytes). The dedup key gets the body as
+    // it came: keys stay what they were, and cleaning must never merge two problems.
+    let spoken_body = if rule.message.placeholders().any(|p| p == "body") {
         speech::unquoted(&alert.body)
     } else {
         String::new()
     };
-    let lookup = |name: &str| -> Option<&str> {
-        match name {
-            "subject" => Some(alert.subject.as_str()),
-            "from" => Some(alert.from.as_str()),
-            "to" => Some(to.as_str()),
-            "body" => Some(body.as_str()),
-            "rule" => Some(rule.name.as_str()),
-            other => captures
-                .iter()
-                .find(|(n, _)| n == other)
-                .map(|(_, v)| v.as_str()),
-        }
+    let field = |name: &str| template_field(name, alert, &to, rule, captures);
+    let spoken_lookup = |name: &str| match name {
+        "body" => Some(spoken_body.as_str()),
+        other => field(other),
     };
-    let spoken = speech::speakable(&rule.message.render(lookup), &rule.language);
+    let spoken = speech::speakable(&rule.message.render(spoken_lookup), &rule.language);
     let message = twiml::fit(&spoken, &rule.language, &rule.voice).to_string();
     let dedup_key = match &rule.dedup_key {
-        Some(t) => t.render(lookup),
+        Some(t) => t.render(field),
         None => format!("{}: {}", rule.name, normalise_subject(&alert.subject)),
     };
     let mut on_call = Vec::new();
@@ -383,7 +395,7 @@ fn decide(
             silenced(config, policy, &|name| match name {
                 "to" => alert.to.clone(),
                 "body" => Vec::new(),
-                other => lookup(other).map(str::to_string).into_iter().collect(),
+                other => field(other).map(str::to_string).into_iter().collect(),
             })
         })
         .flatten();

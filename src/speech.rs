@@ -365,8 +365,10 @@ fn unquoted_lines(text: &str) -> Vec<&str> {
     let mut i = 0;
     while i < lines.len() {
         let line = lines[i];
-        if kept.is_empty() && opens_header_block(&lines, i) {
-            i = past_block(&lines, i);
+        if kept.is_empty()
+            && let Some(end) = bare_header_block(&lines, i)
+        {
+            i = end;
             continue;
         }
         if let Some(marker) = marker(line) {
@@ -440,9 +442,9 @@ fn marker(line: &str) -> Option<Marker> {
     }
 }
 
-/// Does a forward's header block start at line `i`: a `From:` line, and another of
-/// its fields (`Sent:`, `Date:`, `To:`, `Subject:`, or their Japanese labels) before
-/// the block's end?
+/// Does a forward's header block start at line `i`, under a forward marker: a `From:`
+/// line, and another of its fields (`Sent:`, `Date:`, `To:`, `Subject:`, or their
+/// Japanese labels) before the block's end? (Its other lines may be wrapped fields.)
 fn opens_header_block(lines: &[&str], i: usize) -> bool {
     let Some(first) = lines.get(i) else {
         return false;
@@ -453,6 +455,23 @@ fn opens_header_block(lines: &[&str], i: usize) -> bool {
             .take(MAX_HEADER_LINES)
             .take_while(|l| !l.trim().is_empty())
             .any(|l| header_field(l).is_some_and(|f| f != "from"))
+}
+
+/// Where the forward's header block that opens a body at line `i`, with no marker
+/// above it, ends (Outlook's HTML forward, as text: its fields, then the forwarded
+/// mail, perhaps with no blank line between). Only a run of fields that has `From:`
+/// first and `Sent:`/`Date:` and `Subject:` among them is one: an alert's own output
+/// may well start `From: /var/lib…` / `To: backup1:…`, and must be kept.
+fn bare_header_block(lines: &[&str], i: usize) -> Option<usize> {
+    let fields: Vec<&str> = lines[i.min(lines.len())..]
+        .iter()
+        .take(MAX_HEADER_LINES)
+        .map_while(|l| header_field(l))
+        .collect();
+    (fields.first() == Some(&"from")
+        && fields.iter().any(|f| matches!(*f, "sent" | "date"))
+        && fields.contains(&"subject"))
+    .then_some(i + fields.len())
 }
 
 /// A forward's header block is a few lines, even wrapped: one that runs on longer has
@@ -1040,10 +1059,19 @@ mod tests {
             en("Disk report\n____________\ndb1 full"),
             "Disk report db1 full"
         );
-        // A body that merely starts with a `From:` line is not a header block.
+        // A body that merely starts with a `From:` line is not a header block, nor is
+        // output with `From:`, `To:` and lines of its own.
         assert_eq!(
             en("From: the backup job\ndb1 failed"),
             "From: the backup job db1 failed"
+        );
+        assert_eq!(
+            en("From: OK\nTo: CRITICAL\nSubject: web\nload 9\n\nend"),
+            "From: OK To: CRITICAL Subject: web load 9 end"
+        );
+        assert_eq!(
+            en("From: Nagios\nSent: Monday\nTo: ops\nSubject: x\n\nHost db1 DOWN"),
+            "Host db1 DOWN"
         );
         // Marker after marker, with no blank line anywhere: each header block is
         // looked at for a few lines only (no quadratic scan), and what is left is kept.
