@@ -27,5 +27,6 @@ mod review4;
 mod review5;
 mod review6;
 mod review6b;
+mod review7;
 mod smtp;
 mod source_files;
