@@ -27,6 +27,7 @@ mod review4;
 mod review5;
 mod review6;
 mod review6b;
+mod review7;
 mod review7b;
 mod smtp;
 mod source_files;
