@@ -41,6 +41,9 @@ const LIST_EVERY: Duration = Duration::from_secs(2);
 /// read (for the absent request's call, showing up late): less often, since the wait
 /// is often Twilio asking for less traffic (429, 503 with `Retry-After`).
 const WAITING_LIST_EVERY: Duration = Duration::from_secs(4);
+/// How long a call given up as `failed` after a request settled `absent` has its
+/// number's list read for that request's late call.
+const FAILED_LOOKBACK_MS: i64 = 15 * 60 * 1000;
 /// Of the `MAX_CONCURRENT` list reads, at most this many are for waiting calls.
 const MAX_WAITING_LISTS: usize = 2;
 
@@ -203,6 +206,9 @@ struct Progress {
     busy: HashSet<(String, String)>,
     /// Of those, the ones listed for a call waiting to be sent again.
     waiting: HashSet<(String, String)>,
+    /// When each number with a waiting call was last listed for it (only numbers
+    /// still waiting are kept).
+    waiting_listed: HashMap<(String, String), Instant>,
     asked: HashMap<(String, String), Instant>,
 }
 
@@ -241,7 +247,10 @@ impl Dispatcher {
         // nothing need be sent.
         let waiting = self
             .store
-            .resends_waiting(now_ms().saturating_sub(ABSENT_LOOKBACK_MS))
+            .resends_waiting(
+                now_ms().saturating_sub(ABSENT_LOOKBACK_MS),
+                now_ms().saturating_sub(FAILED_LOOKBACK_MS),
+            )
             .await
             .unwrap_or_else(|e| {
                 error!(error = %e, "cannot read the calls waiting to be sent again");
@@ -277,7 +286,15 @@ impl Dispatcher {
                 (unknown || attempts.is_empty()).then_some((!unknown, key, attempts))
             })
             .collect();
-        keys.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+        // Waiting numbers in turn: the one listed longest ago (or never) first, so
+        // however many wait, each is read within a few passes.
+        let waiting_now: HashSet<&(String, String)> =
+            keys.iter().filter(|k| k.0).map(|k| &k.1).collect();
+        progress_now
+            .waiting_listed
+            .retain(|key, _| waiting_now.contains(key));
+        let listed = &progress_now.waiting_listed;
+        keys.sort_by_key(|(waiting, key, _)| (*waiting, listed.get(key).copied(), key.clone()));
         for (waiting, key, attempts) in keys {
             let every = if waiting {
                 WAITING_LIST_EVERY
@@ -296,6 +313,9 @@ impl Dispatcher {
             }
             if waiting {
                 progress_now.waiting.insert(key.clone());
+                progress_now
+                    .waiting_listed
+                    .insert(key.clone(), Instant::now());
             }
             progress_now.busy.insert(key.clone());
             progress_now.asked.insert(key.clone(), Instant::now());

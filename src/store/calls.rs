@@ -487,19 +487,26 @@ impl Store {
 
     /// Numbers, with their request's caller ID (`""` for the configured one), whose
     /// call waits to be sent again (`queued`, `retrying`) after a request settled
-    /// `absent` since `since`, or was given up after such requests (`failed` with no
-    /// request Twilio refused): that request's call may yet show up in a list that
-    /// lags, and then nothing need be sent — or the call did ring after all.
-    pub async fn resends_waiting(&self, since: i64) -> Result<Vec<(String, String)>, StoreError> {
+    /// `absent` since `since`, or was given up after such a request since
+    /// `failed_since` (`failed`, with no request Twilio refused for good — a 4xx other
+    /// than 429 — among them: a 503 storm outlasting `retry_for` counts): that
+    /// request's call may yet show up in a list that lags, and then nothing need be
+    /// sent — or the call did ring after all.
+    pub async fn resends_waiting(
+        &self,
+        since: i64,
+        failed_since: i64,
+    ) -> Result<Vec<(String, String)>, StoreError> {
         self.run(move |c| {
             c.prepare_cached(
                 "SELECT DISTINCT c.number, a.from_number FROM attempts a JOIN calls c ON c.id = a.call_id
-                 WHERE a.state = 'absent' AND a.requested_at >= ?1
-                   AND (c.state IN ('queued', 'retrying')
-                        OR (c.state = 'failed' AND NOT EXISTS (
-                              SELECT 1 FROM attempts b WHERE b.call_id = c.id AND b.state IN ('failed', 'placed'))))",
+                 WHERE a.state = 'absent'
+                   AND ((c.state IN ('queued', 'retrying') AND a.requested_at >= ?1)
+                        OR (c.state = 'failed' AND a.requested_at >= ?2 AND NOT EXISTS (
+                              SELECT 1 FROM attempts b WHERE b.call_id = c.id AND b.state = 'failed'
+                                AND b.http_status BETWEEN 400 AND 499 AND b.http_status != 429)))",
             )?
-            .query_map([since], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map(params![since, failed_since], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect()
         })
         .await
@@ -586,10 +593,28 @@ impl Store {
                         c.prepare_cached("UPDATE calls SET twilio_status = ?2 WHERE id = ?1")?
                             .execute(params![call_id, status])?;
                     }
-                    let event = if placed.is_some() {
-                        format!("late status callback: request {id} ({state}) did reach Twilio as {sid}; the call is placed and not sent again")
-                    } else {
-                        format!("late status callback: request {id} ({state}) did reach Twilio as {sid}; the call was sent again too")
+                    let now_state: CallState = c
+                        .prepare_cached("SELECT state FROM calls WHERE id = ?1")?
+                        .query_row([call_id], |r| r.get(0))?;
+                    let then = format!("late status callback: request {id} ({state}) did reach Twilio as {sid}");
+                    let event = match (&placed, now_state) {
+                        (Some(_), _) => format!("{then}; the call is placed and not sent again"),
+                        (None, CallState::Canceled) => {
+                            // It did go out: say so where the call says it never did.
+                            c.prepare_cached(
+                                "UPDATE calls SET sid = COALESCE(sid, ?2), error = ?3 WHERE id = ?1",
+                            )?
+                            .execute(params![
+                                call_id,
+                                sid,
+                                "it rang (its request's answer was lost) before the incident was resolved; not sent again"
+                            ])?;
+                            format!("{then}; it rang before the incident was resolved")
+                        }
+                        (None, CallState::Requesting | CallState::Unknown) => {
+                            format!("{then}; a request sent again is out too")
+                        }
+                        (None, _) => format!("{then}; the call was sent again too (the number rang twice)"),
                     };
                     add_event(c, call_id, &event)?;
                     return Ok((Some((call_id, incident_id, number)), placed));
@@ -744,11 +769,14 @@ fn place(
 }
 
 /// A placed call's SMS summary is owed from the transaction that placed it, whoever
-/// settled the call: a crash before it is sent leaves it owed, not forgotten.
+/// settled the call: a crash before it is sent leaves it owed, not forgotten. Not for
+/// a call placed (found late) after its incident ended: a summary then reads as a new
+/// page for a problem that is over.
 fn owe_sms(c: &Connection, call_id: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
         "UPDATE calls SET sms_state = ?2 WHERE id = ?1 AND sms_state IS NULL
-           AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = calls.incident_id AND i.sms = 1 AND i.kind = 'alert')",
+           AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = calls.incident_id AND i.sms = 1 AND i.kind = 'alert'
+                         AND i.status IN ('open', 'bridged'))",
     )?
     .execute(params![call_id, SmsState::Owed])?;
     Ok(())

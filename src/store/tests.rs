@@ -1318,7 +1318,7 @@ async fn absent_past_the_limit_fails_the_call_saying_it_may_have_rung() {
             .contains("may have rung")
     );
     // Its number's list is still looked at; a call that shows up late did ring.
-    assert_eq!(store.resends_waiting(0).await.unwrap().len(), 1);
+    assert_eq!(store.resends_waiting(0, 0).await.unwrap().len(), 1);
     let late = store
         .settle_absent_late(first.unwrap(), "CAlate".into())
         .await
@@ -1330,7 +1330,7 @@ async fn absent_past_the_limit_fails_the_call_saying_it_may_have_rung() {
         (report.calls[0].status, report.calls[0].error.as_deref()),
         (CallState::Placed, None)
     );
-    assert!(store.resends_waiting(0).await.unwrap().is_empty());
+    assert!(store.resends_waiting(0, 0).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -1388,7 +1388,7 @@ async fn a_call_waiting_to_be_sent_again_is_placed_not_sent_once_an_earlier_requ
     let (first, _) = absent_once(&store, call.call_id).await;
     assert_eq!(
         store
-            .resends_waiting(0)
+            .resends_waiting(0, 0)
             .await
             .unwrap()
             .into_iter()
@@ -1413,7 +1413,7 @@ async fn a_call_waiting_to_be_sent_again_is_placed_not_sent_once_an_earlier_requ
         (settled.state, settled.was),
         (CallState::Placed, AttemptState::Absent)
     );
-    assert!(store.resends_waiting(0).await.unwrap().is_empty());
+    assert!(store.resends_waiting(0, 0).await.unwrap().is_empty());
     assert!(matches!(
         store.claim(call.call_id, "+1000", 5000).await.unwrap(),
         Claim::Gone(CallState::Placed)
@@ -1451,4 +1451,53 @@ async fn a_claim_finds_an_earlier_placed_request_and_sends_nothing() {
     let report = store.incident(1).await.unwrap().unwrap();
     assert_eq!(report.calls[0].status, CallState::Placed);
     assert_eq!(report.calls[0].requests.len(), 1, "nothing more was sent");
+}
+
+#[tokio::test]
+async fn a_call_given_up_after_an_absence_is_watched_unless_twilio_refused_it_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir);
+    route(
+        &store,
+        decision("k", &["+1555", "+1666"], Duration::ZERO),
+        "a",
+    )
+    .await;
+    for call in store.due_calls(now_ms(), 10).await.unwrap() {
+        absent_once(&store, call.call_id).await;
+        // The resend is refused: 503 (overloaded; retries ran out) or 400 (for good).
+        let Claim::Go { attempt_id } = store.claim(call.call_id, "+1000", 5000).await.unwrap()
+        else {
+            panic!()
+        };
+        let status = if call.number == "+1555" { 503 } else { 400 };
+        store
+            .record_attempt(
+                attempt_id,
+                AttemptOutcome::Failed {
+                    http_status: Some(status),
+                    code: None,
+                    error: "refused".into(),
+                    retry_at: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let watched: Vec<String> = store
+        .resends_waiting(0, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(watched, ["+1555"]);
+    // And only for as long as asked.
+    assert!(
+        store
+            .resends_waiting(0, now_ms() + 1000)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
