@@ -29,5 +29,6 @@ mod review6;
 mod review6b;
 mod review7;
 mod review7b;
+mod review8;
 mod smtp;
 mod source_files;
