@@ -44,7 +44,8 @@ const WAITING_LIST_EVERY: Duration = Duration::from_secs(4);
 /// How long a call given up as `failed` after a request settled `absent` has its
 /// number's list read for that request's late call.
 const FAILED_LOOKBACK_MS: i64 = 15 * 60 * 1000;
-/// Of the `MAX_CONCURRENT` list reads, at most this many are for waiting calls.
+/// Of the `MAX_CONCURRENT` list reads, this many are for waiting calls (and only
+/// they): at most, and kept free of unknown requests' reads.
 const MAX_WAITING_LISTS: usize = 2;
 
 /// An unresolved request, as [`decide`] sees it.
@@ -274,10 +275,10 @@ impl Dispatcher {
         progress_now
             .asked
             .retain(|_, at| at.elapsed() < WAITING_LIST_EVERY);
-        // Unknown requests first: they hold a call back; a waiting call has its retry.
-        // Waiting numbers get at most `MAX_WAITING_LISTS` slots, so a storm of them
-        // (a 503 with a long `Retry-After` for many numbers) neither starves the
-        // unknown ones nor hammers Twilio.
+        // Unknown requests and waiting calls each have their slots: a storm of
+        // waiting calls (a 503 with a long `Retry-After` for many numbers) neither
+        // starves the unknown ones nor hammers Twilio, and a storm of unknown ones
+        // never keeps a waiting call's list unread until its retry rings again.
         let mut keys: Vec<_> = by_number
             .into_iter()
             .filter_map(|(key, attempts)| {
@@ -301,8 +302,11 @@ impl Dispatcher {
             } else {
                 LIST_EVERY
             };
-            if progress_now.busy.len() >= MAX_CONCURRENT
-                || (waiting && progress_now.waiting.len() >= MAX_WAITING_LISTS)
+            // Each kind has slots of its own: unknown requests hold calls back, and a
+            // waiting call's late call must be found before its retry rings again.
+            let unknown_busy = progress_now.busy.len() - progress_now.waiting.len();
+            if (waiting && progress_now.waiting.len() >= MAX_WAITING_LISTS)
+                || (!waiting && unknown_busy >= MAX_CONCURRENT - MAX_WAITING_LISTS)
                 || progress_now.busy.contains(&key)
                 || progress_now
                     .asked

@@ -488,7 +488,7 @@ impl Store {
     /// Numbers, with their request's caller ID (`""` for the configured one), whose
     /// call waits to be sent again (`queued`, `retrying`) after a request settled
     /// `absent` since `since`, or was given up after such a request since
-    /// `failed_since` (`failed`, with no request Twilio refused for good — a 4xx other
+    /// `failed_since` (`failed`, by when it was given up, with no request Twilio refused for good — a 4xx other
     /// than 429 — among them: a 503 storm outlasting `retry_for` counts): that
     /// request's call may yet show up in a list that lags, and then nothing need be
     /// sent — or the call did ring after all.
@@ -500,9 +500,9 @@ impl Store {
         self.run(move |c| {
             c.prepare_cached(
                 "SELECT DISTINCT c.number, a.from_number FROM attempts a JOIN calls c ON c.id = a.call_id
-                 WHERE a.state = 'absent'
-                   AND ((c.state IN ('queued', 'retrying') AND a.requested_at >= ?1)
-                        OR (c.state = 'failed' AND a.requested_at >= ?2 AND NOT EXISTS (
+                 WHERE a.state = 'absent' AND a.requested_at >= ?1
+                   AND (c.state IN ('queued', 'retrying')
+                        OR (c.state = 'failed' AND c.updated_at >= ?2 AND NOT EXISTS (
                               SELECT 1 FROM attempts b WHERE b.call_id = c.id AND b.state = 'failed'
                                 AND b.http_status BETWEEN 400 AND 499 AND b.http_status != 429)))",
             )?
@@ -769,14 +769,11 @@ fn place(
 }
 
 /// A placed call's SMS summary is owed from the transaction that placed it, whoever
-/// settled the call: a crash before it is sent leaves it owed, not forgotten. Not for
-/// a call placed (found late) after its incident ended: a summary then reads as a new
-/// page for a problem that is over.
+/// settled the call: a crash before it is sent leaves it owed, not forgotten.
 fn owe_sms(c: &Connection, call_id: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
         "UPDATE calls SET sms_state = ?2 WHERE id = ?1 AND sms_state IS NULL
-           AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = calls.incident_id AND i.sms = 1 AND i.kind = 'alert'
-                         AND i.status IN ('open', 'bridged'))",
+           AND EXISTS (SELECT 1 FROM incidents i WHERE i.id = calls.incident_id AND i.sms = 1 AND i.kind = 'alert')",
     )?
     .execute(params![call_id, SmsState::Owed])?;
     Ok(())
@@ -898,7 +895,23 @@ fn place_given_up(
     ) {
         return Ok(Some(None));
     }
-    mark_placed(c, call_id, Some(sid), now)?;
+    // Found late, after a recovery resolved its incident: a summary now would read
+    // as a new page for a problem that is over. (Unanswered is not over: it is owed.)
+    let resolved: bool = c
+        .prepare_cached(
+            "SELECT i.status = 'resolved' FROM calls c JOIN incidents i ON i.id = c.incident_id WHERE c.id = ?1",
+        )?
+        .query_row([call_id], |r| r.get(0))?;
+    if resolved {
+        set_placed(c, call_id, Some(sid), now)?;
+        add_event(
+            c,
+            call_id,
+            "no SMS summary: the call was found after its incident was resolved",
+        )?;
+    } else {
+        mark_placed(c, call_id, Some(sid), now)?;
+    }
     Ok(Some(Some(Settled {
         call: call_job(c, call_id)?,
         state: CallState::Placed,
@@ -910,12 +923,18 @@ fn place_given_up(
 /// for it, and its SMS summary is owed. Also when an earlier request's call showed up
 /// late, and what was to be sent again is not.
 fn mark_placed(c: &Connection, call_id: i64, sid: Option<&str>, now: i64) -> rusqlite::Result<()> {
+    set_placed(c, call_id, sid, now)?;
+    owe_sms(c, call_id)
+}
+
+/// The call's row says `placed` (with `sid`); nothing more is sent for it.
+fn set_placed(c: &Connection, call_id: i64, sid: Option<&str>, now: i64) -> rusqlite::Result<()> {
     c.prepare_cached(
         "UPDATE calls SET state = ?2, sid = ?3, error = NULL, error_code = NULL, next_attempt_at = NULL, updated_at = ?4
          WHERE id = ?1",
     )?
     .execute(params![call_id, CallState::Placed, sid, now])?;
-    owe_sms(c, call_id)
+    Ok(())
 }
 
 /// Sends a call again (its last request created nothing, or nobody can tell), unless
