@@ -230,7 +230,9 @@ impl Dispatcher {
     }
 
     /// Starts a task for each number with unknown requests that is not being
-    /// reconciled and was not asked about within [`LIST_EVERY`].
+    /// reconciled and was not asked about within [`LIST_EVERY`], and for numbers whose
+    /// call waits to be sent again (or was given up) after `absent`, in turn, within
+    /// their own slots and at most every [`WAITING_LIST_EVERY`].
     async fn reconcile_pass(
         self: &Arc<Self>,
         client: &twilio::Client,
