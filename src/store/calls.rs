@@ -487,11 +487,11 @@ impl Store {
 
     /// Numbers, with their request's caller ID (`""` for the configured one), whose
     /// call waits to be sent again (`queued`, `retrying`) after a request settled
-    /// `absent` since `since`, or was given up after such a request since
-    /// `failed_since` (`failed`, by when it was given up, with no request Twilio refused for good — a 4xx other
-    /// than 429 — among them: a 503 storm outlasting `retry_for` counts): that
-    /// request's call may yet show up in a list that lags, and then nothing need be
-    /// sent — or the call did ring after all.
+    /// `absent` since `since`, or was given up after such a request (`failed`) since
+    /// `failed_since`, by when it was given up, with no request Twilio refused for
+    /// good — a 4xx other than 429 — among them (a 503 storm outlasting `retry_for`
+    /// counts): that request's call may yet show up in a list that lags, and then
+    /// nothing need be sent — or the call did ring after all.
     pub async fn resends_waiting(
         &self,
         since: i64,
@@ -863,9 +863,9 @@ fn placed_attempt(c: &Connection, call_id: i64) -> rusqlite::Result<Option<Strin
 /// A request given up (`absent`, or `undecided`) did make call `sid` after all (the
 /// call list shows it late, or its status callback came): the request is `placed` with
 /// it and — if the call still waits to be sent again, or was given up as `failed` — so
-/// is the call, and nothing more is sent. A request of the call still out is settled on its own and then finds this
-/// one placed (`settle`, `record_attempt`, `claim`). `None` when the SID is another
-/// request's; else the call, when this placed it.
+/// is the call, and nothing more is sent. A request of the call still out is settled
+/// on its own and then finds this one placed (`settle`, `record_attempt`, `claim`).
+/// `None` when the SID is another request's; else the call, when this placed it.
 fn place_given_up(
     c: &Connection,
     attempt_id: i64,
@@ -897,18 +897,21 @@ fn place_given_up(
     }
     // Found late, after a recovery resolved its incident: a summary now would read
     // as a new page for a problem that is over. (Unanswered is not over: it is owed.)
-    let resolved: bool = c
+    let (resolved, texting): (bool, bool) = c
         .prepare_cached(
-            "SELECT i.status = 'resolved' FROM calls c JOIN incidents i ON i.id = c.incident_id WHERE c.id = ?1",
+            "SELECT i.status = 'resolved', i.sms = 1 AND i.kind = 'alert'
+             FROM calls c JOIN incidents i ON i.id = c.incident_id WHERE c.id = ?1",
         )?
-        .query_row([call_id], |r| r.get(0))?;
+        .query_row([call_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     if resolved {
         set_placed(c, call_id, Some(sid), now)?;
-        add_event(
-            c,
-            call_id,
-            "no SMS summary: the call was found after its incident was resolved",
-        )?;
+        if texting {
+            add_event(
+                c,
+                call_id,
+                "no SMS summary: the call was found after its incident was resolved",
+            )?;
+        }
     } else {
         mark_placed(c, call_id, Some(sid), now)?;
     }
