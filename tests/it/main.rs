@@ -30,5 +30,6 @@ mod review6b;
 mod review7;
 mod review7b;
 mod review8;
+mod review9;
 mod smtp;
 mod source_files;
