@@ -267,7 +267,7 @@ impl Store {
             // An earlier request's call showed up while this one waited to be sent
             // again: the call is placed, and nothing more is sent.
             if let Some(sid) = placed_attempt(c, call_id)? {
-                mark_placed(c, call_id, Some(&sid), now_ms())?;
+                place_found_late(c, call_id, &sid, now_ms())?;
                 return Ok(Claim::Placed);
             }
             let busy = c
@@ -345,7 +345,7 @@ impl Store {
                     // An earlier request's call showed up while this one was out: the
                     // call is placed (this request made nothing), not retried or failed.
                     if let Some(sid) = placed_attempt(c, call_id)? {
-                        mark_placed(c, call_id, Some(&sid), now)?;
+                        place_found_late(c, call_id, &sid, now)?;
                         return Ok(Recorded {
                             state: AttemptState::Failed,
                             decided: true,
@@ -827,7 +827,7 @@ fn settle(
             if let Some(sid) = placed_attempt(c, call_id)? {
                 // An earlier request did make a call after all (it showed up late):
                 // the call is placed, and nothing is sent again.
-                mark_placed(c, call_id, Some(&sid), now)?;
+                place_found_late(c, call_id, &sid, now)?;
                 CallState::Placed
             } else if before < limit {
                 requeue(c, call_id, now, why)?
@@ -895,31 +895,37 @@ fn place_given_up(
     ) {
         return Ok(Some(None));
     }
-    // Found late, after a recovery resolved its incident: a summary now would read
-    // as a new page for a problem that is over. (Unanswered is not over: it is owed.)
+    place_found_late(c, call_id, sid, now)?;
+    Ok(Some(Some(Settled {
+        call: call_job(c, call_id)?,
+        state: CallState::Placed,
+        was,
+    })))
+}
+
+/// The call is placed by an earlier request's call that showed up late (`sid`). Its
+/// SMS summary is owed as for any placed call — unless a recovery resolved the
+/// incident before the call was found: a summary now would read as a new page for a
+/// problem that is over (the history says so). `unanswered` is not over: it is owed.
+fn place_found_late(c: &Connection, call_id: i64, sid: &str, now: i64) -> rusqlite::Result<()> {
     let (resolved, texting): (bool, bool) = c
         .prepare_cached(
             "SELECT i.status = 'resolved', i.sms = 1 AND i.kind = 'alert'
              FROM calls c JOIN incidents i ON i.id = c.incident_id WHERE c.id = ?1",
         )?
         .query_row([call_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    if resolved {
-        set_placed(c, call_id, Some(sid), now)?;
-        if texting {
-            add_event(
-                c,
-                call_id,
-                "no SMS summary: the call was found after its incident was resolved",
-            )?;
-        }
-    } else {
-        mark_placed(c, call_id, Some(sid), now)?;
+    if !resolved {
+        return mark_placed(c, call_id, Some(sid), now);
     }
-    Ok(Some(Some(Settled {
-        call: call_job(c, call_id)?,
-        state: CallState::Placed,
-        was,
-    })))
+    set_placed(c, call_id, Some(sid), now)?;
+    if texting {
+        add_event(
+            c,
+            call_id,
+            "no SMS summary: the call was found after its incident was resolved",
+        )?;
+    }
+    Ok(())
 }
 
 /// The call is placed (with `sid`, when it is the call's own): nothing more is sent
