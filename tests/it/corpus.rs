@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::fake_twilio::FakeTwilio;
-use crate::harness::{BIN, Daemon, config, workdir};
+use crate::harness::{BIN, Daemon, config, with_closed_stdout, workdir};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -613,19 +613,6 @@ fn defect_6_every_command_exits_0_quietly_on_a_closed_pipe() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Runs `mailcall ARGS` with a standard output whose reader is gone before the command
-/// writes: every write fails with EPIPE.
-fn with_closed_stdout(dir: &Path, args: &[&str]) -> std::process::Output {
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    crate::harness::command(dir)
-        .args(args)
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap()
 }
 
 /// Quiet on a closed pipe is not "succeeded": `mailcall check | head -1` on an invalid

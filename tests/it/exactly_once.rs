@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::fake_twilio::{AUTH_TOKEN, Answer, FakeTwilio, Reply};
 use crate::harness::{
-    Daemon, command, config, http_get, incidents, mail, scrape, wait_incidents, workdir,
+    Daemon, calls, command, config, http_get, incidents, mail, scrape, wait_incidents, workdir,
 };
 
 const PUBLIC: &str = "https://alerts.example.com";
@@ -27,10 +27,6 @@ fn public(cfg: String) -> String {
         "ring_seconds = 25\n",
         &format!("ring_seconds = 25\npublic_url = \"{PUBLIC}\"\n"),
     ) + "[http]\nlisten = \"127.0.0.1:0\"\n"
-}
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
 }
 
 fn call_to<'a>(incident: &'a Value, number: &str) -> &'a Value {

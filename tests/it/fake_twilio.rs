@@ -91,6 +91,16 @@ pub enum Reply {
 }
 
 impl Reply {
+    /// `503` with `Retry-After`: Twilio overloaded (nothing was created).
+    pub fn unavailable(retry_after: u64) -> Reply {
+        Reply::Error {
+            status: 503,
+            code: 20503,
+            message: "Service Unavailable".into(),
+            retry_after: Some(retry_after),
+        }
+    }
+
     pub fn error(status: u16, code: i64, message: &str) -> Reply {
         Reply::Error {
             status,
@@ -414,6 +424,11 @@ impl FakeTwilio {
     /// Every SMS accepted.
     pub fn messages(&self) -> Vec<MessageRecord> {
         self.lock().messages.clone()
+    }
+
+    /// How many SMS went to `number`.
+    pub fn texts_to(&self, number: &str) -> usize {
+        self.messages().iter().filter(|m| m.to == number).count()
     }
 
     /// Calls Twilio created (answered 201, or created and then dropped).

@@ -416,3 +416,21 @@ pub fn mail(subject: &str, body: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// An incident's calls, from `mailcall incidents --json`.
+pub fn calls(incident: &serde_json::Value) -> &Vec<serde_json::Value> {
+    incident["calls"].as_array().unwrap()
+}
+
+/// Runs `mailcall ARGS` with a standard output whose reader is gone before the command
+/// writes: every write fails with EPIPE.
+pub fn with_closed_stdout(dir: &Path, args: &[&str]) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    command(dir)
+        .args(args)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap()
+}

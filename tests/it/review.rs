@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 use crate::fake_twilio::{Answer, FakeTwilio, Reply};
-use crate::harness::{Daemon, SmtpClient, command, config, scrape, wait_incidents, workdir};
+use crate::harness::{Daemon, SmtpClient, calls, command, config, scrape, wait_incidents, workdir};
 
 const PUBLIC: &str = "https://alerts.example.com";
 const ALICE: &str = "+15005550001";
@@ -28,10 +28,6 @@ fn public(cfg: String) -> String {
         "ring_seconds = 25\n",
         &format!("ring_seconds = 25\npublic_url = \"{PUBLIC}\"\n"),
     ) + "[http]\nlisten = \"127.0.0.1:0\"\n"
-}
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
 }
 
 fn now_ms() -> i64 {

@@ -8,15 +8,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fake_twilio::{Answer, FakeTwilio, Reply};
-use crate::harness::{Daemon, command, config, wait_incidents, workdir};
+use crate::harness::{Daemon, calls, command, config, wait_incidents, workdir};
 
 const ALICE: &str = "+15005550001";
 const BOB: &str = "+15005550002";
 const CAROL: &str = "+15005550003";
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
 
 /// An escalation step that names a number whose call from an earlier round still
 /// rings queues a second call to it.

@@ -8,23 +8,10 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::fake_twilio::{Answer, FakeTwilio, Reply};
-use crate::harness::{Daemon, config, wait_incidents, workdir};
+use crate::harness::{Daemon, calls, config, wait_incidents, workdir};
 
 const PUBLIC: &str = "https://alerts.example.com";
 const ALICE: &str = "+15005550001";
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
-
-fn unavailable(retry_after: u64) -> Reply {
-    Reply::Error {
-        status: 503,
-        code: 20503,
-        message: "Service Unavailable".into(),
-        retry_after: Some(retry_after),
-    }
-}
 
 /// With `public_url` set (the HTTP listener is in `base` already).
 fn with_public_url(base: &str) -> String {
@@ -51,7 +38,7 @@ fn with_public_url(base: &str) -> String {
 #[test]
 fn a_reload_adding_a_public_url_never_takes_a_voicemail_for_a_person() {
     let twilio = FakeTwilio::start();
-    twilio.script(ALICE, vec![unavailable(3)]);
+    twilio.script(ALICE, vec![Reply::unavailable(3)]);
     twilio.answer(
         ALICE,
         Answer {
@@ -107,7 +94,7 @@ fn a_reload_adding_a_public_url_never_takes_a_voicemail_for_a_person() {
 #[test]
 fn the_last_round_never_ends_unanswered_before_its_calls_went_out() {
     let twilio = FakeTwilio::start();
-    twilio.script_all(vec![unavailable(7), unavailable(7)]);
+    twilio.script_all(vec![Reply::unavailable(7), Reply::unavailable(7)]);
     twilio.answer(
         ALICE,
         Answer {
@@ -154,7 +141,7 @@ fn the_last_round_never_ends_unanswered_before_its_calls_went_out() {
 #[test]
 fn a_recovery_after_the_last_round_cancels_the_calls_still_retrying() {
     let twilio = FakeTwilio::start();
-    twilio.script_all(vec![unavailable(7), unavailable(7)]);
+    twilio.script_all(vec![Reply::unavailable(7), Reply::unavailable(7)]);
     let dir = workdir();
     let rules = "[defaults]\ncooldown = \"1h\"\nround_interval = \"2s\"\nrounds = 2\n\
         [[rule]]\nname = \"recovery\"\nsubject = '(?P<host>\\S+) is UP'\nresolve = true\ndedup_key = \"{host}\"\n\

@@ -4,16 +4,10 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::fake_twilio::{Answer, FakeTwilio, Reply};
-use crate::harness::{Daemon, config, wait_incidents, workdir};
+use crate::harness::{Daemon, calls, config, wait_incidents, workdir};
 
 const ALICE: &str = "+15005550001";
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
 
 /// A number whose two requests were both lost before Twilio made a call is never
 /// called, although Twilio's call list showed, twice, that no call exists.

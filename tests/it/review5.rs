@@ -7,25 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::fake_twilio::{FakeTwilio, Reply};
-use crate::harness::{Daemon, config, workdir};
+use crate::harness::{Daemon, calls, config, workdir};
 
 const ALICE: &str = "+15005550001";
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
-
-fn unavailable(retry_after: u64) -> Reply {
-    Reply::Error {
-        status: 503,
-        code: 20503,
-        message: "Service Unavailable".into(),
-        retry_after: Some(retry_after),
-    }
-}
 
 /// A call whose first request shows up late in the call list is sent again anyway when
 /// the request sent in its place met a `503`: the number rings twice.
@@ -53,7 +38,7 @@ fn a_late_call_found_while_its_resend_waits_for_a_retry_is_not_sent_again() {
         ALICE,
         vec![
             Reply::CreatedLate(Duration::from_millis(2500)),
-            unavailable(12),
+            Reply::unavailable(12),
         ],
     );
     twilio.set_list_lag(Duration::from_secs(12));
@@ -131,7 +116,7 @@ fn a_late_status_callback_of_an_absent_request_stops_its_resend() {
         ALICE,
         vec![
             Reply::CreatedLate(Duration::from_millis(2500)),
-            unavailable(12),
+            Reply::unavailable(12),
         ],
     );
     twilio.set_list_lag(Duration::from_secs(30));
@@ -193,7 +178,7 @@ fn a_late_status_callback_of_an_absent_request_stops_its_resend() {
 #[test]
 fn the_last_round_never_ends_while_a_call_whose_status_is_unknown_yet_rings() {
     let twilio = FakeTwilio::start();
-    twilio.script(ALICE, vec![unavailable(4)]);
+    twilio.script(ALICE, vec![Reply::unavailable(4)]);
     twilio.set_ring_time(Duration::from_secs(20));
     twilio.set_conference_delay(Duration::from_secs(6));
     twilio.set_callback_delay(Duration::from_secs(10));

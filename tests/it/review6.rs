@@ -7,23 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::fake_twilio::{FakeTwilio, Reply};
-use crate::harness::{Daemon, config, workdir};
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
-
-fn unavailable(retry_after: u64) -> Reply {
-    Reply::Error {
-        status: 503,
-        code: 20503,
-        message: "Service Unavailable".into(),
-        retry_after: Some(retry_after),
-    }
-}
+use crate::harness::{Daemon, calls, config, workdir};
 
 /// Nine numbers of one incident whose calls wait to be sent again (Twilio overloaded),
 /// and one number of a new incident, sorting after them, whose request was lost.
@@ -73,7 +58,7 @@ fn a_lost_request_is_reconciled_while_many_resends_wait_and_the_list_is_slow() {
             number,
             vec![
                 Reply::CreatedLate(Duration::from_millis(5500)),
-                unavailable(120),
+                Reply::unavailable(120),
             ],
         );
     }

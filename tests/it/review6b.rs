@@ -6,13 +6,11 @@
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{command, config, workdir};
+use crate::harness::{command, config, with_closed_stdout, workdir};
 
 /// Rules that speak a forwarded mail's body, as a user who forwards alerts to mailcall
 /// writes them: `{body}` alone, or after a few words of the template's own.
@@ -280,19 +278,6 @@ fn status_of_an_unhealthy_daemon_exits_1_also_on_a_closed_pipe() {
         Some(1),
         "an unhealthy daemon's status exits 0 once the pipe is closed: {stderr}"
     );
-}
-
-/// Runs `mailcall ARGS` with a standard output whose reader is gone before the command
-/// writes: every write fails with EPIPE.
-fn with_closed_stdout(dir: &Path, args: &[&str]) -> std::process::Output {
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
-    command(dir)
-        .args(args)
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap()
 }
 
 /// `mailcall call` exits "0 when every call was placed" (README), else 1 — a verdict a

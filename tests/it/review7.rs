@@ -9,23 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::fake_twilio::{FakeTwilio, Reply};
-use crate::harness::{Daemon, config, workdir};
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
-
-fn unavailable(retry_after: u64) -> Reply {
-    Reply::Error {
-        status: 503,
-        code: 20503,
-        message: "Service Unavailable".into(),
-        retry_after: Some(retry_after),
-    }
-}
+use crate::harness::{Daemon, calls, config, workdir};
 
 /// Twelve numbers whose first request was lost (no call made) and whose resend meets
 /// a long `503`: they wait to be sent again for a minute, listed all that time.
@@ -81,13 +66,13 @@ const LATE: &str = "+15005550999";
 fn a_late_call_is_found_before_its_retry_when_many_other_calls_wait() {
     let twilio = FakeTwilio::start();
     for number in WAITING {
-        twilio.script(number, vec![Reply::LostThenDrop, unavailable(60)]);
+        twilio.script(number, vec![Reply::LostThenDrop, Reply::unavailable(60)]);
     }
     twilio.script(
         LATE,
         vec![
             Reply::CreatedLate(Duration::from_millis(2500)),
-            unavailable(15),
+            Reply::unavailable(15),
         ],
     );
     twilio.set_list_lag(Duration::from_secs(12));
@@ -181,7 +166,7 @@ fn a_call_given_up_after_503s_is_placed_when_its_absent_requests_call_shows_up()
         ALICE,
         vec![
             Reply::CreatedLate(Duration::from_millis(2500)),
-            unavailable(30),
+            Reply::unavailable(30),
         ],
     );
     twilio.set_list_lag(Duration::from_secs(12));
@@ -262,7 +247,7 @@ fn a_late_callback_of_a_canceled_call_does_not_say_it_rang_twice() {
         ALICE,
         vec![
             Reply::CreatedLate(Duration::from_millis(2500)),
-            unavailable(30),
+            Reply::unavailable(30),
         ],
     );
     twilio.set_list_lag(Duration::from_secs(60));

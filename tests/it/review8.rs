@@ -8,29 +8,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::fake_twilio::{FakeTwilio, Reply};
-use crate::harness::{Daemon, config, incidents, wait_incidents, workdir};
+use crate::harness::{Daemon, calls, config, incidents, wait_incidents, workdir};
 
 const ALICE: &str = "+15005550001";
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
-
-fn unavailable(retry_after: u64) -> Reply {
-    Reply::Error {
-        status: 503,
-        code: 20503,
-        message: "Service Unavailable".into(),
-        retry_after: Some(retry_after),
-    }
-}
-
-fn texts_to(twilio: &FakeTwilio, number: &str) -> usize {
-    twilio.messages().iter().filter(|m| m.to == number).count()
-}
 
 /// A call whose own request is answered `201` a moment after a recovery mail closed its
 /// incident gets no SMS summary, though Twilio made the call and alice's phone rings.
@@ -81,14 +62,14 @@ fn a_call_answered_just_after_a_recovery_still_gets_its_sms() {
     });
     // The SMS goes out at once when owed; give it time.
     let deadline = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < deadline && texts_to(&twilio, ALICE) == 0 {
+    while Instant::now() < deadline && twilio.texts_to(ALICE) == 0 {
         std::thread::sleep(Duration::from_millis(100));
     }
     let call = &calls(&list[0])[0];
     let rung = twilio.created().iter().filter(|c| c.to == ALICE).count();
     assert_eq!(rung, 1, "one call was made: {call:#}");
     assert_eq!(
-        texts_to(&twilio, ALICE),
+        twilio.texts_to(ALICE),
         1,
         "alice's call {} was placed by its own 201 (her phone rings) and `sms = true`, \
          but no SMS summary was sent: {call:#}",
@@ -124,7 +105,7 @@ fn a_failed_call_found_late_after_nobody_answered_still_gets_its_sms() {
         ALICE,
         vec![
             Reply::CreatedLate(Duration::from_millis(2500)),
-            unavailable(30),
+            Reply::unavailable(30),
         ],
     );
     twilio.set_list_lag(Duration::from_secs(12));
@@ -160,12 +141,12 @@ fn a_failed_call_found_late_after_nobody_answered_still_gets_its_sms() {
         list = incidents(dir.path());
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline && texts_to(&twilio, ALICE) == 0 {
+    while Instant::now() < deadline && twilio.texts_to(ALICE) == 0 {
         std::thread::sleep(Duration::from_millis(100));
     }
     let list = incidents(dir.path());
     let call = &calls(&list[0])[0];
-    let texted = texts_to(&twilio, ALICE);
+    let texted = twilio.texts_to(ALICE);
     assert!(
         call["status"] == "placed" && call["sid"].as_str() == Some(sid.as_str()) && texted == 1,
         "alice's call {sid} rang for an incident nobody answered ({}); the call is {} (sid {}), \
@@ -245,7 +226,7 @@ fn a_late_call_is_found_before_its_retry_while_many_requests_are_unknown() {
         LATE,
         vec![
             Reply::CreatedLate(Duration::from_millis(2500)),
-            unavailable(15),
+            Reply::unavailable(15),
         ],
     );
     twilio.set_list_lag(Duration::from_secs(12));

@@ -7,20 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
 use crate::fake_twilio::{FakeTwilio, Reply};
-use crate::harness::{Daemon, config, incidents, wait_incidents, workdir};
+use crate::harness::{Daemon, calls, config, incidents, wait_incidents, workdir};
 
 const ALICE: &str = "+15005550001";
-
-fn calls(incident: &Value) -> &Vec<Value> {
-    incident["calls"].as_array().unwrap()
-}
-
-fn texts_to(twilio: &FakeTwilio, number: &str) -> usize {
-    twilio.messages().iter().filter(|m| m.to == number).count()
-}
 
 /// A call found late in the list after a recovery resolved its incident gets an SMS
 /// summary anyway when a resend of it was still unsettled — the "new page for a problem
@@ -93,7 +83,7 @@ fn a_call_found_late_after_a_recovery_owes_no_sms_even_with_a_resend_out() {
         calls(&l[0])[0]["status"] == "placed"
     });
     let deadline = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < deadline && texts_to(&twilio, ALICE) == 0 {
+    while Instant::now() < deadline && twilio.texts_to(ALICE) == 0 {
         std::thread::sleep(Duration::from_millis(100));
     }
     let rung = twilio.created().iter().filter(|c| c.to == ALICE).count();
@@ -104,7 +94,7 @@ fn a_call_found_late_after_a_recovery_owes_no_sms_even_with_a_resend_out() {
     let call = &calls(&list)[0];
     assert_eq!(rung, 1, "the setup: one call was made: {call:#}");
     assert_eq!(
-        texts_to(&twilio, ALICE),
+        twilio.texts_to(ALICE),
         0,
         "alice's call was found in the list after the incident was resolved (README: such a \
          call owes no SMS), yet an SMS summary was sent because a lost resend was still out: {call:#}"
